@@ -1,0 +1,437 @@
+"""Evaluation for PCR: confusion-matrix mIoU, the field's evaluation protocols, offline
+evaluation of a checkpoint, inference on new images, and pictures of predictions.
+
+METHOD.md section 5. train.py calls `evaluate`; the command line below runs the same
+code path on a saved checkpoint:
+
+    python evaluate.py --checkpoint RUN/best.pt                  # settings of the run
+    python evaluate.py --checkpoint RUN/best.pt --mode sliding --crop-size 769 --head both
+    python evaluate.py --checkpoint RUN/best.pt --save-dir pictures/
+    python evaluate.py --checkpoint RUN/best.pt --images my_photos/ --save-dir masks/
+    torchrun --nproc_per_node 4 evaluate.py --checkpoint RUN/best.pt
+
+Protocols (`mode`):
+  whole    one forward pass at the image's own size (Pascal VOC);
+  sliding  crop x crop windows every `stride` pixels (default round(2/3 crop)), logits
+           averaged where windows overlap; an image smaller than the crop is zero-padded
+           (= the mean colour after normalisation) at the bottom/right (Cityscapes);
+  center   only the central crop x crop region is predicted and scored; the label is cut
+           with the same `center_box` (a side shorter than the crop is kept whole).
+Multi-scale / flip: see `predict_heads`.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+IGNORE_INDEX = 255
+MODES = ("whole", "sliding", "center")
+HEADS = ("linear", "proto")
+# Budget for one chunk of full-resolution features in the prototype head:
+# chunk_pixels x D float32 values <= 64 MB (16 rows of a 2048-wide image at D = 512).
+PROTO_CHUNK_BYTES = 64 * 2 ** 20
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE_INDEX):
+    """Confusion matrix cm (K, K) int64 on the inputs' device; rows = ground truth,
+    columns = prediction: cm[g, p] = #{pixels with target g and prediction p}.
+
+    pred, target: integer tensors of the same shape. Pixels whose target is
+    `ignore_index` or outside [0, K) are not counted (evaluate() rejects labels outside
+    [0, K) u {ignore} before they get here). Predictions must be in [0, K).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"confusion_matrix: pred {tuple(pred.shape)} and target "
+                         f"{tuple(target.shape)} must have the same shape")
+    target = target.to(pred.device).long().reshape(-1)
+    pred = pred.long().reshape(-1)
+    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    # Invalid pixels go to an extra bin K*K that is dropped. index_add_ instead of
+    # torch.bincount: bincount reads max() back to the host on CUDA (a sync per image).
+    cell = torch.where(valid, target * num_classes + pred,
+                       torch.full_like(target, num_classes * num_classes))
+    counts = torch.zeros(num_classes * num_classes + 1, dtype=torch.long, device=pred.device)
+    counts.index_add_(0, cell, torch.ones_like(cell))
+    return counts[:-1].view(num_classes, num_classes)
+
+
+def reduce_confusion(cm):
+    """Sum `cm` over all processes (all_reduce SUM, in place) when torch.distributed is
+    initialised; otherwise return it unchanged."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(cm, op=dist.ReduceOp.SUM)
+    return cm
+
+
+def metrics_from_confusion(cm, class_names=None):
+    """Metrics in % from a confusion matrix cm (K, K), rows = ground truth.
+
+    With TP_k = cm[k, k], GT_k = sum_p cm[k, p], PRED_k = sum_g cm[g, k]:
+      iou[k]    = TP_k / (GT_k + PRED_k - TP_k), None when that union is 0 (class absent
+                  from both ground truth and prediction);
+      miou      = mean of iou[k] over classes with a non-zero union (the usual convention:
+                  a class present in the ground truth or predicted counts; a class only
+                  predicted therefore scores 0 and lowers the mean);
+      pixel_acc = sum_k TP_k / sum_k GT_k;
+      mean_acc  = mean over classes with GT_k > 0 of TP_k / GT_k;
+      pixels    = sum_k GT_k, the number of labelled pixels scored.
+    Scores are NaN when no labelled pixel was scored. With `class_names` (K names) the
+    dict also holds "class_names".
+    """
+    cm = cm.detach().to("cpu", torch.float64)
+    num_classes = cm.shape[0]
+    true_positive = cm.diagonal()
+    ground_truth = cm.sum(dim=1)
+    predicted = cm.sum(dim=0)
+    union = ground_truth + predicted - true_positive
+    iou = true_positive / union.clamp_min(1)
+    present = union > 0
+    labelled = ground_truth > 0
+    total = ground_truth.sum()
+    nan = float("nan")
+    metrics = {
+        "miou": 100 * iou[present].mean().item() if present.any() else nan,
+        "pixel_acc": 100 * (true_positive.sum() / total).item() if total > 0 else nan,
+        "mean_acc": (100 * (true_positive[labelled] / ground_truth[labelled]).mean().item()
+                     if labelled.any() else nan),
+        "iou": [100 * value if keep else None
+                for value, keep in zip(iou.tolist(), present.tolist())],
+        "pixels": int(total.item()),
+    }
+    if class_names is not None:
+        if len(class_names) != num_classes:
+            raise ValueError(f"metrics_from_confusion: {len(class_names)} class names for "
+                             f"{num_classes} classes")
+        metrics["class_names"] = list(class_names)
+    return metrics
+
+
+def format_table(metrics, class_names=None):
+    """Per-class IoU table (one line per class; '-' = absent from ground truth and
+    prediction) followed by one summary line with mIoU, pixel and mean accuracy."""
+    ious = metrics["iou"]
+    names = list(class_names) if class_names is not None else [str(k) for k in range(len(ious))]
+    if len(names) != len(ious):
+        raise ValueError(f"format_table: {len(names)} class names for {len(ious)} classes")
+    width = max([len("class")] + [len(name) for name in names])
+    lines = [f"{'class':<{width}}  {'IoU':>6}"]
+    for name, iou in zip(names, ious):
+        lines.append(f"{name:<{width}}  {'-' if iou is None else f'{iou:.2f}':>6}")
+    lines.append(f"mIoU {metrics['miou']:.2f}  pixel acc {metrics['pixel_acc']:.2f}  "
+                 f"mean acc {metrics['mean_acc']:.2f}  ({metrics['pixels']} pixels)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- prediction
+
+def _autocast_dtype(amp):
+    """--amp value ('bf16' | 'fp16' | 'none' | None | a torch dtype) -> dtype or None."""
+    if amp is None or amp == "none":
+        return None
+    if isinstance(amp, torch.dtype):
+        return amp
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise ValueError(f"amp (--amp) must be bf16, fp16 or none, got {amp!r}")
+    return dtypes[amp]
+
+
+def window_starts(length, crop, stride):
+    """Start offsets of the sliding windows along one side of `length` pixels: every
+    `stride` pixels, the last window moved back to end exactly at the border, so
+    ceil((length - crop) / stride) + 1 windows cover the side ([0] if length <= crop)."""
+    if length <= crop:
+        return [0]
+    count = math.ceil((length - crop) / stride) + 1
+    return [min(i * stride, length - crop) for i in range(count)]
+
+
+def center_box(height, width, crop):
+    """(top, left, box_height, box_width) of the central crop x crop box of an image;
+    a side shorter than the crop is kept whole. predict(mode='center') returns logits for
+    this box only, and evaluate() cuts the label with the same box."""
+    box_height, box_width = min(crop, height), min(crop, width)
+    return (height - box_height) // 2, (width - box_width) // 2, box_height, box_width
+
+
+def prototype_logits_map(feature, bank, size, chunk_pixels=None):
+    """Prototype-head logits for every pixel of an image of `size` (H, W).
+
+    feature (B, D, h, w) at native stride -> (B, K, H, W) float32 with
+        out[:, :, y, x] = bank(f(y, x)), f(y, x) = feature bilinearly interpolated
+    (align_corners=True, as F.interpolate) at pixel (y, x). Computed in chunks of whole
+    rows of at most `chunk_pixels` pixels (default: PROTO_CHUNK_BYTES of float32
+    D-vectors), so the (B, D, H, W) full-resolution feature never exists at once.
+    """
+    batch, dim = feature.shape[:2]
+    height, width = size
+    if chunk_pixels is None:
+        chunk_pixels = PROTO_CHUNK_BYTES // (4 * dim)
+    rows_per_chunk = max(1, chunk_pixels // (batch * width))
+    feature = feature.float()
+    # grid_sample with align_corners=True maps -1..1 to the first..last source pixel
+    # centre, which is exactly F.interpolate(align_corners=True)'s sampling.
+    grid_y = torch.linspace(-1, 1, height, device=feature.device)
+    grid_x = torch.linspace(-1, 1, width, device=feature.device)
+    out = None
+    for top in range(0, height, rows_per_chunk):
+        rows = grid_y[top:top + rows_per_chunk]
+        grid = torch.stack(torch.meshgrid(grid_x, rows, indexing="xy"), dim=-1)  # (r, W, 2)
+        grid = grid.unsqueeze(0).expand(batch, -1, -1, -1)
+        sampled = F.grid_sample(feature, grid, mode="bilinear", align_corners=True)  # (B,D,r,W)
+        logits, _ = bank(sampled.permute(0, 2, 3, 1).reshape(-1, dim))  # (B*r*W, K)
+        if out is None:
+            out = feature.new_empty(batch, logits.shape[1], height, width)
+        out[:, :, top:top + len(rows)] = logits.view(batch, len(rows), width, -1).permute(0, 3, 1, 2)
+    return out
+
+
+def _forward_heads(model, image, heads, bank, amp_dtype):
+    """One forward pass -> {head: (B, K, H, W) float32 logits at the image's size}."""
+    size = image.shape[-2:]
+    with torch.autocast(device_type=image.device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        logits, feature = model(image)[:2]
+    out = {}
+    if "linear" in heads:
+        out["linear"] = F.interpolate(logits.float(), size=size, mode="bilinear",
+                                      align_corners=True)
+    if "proto" in heads:
+        out["proto"] = prototype_logits_map(feature, bank, size)
+    return out
+
+
+def _sliding_heads(model, image, heads, bank, amp_dtype, num_classes, crop, stride):
+    """Sliding-window logits: sum of window logits / number of windows covering a pixel."""
+    height, width = image.shape[-2:]
+    pad_bottom, pad_right = max(crop - height, 0), max(crop - width, 0)
+    if pad_bottom or pad_right:
+        # Zero after normalisation = the dataset's mean colour, as in training crops.
+        image = F.pad(image, (0, pad_right, 0, pad_bottom))
+    padded_height, padded_width = image.shape[-2:]
+    sums = {head: image.new_zeros(image.shape[0], num_classes, padded_height, padded_width,
+                                  dtype=torch.float32) for head in heads}
+    count = image.new_zeros(1, 1, padded_height, padded_width, dtype=torch.float32)
+    for top in window_starts(padded_height, crop, stride):
+        for left in window_starts(padded_width, crop, stride):
+            window = (..., slice(top, top + crop), slice(left, left + crop))
+            for head, logits in _forward_heads(model, image[window], heads, bank,
+                                               amp_dtype).items():
+                sums[head][window] += logits
+            count[window] += 1
+    return {head: (total / count)[..., :height, :width] for head, total in sums.items()}
+
+
+def _check_predict_args(mode, crop_size, stride, scales, heads, bank):
+    if mode not in MODES:
+        raise ValueError(f"mode (--mode) must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "whole" and (not isinstance(crop_size, int) or crop_size < 1):
+        raise ValueError(f"crop_size (--crop-size) must be a positive integer, got {crop_size!r}")
+    if mode == "sliding" and stride is not None and not 1 <= stride <= crop_size:
+        raise ValueError(f"stride (--stride) must be in [1, crop size {crop_size}], got {stride}")
+    if len(scales) == 0 or any(scale <= 0 for scale in scales):
+        raise ValueError(f"scales (--scales) must be positive numbers, got {list(scales)}")
+    if len(heads) == 0 or any(head not in HEADS for head in heads):
+        raise ValueError(f"heads (--head) must be among {', '.join(HEADS)}, got {list(heads)}")
+    if "proto" in heads and bank is None:
+        raise ValueError("the prototype head needs a PrototypeBank (bank=...)")
+
+
+@torch.no_grad()
+def predict_heads(model, image, num_classes, mode="whole", crop_size=513, stride=None,
+                  scales=(1.0,), flip=False, heads=("linear",), bank=None, amp=None):
+    """Logits of several heads from shared forward passes.
+
+    image (B, 3, H, W) normalised -> {head: (B, K, H, W) float32}; in mode "center"
+    (B, K, h, w) for the box center_box(H, W, crop_size) instead.
+
+    Views: every scale s (image resized to round(s H) x round(s W), bilinear,
+    align_corners=True) and, with flip, its horizontal mirror; each view is predicted
+    with `mode`, mirrored back and resized back to H x W. One view: its logits as they
+    are. Several views: the softmax probabilities are averaged (the field's usual
+    test-time augmentation) and returned as logits log(mean p), so softmax/argmax of the
+    result are the averaged prediction.
+    """
+    heads = tuple(heads)
+    _check_predict_args(mode, crop_size, stride, scales, heads, bank)
+    amp_dtype = _autocast_dtype(amp)
+    if mode == "center":
+        top, left, box_height, box_width = center_box(*image.shape[-2:], crop_size)
+        image = image[..., top:top + box_height, left:left + box_width]
+    height, width = image.shape[-2:]
+    stride = stride or max(1, round(crop_size * 2 / 3))
+
+    views = [(scale, mirrored) for scale in scales for mirrored in ((False, True) if flip else (False,))]
+    result = {}
+    for scale, mirrored in views:
+        view = image
+        if scale != 1:
+            view = F.interpolate(image, size=(max(1, round(height * scale)), max(1, round(width * scale))),
+                                 mode="bilinear", align_corners=True)
+        if mirrored:
+            view = view.flip(-1)
+        if mode == "sliding":
+            outputs = _sliding_heads(model, view, heads, bank, amp_dtype, num_classes,
+                                     crop_size, stride)
+        else:
+            outputs = _forward_heads(model, view, heads, bank, amp_dtype)
+        for head, logits in outputs.items():
+            if logits.shape[1] != num_classes:
+                raise ValueError(f"the {head} head gives {logits.shape[1]} classes, "
+                                 f"expected num_classes = {num_classes}")
+            if mirrored:
+                logits = logits.flip(-1)
+            if logits.shape[-2:] != (height, width):
+                logits = F.interpolate(logits, size=(height, width), mode="bilinear",
+                                       align_corners=True)
+            if len(views) == 1:
+                result[head] = logits
+            else:
+                probability = logits.softmax(dim=1)
+                result[head] = result[head] + probability if head in result else probability
+    if len(views) > 1:
+        tiny = torch.finfo(torch.float32).tiny
+        result = {head: (total / len(views)).clamp_min(tiny).log() for head, total in result.items()}
+    return result
+
+
+@torch.no_grad()
+def predict(model, image, num_classes, mode="whole", crop_size=513, stride=None,
+            scales=(1.0,), flip=False, head="linear", bank=None, amp=None):
+    """Logits (B, K, H, W) float32 of one head ("linear" or "proto") for a normalised
+    image (B, 3, H, W); see predict_heads for modes, scales and flip."""
+    return predict_heads(model, image, num_classes, mode, crop_size, stride, scales, flip,
+                         (head,), bank, amp)[head]
+
+
+# ------------------------------------------------------------------------- evaluation
+
+def _format_seconds(seconds):
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+@torch.no_grad()
+def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
+             stride=None, heads=("linear",), bank=None, amp=None, scales=(1.0,),
+             flip=False, rank=0, world_size=1, log=print, save_dir=None, palette=None):
+    """Score `model` on `dataset` (item i -> (image (3,H,W) normalised, label (H,W) int64,
+    name)) -> {head: metrics_from_confusion(...)} with confusion matrices accumulated
+    over the whole set (ignore 255).
+
+    Process `rank` of `world_size` evaluates images rank, rank + world_size, ...; the
+    matrices are then summed over processes (torch.distributed must be initialised
+    when world_size > 1; with world_size 1 nothing is reduced). Mode "center" scores
+    the center_box of each label. The model's train/eval state is left as the caller
+    set it (call model.eval() first). With
+    `save_dir` (and `palette` (256, 3) uint8) each image's prediction is saved as
+    pictures (save_prediction_pictures); only the first head's when there are several.
+    """
+    heads = tuple(heads)
+    _check_predict_args(mode, crop_size, stride, scales, heads, bank)
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"evaluate: world_size = {world_size} needs torch.distributed "
+                         f"to be initialised")
+    if save_dir is not None and palette is None:
+        raise ValueError("evaluate: save_dir needs a palette")
+    device = torch.device(device)
+    confusion = {head: torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+                 for head in heads}
+    indices = range(rank, len(dataset), world_size)
+    log_every = max(1, math.ceil(len(indices) / 10))
+    start = time.time()
+    for done, index in enumerate(indices, start=1):
+        image, label, name = dataset[index]
+        # Checked on the CPU copy: a label value outside [0, K) would silently land in
+        # the wrong confusion cell or be dropped.
+        bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= num_classes))
+        if bad.any():
+            raise ValueError(f"label of {name!r} has values outside [0, {num_classes}) and "
+                             f"!= {IGNORE_INDEX}: {torch.unique(label[bad]).tolist()[:10]}")
+        logits = predict_heads(model, image.unsqueeze(0).to(device, non_blocking=True),
+                               num_classes, mode, crop_size, stride, scales, flip, heads,
+                               bank, amp)
+        if mode == "center":
+            top, left, box_height, box_width = center_box(*label.shape, crop_size)
+            label = label[top:top + box_height, left:left + box_width]
+            image = image[:, top:top + box_height, left:left + box_width]
+        label_on_device = label.to(device, non_blocking=True)
+        for head in heads:
+            confusion[head] += confusion_matrix(logits[head][0].argmax(dim=0), label_on_device,
+                                                num_classes)
+        if save_dir is not None:
+            prediction = logits[heads[0]][0].argmax(dim=0).cpu().numpy()
+            save_prediction_pictures(save_dir, name, image, label.numpy(), prediction, palette)
+        if rank == 0 and (done % log_every == 0 or done == len(indices)):
+            elapsed = time.time() - start
+            share = f" (rank 0 of {world_size})" if world_size > 1 else ""
+            log(f"eval {done}/{len(indices)} images{share}  {done / elapsed:.2f} img/s  "
+                f"ETA {_format_seconds(elapsed / done * (len(indices) - done))}")
+    if world_size > 1:
+        # Only then: a caller evaluating on rank 0 alone must not block in all_reduce.
+        confusion = {head: reduce_confusion(matrix) for head, matrix in confusion.items()}
+    return {head: metrics_from_confusion(confusion[head]) for head in heads}
+
+
+# --------------------------------------------------------------------------- pictures
+
+def denormalize(image):
+    """Normalised image (3, H, W) -> uint8 array (H, W, 3) with data.MEAN / data.STD."""
+    from data import MEAN, STD
+    mean = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
+    pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1) * 255
+    return pixels.round().byte().permute(1, 2, 0).numpy()
+
+
+def error_picture(image_rgb, label, prediction, ignore_index=IGNORE_INDEX):
+    """(H, W, 3) uint8: wrong pixels red, ignored pixels neutral grey, correct pixels
+    the image darkened to 30% (context, kept darker than the grey)."""
+    picture = (image_rgb.astype(np.float32) * 0.3).astype(np.uint8)
+    ignored = label == ignore_index
+    wrong = (label != prediction) & ~ignored
+    picture[ignored] = (128, 128, 128)
+    picture[wrong] = (255, 0, 0)
+    return picture
+
+
+def side_by_side(pictures, gap=4):
+    """Concatenate (H, W, 3) uint8 pictures left to right with white gaps."""
+    height = pictures[0].shape[0]
+    spacer = np.full((height, gap, 3), 255, dtype=np.uint8)
+    parts = []
+    for picture in pictures:
+        parts += [picture, spacer]
+    return np.concatenate(parts[:-1], axis=1)
+
+
+def save_prediction_pictures(save_dir, name, image, label, prediction, palette):
+    """Write SAVE_DIR/<name>.png (coloured prediction) and SAVE_DIR/<name>_compare.png
+    (image | ground truth | prediction | errors). image (3, H, W) normalised; label and
+    prediction (H, W) integer arrays; palette (256, 3) uint8."""
+    from data import colorize
+    path = Path(save_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    predicted = colorize(prediction.astype(np.uint8), palette)
+    predicted.save(path.with_name(path.name + ".png"))
+    image_rgb = denormalize(image)
+    compare = side_by_side([image_rgb, np.asarray(colorize(label.astype(np.uint8), palette)),
+                            np.asarray(predicted), error_picture(image_rgb, label, prediction)])
+    Image.fromarray(compare).save(path.with_name(path.name + "_compare.png"))

@@ -1,0 +1,437 @@
+"""Tests for evaluate.py: metrics against hand-made cases and slow loops, the
+evaluation protocols against independent computations, the distributed reduction, and
+the command line on a tiny real checkpoint."""
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import evaluate as ev  # noqa: E402
+from prototypes import PrototypeBank  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------ stand-in models
+
+class PointwiseNet(nn.Module):
+    """1x1 convolutions at stride 1: every output pixel depends on its own input pixel
+    only, so the net commutes with translation, cropping and mirroring."""
+
+    def __init__(self, num_classes=4, dim=6):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 1)
+        self.classifier = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, x):
+        feature = torch.tanh(self.embed(x))
+        return self.classifier(feature), feature, None
+
+
+class StridedNet(nn.Module):
+    """Stride 4 with zero-padded 3x3 convolutions and an asymmetric kernel: outputs
+    depend on the position of the window and are not mirror-symmetric."""
+
+    def __init__(self, num_classes=4, dim=6):
+        super().__init__()
+        self.down = nn.Conv2d(3, dim, 4, stride=4)
+        self.mix = nn.Conv2d(dim, dim, 3, padding=1)
+        self.classifier = nn.Conv2d(dim, num_classes, 3, padding=1)
+
+    def forward(self, x):
+        feature = torch.tanh(self.mix(torch.tanh(self.down(x))))
+        return self.classifier(feature), feature, None
+
+
+def make_model(kind, seed=0, num_classes=4, dim=6):
+    torch.manual_seed(seed)
+    return {"pointwise": PointwiseNet, "strided": StridedNet}[kind](num_classes, dim).eval()
+
+
+def make_bank(num_classes=4, dim=6, seed=1):
+    torch.manual_seed(seed)
+    return PrototypeBank(num_classes, 3, dim)
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def make_dataset(count=5, num_classes=4, seed=2):
+    """Random images of varied sizes with random labels incl. ignored pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(count):
+        height, width = 12 + 4 * (i % 3), 16 + 4 * (i % 2)
+        image = torch.randn(3, height, width, generator=generator)
+        label = torch.randint(0, num_classes, (height, width), generator=generator)
+        label[torch.rand(height, width, generator=generator) < 0.1] = 255
+        items.append((image, label, f"img{i}"))
+    return ListDataset(items)
+
+
+# ------------------------------------------------------------------ metrics
+
+def slow_confusion(pred, target, num_classes, ignore_index=255):
+    cm = [[0] * num_classes for _ in range(num_classes)]
+    for p, t in zip(pred.reshape(-1).tolist(), target.reshape(-1).tolist()):
+        if t != ignore_index:
+            cm[t][p] += 1
+    return torch.tensor(cm)
+
+
+def slow_metrics(cm):
+    cm = cm.tolist()
+    k = len(cm)
+    ious, accs = [], []
+    for c in range(k):
+        tp = cm[c][c]
+        gt = sum(cm[c])
+        pr = sum(cm[r][c] for r in range(k))
+        union = gt + pr - tp
+        ious.append(100.0 * tp / union if union > 0 else None)
+        if gt > 0:
+            accs.append(100.0 * tp / gt)
+    present = [v for v in ious if v is not None]
+    total = sum(sum(row) for row in cm)
+    return {"miou": sum(present) / len(present), "iou": ious,
+            "pixel_acc": 100.0 * sum(cm[c][c] for c in range(k)) / total,
+            "mean_acc": sum(accs) / len(accs), "pixels": total}
+
+
+def test_confusion_and_metrics_hand_made_case():
+    # class 0: GT at 0, 1, 5, predicted at 0, 5          -> TP 2, union 3
+    # class 1: GT at 2, 3, predicted at 1, 2             -> TP 1, union 3
+    # class 2: predicted only at 4, where GT is ignored  -> absent (None)
+    # class 3: never in GT, predicted at 3               -> IoU 0, counts in the mean
+    target = torch.tensor([0, 0, 1, 1, 255, 0])
+    pred = torch.tensor([0, 1, 1, 3, 2, 0])
+    cm = ev.confusion_matrix(pred, target, 4)
+    expected = torch.tensor([[2, 1, 0, 0],
+                             [0, 1, 0, 1],
+                             [0, 0, 0, 0],
+                             [0, 0, 0, 0]])
+    assert cm.dtype == torch.long
+    assert torch.equal(cm, expected)
+    metrics = ev.metrics_from_confusion(cm, class_names=["bg", "a", "b", "c"])
+    assert metrics["iou"][0] == pytest.approx(200 / 3)
+    assert metrics["iou"][1] == pytest.approx(100 / 3)
+    assert metrics["iou"][2] is None
+    assert metrics["iou"][3] == 0.0
+    assert metrics["miou"] == pytest.approx((200 / 3 + 100 / 3 + 0) / 3)
+    assert metrics["pixel_acc"] == pytest.approx(60.0)
+    assert metrics["mean_acc"] == pytest.approx((200 / 3 + 50) / 2)
+    assert metrics["pixels"] == 5
+    assert metrics["class_names"] == ["bg", "a", "b", "c"]
+
+
+def test_confusion_and_metrics_match_slow_loop():
+    torch.manual_seed(0)
+    num_classes = 6
+    pred = torch.randint(0, num_classes, (2, 17, 23))
+    target = torch.randint(0, num_classes - 1, (2, 17, 23))  # last class never in GT
+    target[torch.rand(2, 17, 23) < 0.2] = 255
+    cm = ev.confusion_matrix(pred, target, num_classes)
+    assert torch.equal(cm, slow_confusion(pred, target, num_classes))
+    metrics = ev.metrics_from_confusion(cm)
+    expected = slow_metrics(cm)
+    for key in ("miou", "pixel_acc", "mean_acc"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-12)
+    assert metrics["pixels"] == expected["pixels"]
+    assert metrics["iou"] == pytest.approx(expected["iou"], rel=1e-12)
+    assert "class_names" not in metrics
+
+
+def test_confusion_ignores_out_of_range_targets_and_checks_shapes():
+    pred = torch.tensor([0, 1, 1])
+    target = torch.tensor([0, 7, 1])
+    assert torch.equal(ev.confusion_matrix(pred, target, 2), torch.tensor([[1, 0], [0, 1]]))
+    with pytest.raises(ValueError, match="same shape"):
+        ev.confusion_matrix(pred, target[:2], 2)
+
+
+def test_metrics_without_pixels_are_nan_and_names_are_checked():
+    metrics = ev.metrics_from_confusion(torch.zeros(3, 3, dtype=torch.long))
+    assert math.isnan(metrics["miou"]) and metrics["iou"] == [None, None, None]
+    with pytest.raises(ValueError, match="2 class names for 3 classes"):
+        ev.metrics_from_confusion(torch.eye(3, dtype=torch.long), ["a", "b"])
+
+
+def test_format_table():
+    cm = ev.confusion_matrix(torch.tensor([0, 1, 1, 3, 2, 0]),
+                             torch.tensor([0, 0, 1, 1, 255, 0]), 4)
+    metrics = ev.metrics_from_confusion(cm)
+    table = ev.format_table(metrics, ["background", "cat", "dog", "tree"])
+    lines = table.splitlines()
+    assert lines[1].split() == ["background", "66.67"]
+    assert lines[3].split() == ["dog", "-"]
+    assert lines[4].split() == ["tree", "0.00"]
+    assert lines[-1].startswith("mIoU 33.33  pixel acc 60.00  mean acc 58.33")
+    assert ev.format_table(metrics).splitlines()[2].split() == ["1", "33.33"]
+
+
+def test_reduce_confusion_without_distributed_is_identity():
+    cm = torch.arange(4).view(2, 2)
+    assert ev.reduce_confusion(cm) is cm and torch.equal(cm, torch.arange(4).view(2, 2))
+
+
+# ------------------------------------------------------------------ protocols
+
+def test_window_starts_and_center_box():
+    assert ev.window_starts(10, 8, 5) == [0, 2]
+    assert ev.window_starts(14, 8, 5) == [0, 5, 6]
+    assert ev.window_starts(8, 8, 3) == [0]
+    assert ev.window_starts(5, 8, 3) == [0]
+    # Cityscapes 1024 x 2048, window 769, stride 513
+    assert ev.window_starts(1024, 769, 513) == [0, 255]
+    assert ev.window_starts(2048, 769, 513) == [0, 513, 1026, 1279]
+    assert ev.center_box(10, 20, 8) == (1, 6, 8, 8)
+    assert ev.center_box(5, 20, 8) == (0, 6, 5, 8)
+
+
+@pytest.mark.parametrize("crop, stride", [(8, 3), (8, 8), (5, 2), (32, 7), (11, 10)])
+def test_sliding_equals_whole_for_pointwise_model(crop, stride):
+    # A pointwise net gives the same logits for a pixel in every window (and ignores
+    # the zero padding of small images), so sliding must equal whole for any window.
+    model, bank = make_model("pointwise"), make_bank()
+    image = torch.randn(1, 3, 13, 19)
+    for head in ("linear", "proto"):
+        whole = ev.predict(model, image, 4, mode="whole", head=head, bank=bank)
+        sliding = ev.predict(model, image, 4, mode="sliding", crop_size=crop, stride=stride,
+                             head=head, bank=bank)
+        assert sliding.shape == (1, 4, 13, 19) and sliding.dtype == torch.float32
+        torch.testing.assert_close(sliding, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_with_one_covering_window_equals_whole():
+    # Window = image size: one window, no padding, so any model gives the whole result.
+    model, bank = make_model("strided"), make_bank()
+    image = torch.randn(1, 3, 16, 16)
+    for head in ("linear", "proto"):
+        whole = ev.predict(model, image, 4, head=head, bank=bank)
+        sliding = ev.predict(model, image, 4, mode="sliding", crop_size=16, stride=5,
+                             head=head, bank=bank)
+        torch.testing.assert_close(sliding, whole)
+
+
+def test_sliding_matches_independent_window_loop():
+    # 10 x 14 image, window 8, stride 5: rows start at 0, 2; columns at 0, 5, 6.
+    model = make_model("strided")
+    image = torch.randn(1, 3, 10, 14)
+    total = torch.zeros(1, 4, 10, 14, dtype=torch.float64)
+    count = torch.zeros(10, 14, dtype=torch.float64)
+    for top in (0, 2):
+        for left in (0, 5, 6):
+            logits = model(image[..., top:top + 8, left:left + 8])[0]
+            total[..., top:top + 8, left:left + 8] += F.interpolate(
+                logits, size=(8, 8), mode="bilinear", align_corners=True).double()
+            count[top:top + 8, left:left + 8] += 1
+    expected = (total / count).float()
+    got = ev.predict(model, image, 4, mode="sliding", crop_size=8, stride=5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_pads_small_images_with_zeros():
+    # 6 x 14 image, window 8: padded to 8 x 14, windows at rows 0, columns 0, 5, 6.
+    model = make_model("strided")
+    image = torch.randn(1, 3, 6, 14)
+    padded = torch.cat([image, torch.zeros(1, 3, 2, 14)], dim=2)
+    total = torch.zeros(1, 4, 8, 14)
+    count = torch.zeros(8, 14)
+    for left in (0, 5, 6):
+        logits = model(padded[..., :, left:left + 8])[0]
+        total[..., left:left + 8] += F.interpolate(logits, size=(8, 8), mode="bilinear",
+                                                   align_corners=True)
+        count[:, left:left + 8] += 1
+    got = ev.predict(model, image, 4, mode="sliding", crop_size=8, stride=5)
+    torch.testing.assert_close(got, (total / count)[..., :6, :], rtol=1e-5, atol=1e-5)
+
+
+def test_default_stride_is_two_thirds_of_crop(monkeypatch):
+    seen = []
+    monkeypatch.setattr(ev, "window_starts",
+                        lambda length, crop, stride: seen.append(stride) or [0])
+    ev.predict(make_model("pointwise"), torch.randn(1, 3, 8, 8), 4, mode="sliding",
+               crop_size=769)
+    assert seen == [513, 513]
+
+
+def test_flip_on_symmetric_input():
+    # Mirror-symmetric input: the flip-averaged prediction must be mirror-symmetric
+    # even for a model that is not, and equal log(mean of the two softmaxes).
+    half = torch.randn(1, 3, 12, 8)
+    image = torch.cat([half, half.flip(-1)], dim=-1)  # (1, 3, 12, 16)
+    model = make_model("strided")
+    plain = ev.predict(model, image, 4)
+    mirrored_back = ev.predict(model, image.flip(-1), 4).flip(-1)
+    averaged = ev.predict(model, image, 4, flip=True)
+    expected = ((plain.double().softmax(1) + mirrored_back.double().softmax(1)) / 2).log()
+    torch.testing.assert_close(averaged.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(averaged, averaged.flip(-1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, plain.flip(-1), atol=1e-3)
+    # A mirror-equivariant model on a symmetric input: flipping changes nothing.
+    pointwise = make_model("pointwise")
+    torch.testing.assert_close(ev.predict(pointwise, image, 4, flip=True),
+                               ev.predict(pointwise, image, 4).log_softmax(1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_multi_scale_averages_softmax():
+    model = make_model("strided")
+    image = torch.randn(1, 3, 16, 20)
+    small = F.interpolate(image, size=(8, 10), mode="bilinear", align_corners=True)
+    small_logits = F.interpolate(ev.predict(model, small, 4), size=(16, 20), mode="bilinear",
+                                 align_corners=True)
+    full_logits = ev.predict(model, image, 4)
+    expected = ((small_logits.softmax(1) + full_logits.softmax(1)) / 2).log()
+    got = ev.predict(model, image, 4, scales=(0.5, 1.0))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_center_mode_predicts_the_center_box():
+    model = make_model("strided")
+    image = torch.randn(1, 3, 14, 22)
+    got = ev.predict(model, image, 4, mode="center", crop_size=8)
+    top, left, height, width = ev.center_box(14, 22, 8)
+    assert got.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(got, ev.predict(model, image[..., top:top + 8, left:left + 8], 4))
+
+
+def test_proto_head_chunked_equals_full_upsampling():
+    torch.manual_seed(0)
+    bank = PrototypeBank(5, 3, 16)
+    feature = torch.randn(2, 16, 5, 7)
+    full = F.interpolate(feature, size=(19, 27), mode="bilinear", align_corners=True)
+    expected = bank(full.permute(0, 2, 3, 1).reshape(-1, 16))[0]
+    expected = expected.view(2, 19, 27, 5).permute(0, 3, 1, 2)
+    for chunk_pixels in (1, 60, 200, None):  # 1 row, 1 row, 3 rows, everything
+        got = ev.prototype_logits_map(feature, bank, (19, 27), chunk_pixels=chunk_pixels)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_proto_head_chunks_are_bounded(monkeypatch):
+    # 1024 x 2048 with D = 512: at most 64 MB of full-resolution features per chunk.
+    sizes = []
+
+    class Recorder(nn.Module):
+        def forward(self, features):
+            sizes.append(features.numel() * 4)
+            return features.new_zeros(len(features), 2), None
+
+    ev.prototype_logits_map(torch.zeros(1, 512, 4, 8), Recorder(), (64, 2048))
+    ev.prototype_logits_map(torch.zeros(1, 512, 4, 8), Recorder(), (64, 2048),
+                            chunk_pixels=4096)
+    assert max(sizes) <= ev.PROTO_CHUNK_BYTES and len(sizes) == 4 + 32
+
+
+def test_amp_bf16_runs_and_returns_float32():
+    model, bank = make_model("strided"), make_bank()
+    image = torch.randn(1, 3, 16, 16)
+    logits = ev.predict(model, image, 4, amp="bf16", head="proto", bank=bank)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, ev.predict(model, image, 4, head="proto", bank=bank),
+                               rtol=0.1, atol=0.5)
+
+
+def test_bad_arguments_give_clear_errors():
+    model, image = make_model("pointwise"), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="--mode"):
+        ev.predict(model, image, 4, mode="tiles")
+    with pytest.raises(ValueError, match="--stride"):
+        ev.predict(model, image, 4, mode="sliding", crop_size=8, stride=9)
+    with pytest.raises(ValueError, match="--scales"):
+        ev.predict(model, image, 4, scales=(0.0,))
+    with pytest.raises(ValueError, match="PrototypeBank"):
+        ev.predict(model, image, 4, head="proto")
+    with pytest.raises(ValueError, match="--amp"):
+        ev.predict(model, image, 4, amp="fp8")
+    with pytest.raises(ValueError, match="expected num_classes = 5"):
+        ev.predict(model, image, 5)
+
+
+# ------------------------------------------------------------------ evaluate
+
+def manual_confusion(model, dataset, num_classes, head="linear", bank=None, **kwargs):
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for image, label, _ in dataset:
+        pred = ev.predict(model, image[None], num_classes, head=head, bank=bank, **kwargs)
+        cm += slow_confusion(pred[0].argmax(0), label, num_classes)
+    return cm
+
+
+def test_evaluate_matches_per_image_predictions_and_keeps_model_state():
+    model, bank, dataset = make_model("strided"), make_bank(), make_dataset()
+    logs = []
+    metrics = ev.evaluate(model, dataset, 4, "cpu", heads=("linear", "proto"), bank=bank,
+                          log=logs.append)
+    assert not model.training
+    for head in ("linear", "proto"):
+        expected = ev.metrics_from_confusion(manual_confusion(model, dataset, 4, head, bank))
+        assert metrics[head] == expected
+    assert metrics["linear"]["pixels"] == sum(int((label != 255).sum()) for _, label, _ in dataset)
+    assert logs[-1].startswith("eval 5/5 images") and "ETA 0s" in logs[-1]
+    model.train()
+    ev.evaluate(model, dataset, 4, "cpu", log=logs.append)
+    assert model.training  # evaluate leaves the caller's choice alone
+
+
+def test_evaluate_center_mode_scores_the_center_box_of_the_label():
+    model, dataset = make_model("strided"), make_dataset(3)
+    metrics = ev.evaluate(model, dataset, 4, "cpu", mode="center", crop_size=8, log=lambda line: None)
+    cm = torch.zeros(4, 4, dtype=torch.long)
+    for image, label, _ in dataset:
+        top, left, height, width = ev.center_box(*label.shape, 8)
+        pred = ev.predict(model, image[None, :, top:top + height, left:left + width], 4)
+        cm += slow_confusion(pred[0].argmax(0), label[top:top + height, left:left + width], 4)
+    assert metrics["linear"] == ev.metrics_from_confusion(cm)
+    assert metrics["linear"]["pixels"] < sum(label.numel() for _, label, _ in dataset) / 2
+
+
+def test_evaluate_rejects_bad_labels_and_undistributed_sharding():
+    model, dataset = make_model("pointwise"), make_dataset(2)
+    dataset.items[1][1][0, 0] = 7
+    with pytest.raises(ValueError, match=r"'img1'.*\[7\]"):
+        ev.evaluate(model, dataset, 4, "cpu", log=lambda line: None)
+    with pytest.raises(ValueError, match="torch.distributed"):
+        ev.evaluate(model, make_dataset(2), 4, "cpu", rank=0, world_size=2)
+
+
+def _distributed_worker(rank, world_size, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size)
+    try:
+        cm = torch.full((2, 2), rank + 1, dtype=torch.long)
+        ev.reduce_confusion(cm)
+        metrics = ev.evaluate(make_model("strided"), make_dataset(), 4, "cpu",
+                              heads=("linear", "proto"), bank=make_bank(), rank=rank,
+                              world_size=world_size, log=lambda line: None)
+        torch.save({"cm": cm, "metrics": metrics}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_evaluation_equals_single_process(tmp_path):
+    # 5 images: rank 0 gets 3, rank 1 gets 2; the reduced matrices must equal one process.
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    single = ev.evaluate(make_model("strided"), make_dataset(), 4, "cpu",
+                         heads=("linear", "proto"), bank=make_bank(), log=lambda line: None)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(result["cm"], torch.full((2, 2), 3))
+        assert result["metrics"] == single  # includes the pixel count, so no double counting
