@@ -1,0 +1,885 @@
+"""Datasets for PCR: the embedded toy set (default), Pascal VOC, Cityscapes, user folders.
+
+Every dataset yields three torch Datasets:
+  labeled[(index, seed)]   -> image float32 (3, c, c), label int64 (c, c)      (weak augmentation)
+  unlabeled[(index, seed)] -> image float32 (3, c, c), padding bool (c, c)     (weak augmentation)
+  val[index]               -> image float32 (3, H, W), label int64 (H, W), name (original size)
+All augmentation randomness comes from np.random.default_rng(seed), so a training sample is
+a pure function of (index, seed) whatever the number of DataLoader workers.
+
+Weak augmentation (METHOD.md section 3 step 1): rescale by s ~ U[0.5, 2.0] (image bilinear,
+label nearest), random crop c x c, pad where the rescaled image is smaller (image 0 after
+normalisation, label 255), horizontal flip with p = 0.5. Normalisation: (x / 255 - MEAN) / STD.
+
+Bad input raises DataError with a one-line message naming the file or flag at fault.
+"""
+import functools
+import glob
+import os
+from collections import namedtuple
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = 255
+MEAN = (0.485, 0.456, 0.406)  # ImageNet, on [0, 1] RGB
+STD = (0.229, 0.224, 0.225)
+SCALE_RANGE = (0.5, 2.0)
+
+VOC_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+]
+VOC_CLASSIC_LABELED = (92, 183, 366, 732, 1464)  # drawn from the 1,464 train ids
+VOC_BLENDED_LABELED = (662, 1323, 2646, 5291)  # drawn from the 10,582 augmented ids
+
+CITYSCAPES_CLASSES = [
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+]
+CITYSCAPES_LABELED = (186, 372, 744, 1488)
+# Official cityscapesScripts table (labels.py): raw label id -> train id; all other ids -> 255.
+CITYSCAPES_TRAIN_IDS = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+    24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}
+CITYSCAPES_ID_TO_TRAIN = np.full(256, IGNORE_INDEX, np.uint8)
+for _raw, _train in CITYSCAPES_TRAIN_IDS.items():
+    CITYSCAPES_ID_TO_TRAIN[_raw] = _train
+CITYSCAPES_COLOURS = [
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+]
+
+DATASETS = ("toy", "voc", "cityscapes", "folder")
+IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
+
+
+class DataError(Exception):
+    """Bad input data; the message names the file or flag and what is wrong."""
+
+
+def voc_palette():
+    """(256, 3) uint8 Pascal VOC palette: the bits of class id i spread over r, g, b from the top bit down."""
+    ids = np.arange(256)
+    palette = np.zeros((256, 3), np.int64)
+    for bit in range(8):  # 8 rounds of 3 bits, not a pixel loop
+        for channel in range(3):
+            palette[:, channel] |= ((ids >> (3 * bit + channel)) & 1) << (7 - bit)
+    return palette.astype(np.uint8)
+
+
+def cityscapes_palette():
+    """(256, 3) uint8: the official colours for the 19 train ids, black elsewhere (255 = ignore)."""
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: len(CITYSCAPES_COLOURS)] = CITYSCAPES_COLOURS
+    return palette
+
+
+# --------------------------------------------------------------------------- reading files
+
+def read_image(path):
+    """Decode an image file to an RGB PIL image (L/LA/P/RGBA/CMYK/16-bit/float are converted)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot decode image {path}: {error}") from None
+
+
+def _to_rgb(image):
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        gray = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and gray.max() > 255):
+            gray = gray / 257.0  # 0..65535 -> 0..255
+        elif mode == "F" and gray.max() <= 1.0:
+            gray = gray * 255.0  # float images in [0, 1]
+        gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")  # palette transparency is only defined through RGBA
+    return image.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr, ...
+
+
+def read_label(path, num_classes, raw_to_train=None):
+    """Read a mask of class ids as uint8 (H, W); 255 = ignore.
+
+    Palette PNGs are read by index (never converted to RGB); single-channel 8/16-bit PNGs by
+    value; an RGB mask is accepted only when it is gray (r = g = b). raw_to_train, a (256,)
+    lookup table, maps raw ids (Cityscapes labelIds) to train ids. Any value that is neither in
+    0..num_classes-1 nor 255 is a DataError naming the file and the values.
+    """
+    try:
+        with Image.open(path) as mask:
+            mask.load()
+            mode = mask.mode
+            values = np.array(mask)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot decode mask {path}: {error}") from None
+    if values.ndim == 3:
+        if mode in ("LA", "PA"):
+            values = values[..., 0]
+        elif (values[..., :3] == values[..., :1]).all():
+            values = values[..., 0]
+        else:
+            raise DataError(
+                f"mask {path} is a colour ({mode}) image; masks must hold class ids "
+                "(single-channel or palette PNG) - a palette mask saved as RGB?")
+    if values.dtype != np.uint8:  # 16/32-bit masks: any id above 255 is an error
+        too_big = np.unique(values[(values > 255) | (values < 0)])
+        if too_big.size:
+            raise DataError(f"mask {path} has values {_some(too_big.tolist())} that are neither "
+                            f"class ids 0..{num_classes - 1} nor {IGNORE_INDEX} (wrong mask format?)")
+        values = values.astype(np.uint8)
+    if raw_to_train is not None:
+        return raw_to_train[values]  # every raw id maps to a train id or 255
+    counts = np.bincount(values.ravel(), minlength=256)
+    bad = np.flatnonzero(counts[num_classes:IGNORE_INDEX]) + num_classes
+    if bad.size:
+        raise DataError(f"mask {path} has values {_some(bad.tolist())} that are neither class ids "
+                        f"0..{num_classes - 1} nor {IGNORE_INDEX}: a palette mask read as RGB, "
+                        "or a wrong --num-classes?")
+    return values
+
+
+def _header_size(path):
+    """(width, height) from the file header only (no full decode)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from None
+
+
+def _some(items, shown=5):
+    """'a, b, c ... (N in all)' for error messages."""
+    items = list(items)
+    text = ", ".join(str(item) for item in items[:shown])
+    return text + (f" ... ({len(items)} in all)" if len(items) > shown else "")
+
+
+# --------------------------------------------------------------------------- tensors and pictures
+
+_MEAN_255 = torch.tensor(MEAN).mul(255).view(3, 1, 1)
+_STD_255 = torch.tensor(STD).mul(255).view(3, 1, 1)
+
+
+def _normalize_array(rgb):
+    """uint8 (H, W, 3) -> float32 (3, H, W), (x / 255 - MEAN) / STD."""
+    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+    return image.sub_(_MEAN_255).div_(_STD_255)
+
+
+def normalize(image):
+    """RGB PIL image -> float32 tensor (3, H, W) normalised with the ImageNet mean/std."""
+    return _normalize_array(np.array(image.convert("RGB")))
+
+
+def colorize(label, palette):
+    """Class ids (H, W) -> RGB PIL image through a (256, 3) palette."""
+    return Image.fromarray(palette[np.asarray(label).astype(np.int64)].astype(np.uint8), "RGB")
+
+
+# --------------------------------------------------------------------------- weak augmentation
+
+def augment_params(rng, width, height, crop_size):
+    """Draw one weak augmentation: returns (scaled_width, scaled_height, x0, y0, flip).
+
+    s ~ U[0.5, 2.0]; the crop's top-left corner (x0, y0) in the rescaled image is uniform over
+    the valid positions (0 where the rescaled image is smaller than the crop); flip with p = 0.5.
+    """
+    scale = rng.uniform(*SCALE_RANGE)
+    scaled_width = max(1, int(round(width * scale)))
+    scaled_height = max(1, int(round(height * scale)))
+    x0 = int(rng.integers(0, max(scaled_width - crop_size, 0) + 1))
+    y0 = int(rng.integers(0, max(scaled_height - crop_size, 0) + 1))
+    flip = bool(rng.random() < 0.5)
+    return scaled_width, scaled_height, x0, y0, flip
+
+
+def weak_augment(image, label, crop_size, rng):
+    """Rescale, crop, pad and flip an RGB PIL image and its uint8 (H, W) label (or None).
+
+    Returns image float32 (3, c, c) (0 on padding, after normalisation), label int64 (c, c)
+    (255 on padding; None when label is None) and padding bool (c, c).
+    Only the crop window is resampled (PIL resize with a source box for the image, index
+    arithmetic for the label), which equals rescaling the whole image and then cropping,
+    without paying for the whole rescaled image.
+    """
+    width, height = image.size
+    scaled_width, scaled_height, x0, y0, flip = augment_params(rng, width, height, crop_size)
+    crop_width = min(crop_size, scaled_width - x0)
+    crop_height = min(crop_size, scaled_height - y0)
+    sx, sy = width / scaled_width, height / scaled_height  # source pixels per rescaled pixel
+    box = (x0 * sx, y0 * sy, (x0 + crop_width) * sx, (y0 + crop_height) * sy)
+
+    out_image = torch.zeros(3, crop_size, crop_size)
+    crop = image.resize((crop_width, crop_height), Image.BILINEAR, box=box)
+    out_image[:, :crop_height, :crop_width] = _normalize_array(np.array(crop))
+    padding = torch.ones(crop_size, crop_size, dtype=torch.bool)
+    padding[:crop_height, :crop_width] = False
+    out_label = None
+    if label is not None:
+        # Nearest neighbour in exact integer arithmetic: rescaled pixel j (centre j + 1/2) reads
+        # source pixel floor((j + 1/2) * width / scaled_width), PIL's pixel-centre convention.
+        cols = ((2 * np.arange(x0, x0 + crop_width) + 1) * width) // (2 * scaled_width)
+        rows = ((2 * np.arange(y0, y0 + crop_height) + 1) * height) // (2 * scaled_height)
+        out_label = torch.full((crop_size, crop_size), IGNORE_INDEX, dtype=torch.int64)
+        out_label[:crop_height, :crop_width] = torch.from_numpy(label[rows[:, None], cols[None, :]].astype(np.int64))
+    if flip:
+        out_image, padding = out_image.flip(-1), padding.flip(-1)
+        out_label = None if out_label is None else out_label.flip(-1)
+    return out_image, out_label, padding
+
+
+# --------------------------------------------------------------------------- the toy dataset
+# Background + 5 shape classes. Each class has two appearances (colour family, texture) and
+# colour families are shared between classes, so colour alone never identifies a class: the
+# network must use shape, texture and size (small fg-coloured specks and thin lines are
+# background clutter). Objects overlap; the last drawn is on top and owns the label.
+
+TOY_SIZE = 80  # images are TOY_SIZE x TOY_SIZE
+TOY_CLASSES = ["background", "disc", "square", "triangle", "ring", "cross"]
+TOY_APPEARANCES = [  # per foreground class: (colour family, texture) choices
+    (("red", "solid"), ("blue", "stripes")),  # disc
+    (("red", "stripes"), ("green", "solid")),  # square
+    (("blue", "solid"), ("yellow", "dots")),  # triangle
+    (("green", "dots"), ("red", "solid")),  # ring: red solid like a disc, told apart by its hole
+    (("yellow", "solid"), ("blue", "dots")),  # cross
+]
+TOY_COLOURS = {"red": (205, 45, 40), "green": (45, 165, 60), "blue": (45, 85, 215), "yellow": (230, 200, 40)}
+TOY_BACKGROUND_COLOURS = [(125, 125, 120), (155, 145, 125), (95, 105, 100), (135, 125, 140), (175, 170, 155)]
+TOY_OBJECTS = (1, 4)  # objects per image, inclusive range
+TOY_RADIUS = (7.0, 19.0)  # object half-size in pixels
+TOY_COLOUR_JITTER = 30  # +- per channel, per object
+TOY_CLUTTER = (3, 7)  # background-coloured lines and blobs per image
+TOY_DISTRACTORS = (2, 6)  # fg-coloured thin lines and specks per image, labelled background
+TOY_NOISE = 6.0  # std of the per-pixel Gaussian noise
+TOY_SPLITS = {"labeled": (64, 101), "unlabeled": (480, 202), "val": (100, 303)}  # count, generator seed
+TOY_LABELED = 32  # default number of labeled images
+
+
+def _segment_mask(xx, yy, x0, y0, x1, y1, width):
+    """Pixels within width/2 of the segment (x0, y0)-(x1, y1)."""
+    dx, dy = x1 - x0, y1 - y0
+    t = np.clip(((xx - x0) * dx + (yy - y0) * dy) / max(dx * dx + dy * dy, 1e-6), 0.0, 1.0)
+    return (xx - x0 - t * dx) ** 2 + (yy - y0 - t * dy) ** 2 <= (width / 2) ** 2
+
+
+def _shape_mask(shape, xx, yy, cx, cy, radius, angle):
+    """Boolean mask of one shape centred at (cx, cy) with half-size radius, rotated by angle."""
+    dx, dy = xx - cx, yy - cy
+    u = np.cos(angle) * dx + np.sin(angle) * dy
+    v = -np.sin(angle) * dx + np.cos(angle) * dy
+    if shape == "disc":
+        return dx * dx + dy * dy <= radius ** 2
+    if shape == "square":
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.85 * radius
+    if shape == "triangle":  # equilateral: inside the 3 edges at distance radius/2 from the centre
+        inside = np.ones_like(dx, dtype=bool)
+        for k in range(3):
+            normal = angle + 2 * np.pi * k / 3
+            inside &= np.cos(normal) * dx + np.sin(normal) * dy <= 0.5 * radius
+        return inside
+    if shape == "ring":
+        distance2 = dx * dx + dy * dy
+        return (distance2 <= radius ** 2) & (distance2 >= (0.55 * radius) ** 2)
+    if shape == "cross":
+        arm = 0.3 * radius
+        return ((np.abs(u) <= arm) & (np.abs(v) <= radius)) | ((np.abs(v) <= arm) & (np.abs(u) <= radius))
+    raise ValueError(shape)
+
+
+def _texture(texture, xx, yy, rng):
+    """0/1 pattern over the image: 1 where the darker shade of the object colour goes."""
+    if texture == "solid":
+        return np.zeros_like(xx, dtype=bool)
+    period = rng.uniform(4.0, 7.0)
+    angle = rng.uniform(0, np.pi)
+    u = np.cos(angle) * xx + np.sin(angle) * yy
+    if texture == "stripes":
+        return (u / period) % 1.0 < 0.5
+    v = -np.sin(angle) * xx + np.cos(angle) * yy  # dots on a rotated grid
+    du, dv = (u / period) % 1.0 - 0.5, (v / period) % 1.0 - 0.5
+    return du * du + dv * dv <= 0.3 ** 2
+
+
+def toy_sample(split, index):
+    """Generate toy image `index` of `split`: (image uint8 (S, S, 3), label uint8 (S, S)).
+
+    Deterministic: the generator is seeded by (the split's fixed seed, index) only.
+    """
+    count, split_seed = TOY_SPLITS[split]
+    if not 0 <= index < count:
+        raise DataError(f"toy image {split}_{index:04d} does not exist ({split} has {count} images)")
+    rng = np.random.default_rng([split_seed, index])
+    size = TOY_SIZE
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+
+    def jitter(colour, amount):
+        return np.clip(np.array(colour, np.float64) + rng.uniform(-amount, amount, 3), 0, 255)
+
+    # Background: a smooth blend of two muted colours, then muted lines and blobs.
+    first, second = rng.choice(len(TOY_BACKGROUND_COLOURS), 2, replace=False)
+    blend = Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8), "L").resize((size, size), Image.BICUBIC)
+    blend = (np.asarray(blend, np.float64) / 255.0)[..., None]
+    image = (1 - blend) * jitter(TOY_BACKGROUND_COLOURS[first], 15) + blend * jitter(TOY_BACKGROUND_COLOURS[second], 15)
+    for _ in range(rng.integers(TOY_CLUTTER[0], TOY_CLUTTER[1] + 1)):
+        colour = jitter(TOY_BACKGROUND_COLOURS[rng.integers(len(TOY_BACKGROUND_COLOURS))], 20)
+        if rng.random() < 0.5:
+            x0, y0, x1, y1 = rng.uniform(0, size, 4)
+            mask = _segment_mask(xx, yy, x0, y0, x1, y1, rng.uniform(1.0, 4.0))
+        else:
+            cx, cy = rng.uniform(0, size, 2)
+            rx, ry = rng.uniform(3, 12, 2)
+            mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+        image[mask] = colour
+    # Distractors in object colours, too thin or small to be objects: labelled background.
+    families = list(TOY_COLOURS)
+    for _ in range(rng.integers(TOY_DISTRACTORS[0], TOY_DISTRACTORS[1] + 1)):
+        colour = jitter(TOY_COLOURS[families[rng.integers(len(families))]], TOY_COLOUR_JITTER)
+        if rng.random() < 0.5:
+            x0, y0 = rng.uniform(0, size, 2)
+            length, direction = rng.uniform(8, 30), rng.uniform(0, 2 * np.pi)
+            x1, y1 = x0 + length * np.cos(direction), y0 + length * np.sin(direction)
+            mask = _segment_mask(xx, yy, x0, y0, x1, y1, rng.uniform(1.0, 2.0))
+        else:
+            cx, cy = rng.uniform(0, size, 2)
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= rng.uniform(1.0, 2.5) ** 2
+        image[mask] = colour
+
+    # Objects, drawn in order: later ones occlude earlier ones.
+    label = np.zeros((size, size), np.uint8)
+    for _ in range(rng.integers(TOY_OBJECTS[0], TOY_OBJECTS[1] + 1)):
+        class_id = int(rng.integers(1, len(TOY_CLASSES)))
+        family, texture = TOY_APPEARANCES[class_id - 1][rng.integers(2)]
+        radius = rng.uniform(*TOY_RADIUS)
+        cx, cy = rng.uniform(0.2 * radius, size - 0.2 * radius, 2)  # may leave the frame a little
+        mask = _shape_mask(TOY_CLASSES[class_id], xx, yy, cx, cy, radius, rng.uniform(0, 2 * np.pi))
+        colour = jitter(TOY_COLOURS[family], TOY_COLOUR_JITTER)
+        shade = _texture(texture, xx, yy, rng)
+        image[mask & ~shade] = colour
+        image[mask & shade] = 0.4 * colour
+        label[mask] = class_id
+
+    image = image + rng.normal(0.0, TOY_NOISE, image.shape)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
+
+
+@functools.lru_cache(maxsize=None)
+def _toy_sample_cached(split, index):
+    """toy_sample, kept per process (all toy splits together are ~17 MB); arrays are read-only."""
+    image, label = toy_sample(split, index)
+    image.flags.writeable = label.flags.writeable = False
+    return image, label
+
+
+# --------------------------------------------------------------------------- sources and datasets
+
+# One listed image: paths (label None where not needed), display name, and whether the mask
+# holds raw Cityscapes ids to map to train ids.
+Sample = namedtuple("Sample", "image label name map_ids")
+
+
+class FileSource:
+    """Reads listed files: load(index) -> (RGB PIL image, uint8 label (H, W) or None, name)."""
+
+    def __init__(self, samples, num_classes):
+        self.samples = list(samples)
+        self.num_classes = num_classes
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index, with_label=True):
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        if not with_label:
+            return image, None, sample.name
+        lookup = CITYSCAPES_ID_TO_TRAIN if sample.map_ids else None
+        label = read_label(sample.label, self.num_classes, lookup)
+        if label.shape != (image.height, image.width):
+            raise DataError(f"mask {sample.label} is {label.shape[1]}x{label.shape[0]} but its image "
+                            f"{sample.image} is {image.width}x{image.height}")
+        return image, label, sample.name
+
+
+class ToySource:
+    """Generates toy images by name ('labeled_0003'): load(index) -> (PIL image, label, name)."""
+
+    def __init__(self, names):
+        self.names = list(names)
+
+    def __len__(self):
+        return len(self.names)
+
+    def load(self, index, with_label=True):
+        name = self.names[index]
+        split, number = name.rsplit("_", 1)
+        image, label = _toy_sample_cached(split, int(number))
+        return Image.fromarray(image, "RGB"), (label if with_label else None), name
+
+
+def _index_and_seed(item):
+    """ds[(index, seed)] or ds[index] (seed = index)."""
+    if isinstance(item, (tuple, list)):
+        index, seed = item
+        return int(index), int(seed)
+    return int(item), int(item)
+
+
+class LabeledDataset(Dataset):
+    """item (index, seed) -> image float32 (3, c, c), label int64 (c, c) (255 on padding)."""
+
+    def __init__(self, source, crop_size):
+        self.source, self.crop_size = source, crop_size
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, item):
+        index, seed = _index_and_seed(item)
+        image, label, _ = self.source.load(index)
+        image, label, _ = weak_augment(image, label, self.crop_size, np.random.default_rng(seed))
+        return image, label
+
+
+class UnlabeledDataset(Dataset):
+    """item (index, seed) -> image float32 (3, c, c), padding bool (c, c) (True = no image there)."""
+
+    def __init__(self, source, crop_size):
+        self.source, self.crop_size = source, crop_size
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, item):
+        index, seed = _index_and_seed(item)
+        image, _, _ = self.source.load(index, with_label=False)
+        image, _, padding = weak_augment(image, None, self.crop_size, np.random.default_rng(seed))
+        return image, padding
+
+
+class ValDataset(Dataset):
+    """item index -> image float32 (3, H, W), label int64 (H, W), name; original size, no augmentation."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        image, label, name = self.source.load(int(index))
+        return normalize(image), torch.from_numpy(label.astype(np.int64)), name
+
+
+@dataclass
+class Data:
+    name: str  # "toy" | "voc" | "cityscapes" | "folder"
+    num_classes: int
+    class_names: list
+    palette: np.ndarray  # (256, 3) uint8
+    labeled: Dataset
+    unlabeled: Dataset
+    val: Dataset
+    lists: dict = field(default_factory=dict)  # "labeled"/"unlabeled"/"val" -> lines as written
+
+
+# --------------------------------------------------------------------------- split lists
+
+def read_list(path):
+    """[(line number, fields)] for the non-blank lines of a list file (CRLF, no final newline: fine)."""
+    if not os.path.isfile(path):
+        raise DataError(f"list file {path} does not exist")
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    return [(number, line.split()) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def _relative(root, path):
+    """A path from a list, relative to the root (a leading '/' as in some published lists too)."""
+    return os.path.join(root, path.lstrip("/"))
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _voc_resolver(root, mask_folder="SegmentationClass", use_aug=True):
+    """Line -> Sample for VOC layouts: 'id', 'JPEGImages/id.jpg' or 'image label'.
+
+    The mask of an id is SegmentationClassAug/<id>.png when that exists, else
+    <mask_folder>/<id>.png; images are JPEGImages/<id>.jpg (or .png/.jpeg for folders).
+    """
+    aug_folder = os.path.join(root, "SegmentationClassAug")
+    use_aug = use_aug and os.path.isdir(aug_folder)
+
+    def image_of(image_id):
+        candidates = [os.path.join(root, "JPEGImages", image_id + ext) for ext in IMAGE_EXTENSIONS]
+        return next((path for path in candidates if os.path.isfile(path)), candidates[0])
+
+    def mask_of(image_id):
+        if use_aug:
+            path = os.path.join(aug_folder, image_id + ".png")
+            if os.path.isfile(path):
+                return path
+        return os.path.join(root, mask_folder, image_id + ".png")
+
+    def resolve(fields, need_label):
+        if len(fields) == 2:
+            image, label = _relative(root, fields[0]), _relative(root, fields[1])
+            return Sample(image, label if need_label else None, _stem(image), False)
+        if len(fields) != 1:
+            raise ValueError("expected 'id', 'image_path' or 'image_path label_path'")
+        token = fields[0]
+        if "/" in token or token.lower().endswith(IMAGE_EXTENSIONS):
+            image, image_id = _relative(root, token), _stem(token)
+        else:
+            image, image_id = image_of(token), token
+        return Sample(image, mask_of(image_id) if need_label else None, image_id, False)
+
+    return resolve
+
+
+def _cityscapes_resolver(root):
+    """Line -> Sample for Cityscapes: 'leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png',
+    'image label' or a bare '<stem>'. Masks: gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png,
+    else _gtFine_labelIds.png mapped to train ids on the fly."""
+
+    def mask_of(image_relative):
+        parts = image_relative.split("/")
+        if len(parts) != 4 or parts[0] != "leftImg8bit" or not parts[3].endswith("_leftImg8bit.png"):
+            raise ValueError(f"cannot derive a gtFine mask from {image_relative!r} "
+                             "(expected leftImg8bit/<split>/<city>/<name>_leftImg8bit.png)")
+        base = os.path.join(root, "gtFine", parts[1], parts[2], parts[3][: -len("_leftImg8bit.png")])
+        if os.path.isfile(base + "_gtFine_labelTrainIds.png"):
+            return base + "_gtFine_labelTrainIds.png", False
+        return base + "_gtFine_labelIds.png", True
+
+    def resolve(fields, need_label):
+        if len(fields) == 2:
+            image, label = _relative(root, fields[0]), _relative(root, fields[1])
+            name = _stem(image).replace("_leftImg8bit", "")
+            return Sample(image, label if need_label else None, name, label.endswith("_labelIds.png"))
+        if len(fields) != 1:
+            raise ValueError("expected 'image_path', 'image_path label_path' or an image name")
+        token = fields[0].lstrip("/")
+        if "/" not in token:  # bare name like aachen_000000_000019: find its split
+            stem = token.replace("_leftImg8bit.png", "")
+            city = stem.split("_")[0]
+            options = [f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png" for split in ("train", "val")]
+            token = next((o for o in options if os.path.isfile(os.path.join(root, o))), options[0])
+        name = _stem(token).replace("_leftImg8bit", "")
+        label, map_ids = mask_of(token) if need_label else (None, False)
+        return Sample(os.path.join(root, token), label, name, map_ids)
+
+    return resolve
+
+
+def _toy_resolver(fields, need_label):
+    if len(fields) != 1:
+        raise ValueError("expected one toy image name per line, e.g. labeled_0003")
+    split, _, number = fields[0].rpartition("_")
+    if split not in TOY_SPLITS or not number.isdigit() or int(number) >= TOY_SPLITS[split][0]:
+        raise ValueError(f"{fields[0]!r} is not a toy image name (labeled_0000..labeled_0063, "
+                         "unlabeled_0000..unlabeled_0479, val_0000..val_0099)")
+    name = f"{split}_{int(number):04d}"
+    return Sample(name, None, name, False)
+
+
+def _resolve_list(path, resolve, need_label):
+    """(samples, lines) from a list file; a malformed line is a DataError naming file and line."""
+    samples, lines = [], []
+    for number, fields in read_list(path):
+        try:
+            samples.append(resolve(fields, need_label))
+        except ValueError as error:
+            raise DataError(f"{path} line {number}: {error}") from None
+        lines.append(" ".join(fields))
+    return samples, lines
+
+
+def _resolve_generated(lines, resolve, need_label):
+    return [resolve([line], need_label) for line in lines], list(lines)
+
+
+def _choose(pool, count, seed):
+    """`count` items of the sorted pool, drawn with np.random.default_rng(seed); kept in pool order."""
+    chosen = np.random.default_rng(seed).choice(len(pool), size=count, replace=False)
+    return [pool[i] for i in sorted(chosen)]
+
+
+def _split_dir_lists(split_dir, resolve, default_val, log):
+    """Splits from --split-dir: labeled.txt, unlabeled.txt; val.txt there, in its parent, or default_val
+    (a list path, or a function giving (samples, lines, origin))."""
+    if not os.path.isdir(split_dir):
+        raise DataError(f"--split-dir {split_dir} does not exist")
+    splits = {}
+    for which in ("labeled", "unlabeled"):
+        path = os.path.join(split_dir, which + ".txt")
+        splits[which] = _resolve_list(path, resolve, which == "labeled") + (path,)
+    for path in (os.path.join(split_dir, "val.txt"), os.path.join(split_dir, os.pardir, "val.txt")):
+        if os.path.isfile(path):
+            splits["val"] = _resolve_list(os.path.normpath(path), resolve, True) + (os.path.normpath(path),)
+            break
+    else:
+        splits["val"] = (_resolve_list(default_val, resolve, True) + (default_val,)
+                         if isinstance(default_val, str) else default_val())
+    log(f"data: lists from {split_dir} (val: {splits['val'][2]})")
+    return splits
+
+
+def _check_labeled_count(labeled, splits):
+    if labeled is not None and labeled != len(splits["labeled"][0]):
+        return (f"warning: --labeled {labeled} but {splits['labeled'][2]} lists "
+                f"{len(splits['labeled'][0])} images; the list decides")
+    return None
+
+
+# --------------------------------------------------------------------------- per-dataset splits
+# Each returns {"labeled"/"unlabeled"/"val": (samples, lines, origin)}; origin names the list
+# file (or the generator) for error messages.
+
+def _toy_splits(labeled, split_dir, log):
+    if split_dir is not None:
+        splits = _split_dir_lists(split_dir, _toy_resolver, lambda: _toy_generated("val", None), log)
+        warning = _check_labeled_count(labeled, splits)
+        if warning:
+            log(warning)
+        return splits
+    labeled = TOY_LABELED if labeled is None else labeled
+    if not 1 <= labeled <= TOY_SPLITS["labeled"][0]:
+        raise DataError(f"--labeled {labeled}: the toy dataset has {TOY_SPLITS['labeled'][0]} "
+                        f"labeled images; choose 1..{TOY_SPLITS['labeled'][0]}")
+    return {which: _toy_generated(which, labeled if which == "labeled" else None)
+            for which in ("labeled", "unlabeled", "val")}
+
+
+def _toy_generated(which, count):
+    count = TOY_SPLITS[which][0] if count is None else count
+    lines = [f"{which}_{i:04d}" for i in range(count)]
+    return _resolve_generated(lines, _toy_resolver, False) + (f"the toy {which} split",)
+
+
+def _voc_splits(root, labeled, split_dir, seed, log):
+    resolve = _voc_resolver(root)
+    val_list = os.path.join(root, "ImageSets", "Segmentation", "val.txt")
+    if split_dir is not None:
+        splits = _split_dir_lists(split_dir, resolve, val_list, log)
+        warning = _check_labeled_count(labeled, splits)
+        if warning:
+            log(warning)
+        return splits
+    valid = VOC_CLASSIC_LABELED + VOC_BLENDED_LABELED
+    if labeled not in valid:
+        raise DataError(f"--labeled {labeled}: Pascal VOC splits are {', '.join(map(str, valid))} "
+                        "(classic: 92..1464, blended: 662..5291); for other splits pass --split-dir "
+                        "with labeled.txt and unlabeled.txt")
+    train_list = os.path.join(root, "ImageSets", "Segmentation", "train.txt")
+    train_ids = sorted({fields[0] for _, fields in read_list(train_list)})
+    val_ids = [fields[0] for _, fields in read_list(val_list)]
+    aug_folder = os.path.join(root, "SegmentationClassAug")
+    if os.path.isdir(aug_folder):  # the 10,582 = augmented set minus val
+        val_set = set(val_ids)
+        pool = sorted(_stem(name) for name in os.listdir(aug_folder)
+                      if name.endswith(".png") and _stem(name) not in val_set)
+    else:
+        pool = train_ids
+        log(f"warning: {aug_folder} not found: the unlabeled pool is the {len(train_ids)} train "
+            "images, not the paper's 10,582, so counts differ from the paper")
+    source_pool = train_ids if labeled in VOC_CLASSIC_LABELED else pool
+    if labeled > len(source_pool):
+        raise DataError(f"--labeled {labeled}: only {len(source_pool)} images to draw from in {root} "
+                        "(blended splits need SegmentationClassAug)")
+    labeled_ids = _choose(source_pool, labeled, seed)
+    chosen = set(labeled_ids)
+    unlabeled_ids = [image_id for image_id in pool if image_id not in chosen]
+    origin = f"the VOC split drawn with --seed {seed}"
+    return {"labeled": _resolve_generated(labeled_ids, resolve, True) + (origin,),
+            "unlabeled": _resolve_generated(unlabeled_ids, resolve, False) + (origin,),
+            "val": _resolve_list(val_list, resolve, True) + (val_list,)}
+
+
+def _cityscapes_splits(root, labeled, split_dir, seed, log):
+    resolve = _cityscapes_resolver(root)
+
+    def images_of(split):
+        folder = os.path.join(root, "leftImg8bit", split)
+        paths = sorted(glob.glob(os.path.join(folder, "*", "*_leftImg8bit.png")))
+        if not paths:
+            raise DataError(f"no images in {folder}/<city>/*_leftImg8bit.png")
+        return [os.path.relpath(path, root).replace(os.sep, "/") for path in paths]
+
+    def own_val():
+        return _resolve_generated(images_of("val"), resolve, True) + (f"{root}/leftImg8bit/val",)
+
+    if split_dir is not None:
+        splits = _split_dir_lists(split_dir, resolve, own_val, log)
+        warning = _check_labeled_count(labeled, splits)
+        if warning:
+            log(warning)
+        return splits
+    if labeled not in CITYSCAPES_LABELED:
+        raise DataError(f"--labeled {labeled}: Cityscapes splits are "
+                        f"{', '.join(map(str, CITYSCAPES_LABELED))}; for other splits pass --split-dir "
+                        "with labeled.txt and unlabeled.txt")
+    pool = images_of("train")
+    if labeled > len(pool):
+        raise DataError(f"--labeled {labeled}: only {len(pool)} train images in {root}/leftImg8bit/train")
+    labeled_paths = _choose(pool, labeled, seed)
+    chosen = set(labeled_paths)
+    origin = f"the Cityscapes split drawn with --seed {seed}"
+    return {"labeled": _resolve_generated(labeled_paths, resolve, True) + (origin,),
+            "unlabeled": _resolve_generated([p for p in pool if p not in chosen], resolve, False) + (origin,),
+            "val": own_val()}
+
+
+def _folder_splits(root, labeled, split_dir, log):
+    resolve = _voc_resolver(root, use_aug=False)
+    list_dir = root if split_dir is None else split_dir
+    splits = _split_dir_lists(list_dir, resolve, os.path.join(root, "val.txt"), log)
+    warning = _check_labeled_count(labeled, splits)
+    if warning:
+        log(warning)
+    return splits
+
+
+def _folder_class_names(root, num_classes):
+    path = os.path.join(root, "classes.txt")
+    if not os.path.isfile(path):
+        return [f"class{i}" for i in range(num_classes)]
+    with open(path, encoding="utf-8") as handle:
+        names = [line.strip() for line in handle.read().splitlines() if line.strip()]
+    if len(names) != num_classes:
+        raise DataError(f"{path} names {len(names)} classes but --num-classes is {num_classes}")
+    return names
+
+
+# --------------------------------------------------------------------------- pre-flight checks
+
+def _check_files(samples, origin, need_label):
+    """Every listed image (and mask where needed) exists."""
+    missing = [path for sample in samples
+               for path in ((sample.image, sample.label) if need_label else (sample.image,))
+               if not os.path.isfile(path)]
+    if missing:
+        raise DataError(f"{len(missing)} file(s) listed in {origin} do not exist: {_some(missing, 3)}")
+
+
+def _check_sizes(samples, origin):
+    """Each mask has its image's size (file headers only)."""
+    for sample in samples:
+        image_size, label_size = _header_size(sample.image), _header_size(sample.label)
+        if image_size != label_size:
+            raise DataError(f"mask {sample.label} is {label_size[0]}x{label_size[1]} but its image "
+                            f"{sample.image} is {image_size[0]}x{image_size[1]} (listed in {origin})")
+
+
+def _check_overlaps(splits, log):
+    """Labeled in val: error. Labeled in unlabeled: removed from unlabeled with a warning."""
+    labeled_samples, _, labeled_origin = splits["labeled"]
+    if not labeled_samples:
+        raise DataError(f"the labeled list {labeled_origin} is empty")
+    labeled_keys = {os.path.normpath(sample.image) for sample in labeled_samples}
+    val_samples, _, val_origin = splits["val"]
+    in_val = [s.name for s in val_samples if os.path.normpath(s.image) in labeled_keys]
+    if in_val:
+        raise DataError(f"{len(in_val)} labeled image(s) from {labeled_origin} are also in the val "
+                        f"list {val_origin}: {_some(in_val)}")
+    samples, lines, origin = splits["unlabeled"]
+    keep = [os.path.normpath(s.image) not in labeled_keys for s in samples]
+    if not all(keep):
+        dropped = [s.name for s, k in zip(samples, keep) if not k]
+        log(f"warning: {len(dropped)} labeled image(s) also listed in {origin} were removed from "
+            f"the unlabeled set: {_some(dropped)}")
+        splits["unlabeled"] = ([s for s, k in zip(samples, keep) if k],
+                               [line for line, k in zip(lines, keep) if k], origin)
+
+
+# --------------------------------------------------------------------------- entry point
+
+def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_dir=None,
+               seed=0, crop_size=513, out_dir=None, log=print):
+    """Build the labeled, unlabeled and val datasets of `dataset` after cheap pre-flight checks.
+
+    toy: generated in code (no files). voc / cityscapes: the paper's splits drawn from `seed`
+    (labeled in VOC_CLASSIC_LABELED + VOC_BLENDED_LABELED or CITYSCAPES_LABELED), or any lists
+    from split_dir. folder: VOC layout with lists in data_root (or split_dir), needs num_classes.
+    The lists are written to out_dir/{labeled,unlabeled,val}.txt when out_dir is given, so
+    `--split-dir out_dir` repeats the run on the same images.
+    """
+    if dataset not in DATASETS:
+        raise DataError(f"--dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    if not isinstance(crop_size, int) or crop_size < 1:
+        raise DataError(f"--crop-size {crop_size}: must be a positive integer")
+    if labeled is not None and labeled < 1:
+        raise DataError(f"--labeled {labeled}: must be at least 1")
+    if dataset != "toy":
+        if data_root is None:
+            raise DataError(f"--data-root is required for --dataset {dataset}")
+        if not os.path.isdir(data_root):
+            raise DataError(f"--data-root {data_root} does not exist")
+
+    fixed = {"toy": (len(TOY_CLASSES), TOY_CLASSES), "voc": (len(VOC_CLASSES), VOC_CLASSES),
+             "cityscapes": (len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES)}
+    if dataset in fixed:
+        if num_classes is not None and num_classes != fixed[dataset][0]:
+            raise DataError(f"--num-classes {num_classes}: the {dataset} dataset has {fixed[dataset][0]} classes")
+        num_classes, class_names = fixed[dataset]
+    else:
+        if num_classes is None or num_classes < 1 or num_classes > IGNORE_INDEX:
+            raise DataError(f"--num-classes is required for --dataset folder (1..{IGNORE_INDEX}), got {num_classes}")
+        class_names = _folder_class_names(data_root, num_classes)
+    palette = cityscapes_palette() if dataset == "cityscapes" else voc_palette()
+
+    if dataset == "toy":
+        splits = _toy_splits(labeled, split_dir, log)
+    elif dataset == "voc":
+        splits = _voc_splits(data_root, labeled, split_dir, seed, log)
+    elif dataset == "cityscapes":
+        splits = _cityscapes_splits(data_root, labeled, split_dir, seed, log)
+    else:
+        splits = _folder_splits(data_root, labeled, split_dir, log)
+
+    _check_overlaps(splits, log)
+    if dataset == "toy":
+        make_source = lambda samples: ToySource(s.name for s in samples)  # noqa: E731
+    else:
+        for which in ("labeled", "val"):
+            _check_files(splits[which][0], splits[which][2], need_label=True)
+        _check_files(splits["unlabeled"][0], splits["unlabeled"][2], need_label=False)
+        for which in ("labeled", "val"):
+            _check_sizes(splits[which][0], splits[which][2])
+        make_source = lambda samples: FileSource(samples, num_classes)  # noqa: E731
+    if not splits["unlabeled"][0]:
+        log(f"warning: the unlabeled list {splits['unlabeled'][2]} is empty")
+    if not splits["val"][0]:
+        log(f"warning: the val list {splits['val'][2]} is empty")
+
+    lists = {which: splits[which][1] for which in ("labeled", "unlabeled", "val")}
+    log(f"data: {dataset}: {len(lists['labeled'])} labeled / {len(lists['unlabeled'])} unlabeled"
+        f" / {len(lists['val'])} val")
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        for which, lines in lists.items():
+            with open(os.path.join(out_dir, which + ".txt"), "w", encoding="utf-8") as handle:
+                handle.write("".join(line + "\n" for line in lines))
+    return Data(
+        name=dataset, num_classes=num_classes, class_names=list(class_names), palette=palette,
+        labeled=LabeledDataset(make_source(splits["labeled"][0]), crop_size),
+        unlabeled=UnlabeledDataset(make_source(splits["unlabeled"][0]), crop_size),
+        val=ValDataset(make_source(splits["val"][0])),
+        lists=lists,
+    )

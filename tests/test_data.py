@@ -1,0 +1,431 @@
+"""Tests for data.py: toy generator, weak augmentation, file readers, split lists, pre-flight checks."""
+import hashlib
+import io
+import math
+import os
+import sys
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from data import DataError, build_data  # noqa: E402
+
+H, W = 24, 32  # tiny image size used for fake roots
+
+
+# --------------------------------------------------------------------------- helpers
+
+def write_image(path, array, mode=None, **save_args):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array, mode).save(path, **save_args) if mode else Image.fromarray(array).save(path, **save_args)
+    return path
+
+
+def write_palette_mask(path, label):
+    """A VOC-style palette PNG whose pixel values are the class ids."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    mask = Image.fromarray(label.astype(np.uint8), "P")
+    mask.putpalette(data.voc_palette().ravel().tolist())
+    mask.save(path)
+    return path
+
+
+def write_lines(path, lines, newline="\n", final_newline=True):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    text = newline.join(lines) + (newline if final_newline else "")
+    with open(path, "w", newline="") as handle:
+        handle.write(text)
+    return path
+
+
+class Log(list):
+    def __call__(self, message):
+        self.append(message)
+
+
+def encoded(array, fmt, mode=None):
+    buffer = io.BytesIO()
+    (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def put(path, payload):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(payload)
+
+
+def denormalize(image):
+    """float32 (3, h, w) -> float64 (h, w, 3) in 0..255."""
+    return (image.double() * torch.tensor(data.STD, dtype=torch.float64).view(3, 1, 1) * 255
+            + torch.tensor(data.MEAN, dtype=torch.float64).view(3, 1, 1) * 255).permute(1, 2, 0).numpy()
+
+
+# --------------------------------------------------------------------------- toy dataset
+
+def test_toy_is_deterministic_and_images_differ():
+    image, label = data.toy_sample("val", 3)
+    image2, label2 = data.toy_sample("val", 3)
+    assert image.shape == (data.TOY_SIZE, data.TOY_SIZE, 3) and image.dtype == np.uint8
+    assert label.shape == (data.TOY_SIZE, data.TOY_SIZE) and label.dtype == np.uint8
+    assert np.array_equal(image, image2) and np.array_equal(label, label2)
+    assert not np.array_equal(image, data.toy_sample("val", 4)[0])
+    assert not np.array_equal(image, data.toy_sample("labeled", 3)[0])
+    assert data.TOY_SIZE <= 96
+
+
+def test_toy_build_counts_classes_and_label_range():
+    log = Log()
+    toy = build_data("toy", crop_size=48, log=log)
+    assert toy.num_classes == len(toy.class_names) >= 5 and toy.class_names[0] == "background"
+    assert (len(toy.labeled), len(toy.unlabeled), len(toy.val)) == (data.TOY_LABELED, 480, 100)
+    assert any("32 labeled / 480 unlabeled / 100 val" in line for line in log)
+    assert toy.palette.shape == (256, 3) and toy.palette.dtype == np.uint8
+    seen = np.zeros(toy.num_classes, bool)
+    for index in range(40):
+        _, label, name = toy.val[index]
+        assert label.dtype == torch.int64 and label.min() >= 0 and label.max() < toy.num_classes
+        seen[label.unique().numpy()] = True
+        assert name == f"val_{index:04d}"
+    assert seen.all(), "every class appears in 40 val images"
+    assert len(build_data("toy", labeled=64, log=Log()).labeled) == 64
+
+
+def test_toy_splits_share_no_images():
+    digests = {}
+    for split, (count, _) in data.TOY_SPLITS.items():
+        digests[split] = {hashlib.sha1(data.toy_sample(split, i)[0].tobytes()).hexdigest() for i in range(count)}
+        assert len(digests[split]) == count, f"duplicate images within {split}"
+    assert not digests["labeled"] & digests["unlabeled"]
+    assert not digests["labeled"] & digests["val"]
+    assert not digests["unlabeled"] & digests["val"]
+
+
+def test_toy_each_class_has_two_appearances_and_colour_is_shared():
+    """Measured from the pixels: each fg class shows >= 2 colour families and both solid and
+    textured instances; some colour family is used by >= 2 classes."""
+    families = {name: np.array(rgb, float) / sum(rgb) for name, rgb in data.TOY_COLOURS.items()}
+    names = list(families)
+    chroma = np.stack([families[n] for n in names])
+    family_votes = {k: set() for k in range(1, len(data.TOY_CLASSES))}
+    textures = {k: set() for k in range(1, len(data.TOY_CLASSES))}
+    for index in range(64):
+        image, label = data.toy_sample("labeled", index)
+        pixels = image.astype(float)
+        brightness = pixels.sum(-1)
+        for k in range(1, len(data.TOY_CLASSES)):
+            region = label == k
+            if region.sum() < 60:
+                continue
+            bright = region & (brightness > np.percentile(brightness[region], 50))
+            rgb = pixels[bright] / brightness[bright][:, None]
+            nearest = np.argmin(((rgb[:, None, :] - chroma[None]) ** 2).sum(-1), axis=1)
+            family_votes[k].add(names[np.bincount(nearest, minlength=len(names)).argmax()])
+            reference = np.median(brightness[bright])
+            dark_fraction = (brightness[region] < 0.6 * reference).mean()
+            textures[k].add("textured" if dark_fraction > 0.15 else "solid" if dark_fraction < 0.05 else "?")
+    for k in family_votes:
+        assert len(family_votes[k]) >= 2, (data.TOY_CLASSES[k], family_votes[k])
+        assert {"solid", "textured"} <= textures[k], (data.TOY_CLASSES[k], textures[k])
+    classes_per_family = {n: sum(n in votes for votes in family_votes.values()) for n in names}
+    assert max(classes_per_family.values()) >= 2
+
+
+def test_toy_flag_errors():
+    with pytest.raises(DataError, match="--num-classes"):
+        build_data("toy", num_classes=21, log=Log())
+    with pytest.raises(DataError, match="--labeled"):
+        build_data("toy", labeled=65, log=Log())
+    with pytest.raises(DataError, match="--dataset"):
+        build_data("imagenet", log=Log())
+
+
+def test_toy_lists_round_trip_through_split_dir(tmp_path):
+    first = build_data("toy", labeled=8, out_dir=str(tmp_path / "run"), crop_size=32, log=Log())
+    assert (tmp_path / "run" / "labeled.txt").read_text().splitlines() == first.lists["labeled"]
+    again = build_data("toy", split_dir=str(tmp_path / "run"), crop_size=32, log=Log())
+    assert again.lists == first.lists
+    for a, b in zip(first.labeled[(5, 11)], again.labeled[(5, 11)]):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- weak augmentation
+
+def test_augment_params_scale_range_positions_and_flip_rate():
+    width, height, crop = 1000, 600, 513
+    scales, flips = [], []
+    for seed in range(3000):
+        sw, sh, x0, y0, flip = data.augment_params(np.random.default_rng(seed), width, height, crop)
+        scales.append(sw / width)
+        assert abs(sh / height - sw / width) < 2e-3  # one scale for both axes
+        assert 0 <= x0 <= max(sw - crop, 0) and 0 <= y0 <= max(sh - crop, 0)
+        flips.append(flip)
+    assert 0.5 <= min(scales) < 0.52 and 1.98 < max(scales) <= 2.0
+    assert abs(np.mean(scales) - 1.25) < 0.03  # U[0.5, 2.0] has mean 1.25
+    assert 0.45 < np.mean(flips) < 0.55
+
+
+def test_augment_matches_full_rescale_then_crop():
+    """Image: PIL rescale of the whole image then crop (+-2 grey levels); label: exact nearest
+    neighbour in rational arithmetic, pixel by pixel; padding, zero image and 255 label outside."""
+    rng0 = np.random.default_rng(0)
+    for _ in range(25):
+        width, height = (int(v) for v in rng0.integers(8, 30, 2))
+        crop = int(rng0.integers(8, 40))
+        image = Image.fromarray(rng0.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        label = rng0.integers(0, 21, (height, width)).astype(np.uint8)
+        seed = int(rng0.integers(2 ** 31))
+        sw, sh, x0, y0, flip = data.augment_params(np.random.default_rng(seed), width, height, crop)
+        out_image, out_label, padding = data.weak_augment(image, label, crop, np.random.default_rng(seed))
+        assert out_image.shape == (3, crop, crop) and out_image.dtype == torch.float32
+        assert out_label.shape == (crop, crop) and out_label.dtype == torch.int64
+        assert padding.shape == (crop, crop) and padding.dtype == torch.bool
+        if flip:
+            out_image, out_label, padding = out_image.flip(-1), out_label.flip(-1), padding.flip(-1)
+        reference = np.array(image.resize((sw, sh), Image.BILINEAR))[y0:y0 + crop, x0:x0 + crop]
+        ch, cw = reference.shape[:2]
+        assert np.abs(denormalize(out_image[:, :ch, :cw]) - reference).max() <= 2.0 + 1e-4
+        for i in range(crop):
+            for j in range(crop):
+                if i < ch and j < cw:
+                    r = math.floor((Fraction(y0 + i) + Fraction(1, 2)) * height / sh)
+                    c = math.floor((Fraction(x0 + j) + Fraction(1, 2)) * width / sw)
+                    assert out_label[i, j] == label[r, c] and not padding[i, j]
+                else:
+                    assert out_label[i, j] == 255 and padding[i, j]
+                    assert (out_image[:, i, j] == 0).all()
+
+
+def test_padding_small_image():
+    """A small image is always padded: padding = a rectangle at the bottom/right, mirrored when flipped."""
+    image = Image.fromarray(np.full((10, 12, 3), 200, np.uint8))
+    label = np.ones((10, 12), np.uint8)
+    crop, flips = 64, set()
+    for seed in range(20):
+        sw, sh, _, _, flip = data.augment_params(np.random.default_rng(seed), 12, 10, crop)
+        out_image, out_label, padding = data.weak_augment(image, label, crop, np.random.default_rng(seed))
+        expected = torch.ones(crop, crop, dtype=torch.bool)
+        expected[:sh, :sw] = False
+        expected = expected.flip(-1) if flip else expected
+        flips.add(flip)
+        assert torch.equal(padding, expected)
+        assert torch.equal(padding, out_label == 255)
+        assert (out_image[:, padding] == 0).all() and (out_image[:, ~padding] != 0).all()
+        assert (out_label[~padding] == 1).all()
+    assert flips == {True, False}
+
+
+def test_flip_keeps_image_and_label_aligned():
+    """The image's colour encodes its label (asymmetric layout); after augmentation the colour
+    decoded from the image must match the label, and must not match the mirrored label."""
+    colours = np.array([(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)], np.float64)
+    rng = np.random.default_rng(0)
+    columns = np.repeat(rng.integers(0, 4, 40), rng.integers(3, 6, 40))[:100]  # runs of 3-5 px
+    label = np.tile(columns.astype(np.uint8), (40, 1))  # (40, 100)
+    image = Image.fromarray(colours[label].astype(np.uint8))
+    flips, mirrored = set(), []
+    for seed in range(12):
+        flip = data.augment_params(np.random.default_rng(seed), 100, 40, 32)[4]
+        out_image, out_label, padding = data.weak_augment(image, label, 32, np.random.default_rng(seed))
+        decoded = np.argmin(((denormalize(out_image)[:, :, None, :] - colours) ** 2).sum(-1), -1)
+        valid = ~padding.numpy()
+        agreement = (decoded == out_label.numpy())[valid].mean()
+        assert agreement > 0.9, (seed, agreement)  # disagreement only on blurred column edges
+        mirrored.append((decoded == out_label.flip(-1).numpy())[valid & valid[:, ::-1]].mean())
+        flips.add(flip)
+    assert flips == {True, False}
+    assert np.mean(mirrored) < 0.6  # a misaligned (unflipped) label would be caught
+
+
+def test_items_are_pure_functions_of_index_and_seed():
+    toy = build_data("toy", crop_size=40, log=Log())
+    a, b = toy.labeled[(3, 1234)], toy.labeled[(3, 1234)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], toy.labeled[(3, 1235)][0])
+    assert torch.equal(toy.labeled[7][0], toy.labeled[(7, 7)][0])
+    u, v = toy.unlabeled[(10, 99)], toy.unlabeled[(10, 99)]
+    assert torch.equal(u[0], v[0]) and torch.equal(u[1], v[1])
+    assert u[0].shape == (3, 40, 40) and u[1].dtype == torch.bool
+    image, label = toy.labeled[(0, 5)]
+    assert image.shape == (3, 40, 40) and label.shape == (40, 40) and label.dtype == torch.int64
+
+
+# --------------------------------------------------------------------------- readers
+
+def test_read_image_converts_modes(tmp_path):
+    gray = np.arange(H * W, dtype=np.uint8).reshape(H, W)
+    cases = {
+        "gray.png": (gray, "L"),
+        "rgba.png": (np.dstack([gray, gray, gray, np.full_like(gray, 7)]), "RGBA"),
+        "gray_alpha.png": (np.dstack([gray, np.full_like(gray, 9)]), "LA"),
+    }
+    for name, (array, mode) in cases.items():
+        image = data.read_image(write_image(str(tmp_path / name), array, mode))
+        assert image.mode == "RGB" and image.size == (W, H)
+        assert np.array_equal(np.array(image)[..., 1], gray), name
+    write_palette_mask(str(tmp_path / "palette.png"), np.full((H, W), 1))
+    assert np.array(data.read_image(str(tmp_path / "palette.png")))[0, 0].tolist() == [128, 0, 0]
+    Image.new("CMYK", (W, H), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    cmyk = data.read_image(str(tmp_path / "cmyk.jpg"))
+    assert cmyk.mode == "RGB" and cmyk.size == (W, H)
+    red = np.array(cmyk)[H // 2, W // 2].astype(int)
+    assert red[0] > 200 and red[1] < 60 and red[2] < 60
+    sixteen = (gray.astype(np.uint16) * 257)  # 16-bit gray, 0..65535
+    write_image(str(tmp_path / "gray16.png"), sixteen)
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    image16 = data.read_image(str(tmp_path / "gray16.png"))
+    assert image16.mode == "RGB" and np.array_equal(np.array(image16)[..., 0], gray)
+
+
+def test_read_image_undecodable_names_file(tmp_path):
+    put(str(tmp_path / "garbage.jpg"), b"this is not an image")
+    with pytest.raises(DataError, match="garbage.jpg"):
+        data.read_image(str(tmp_path / "garbage.jpg"))
+    payload = encoded(np.zeros((64, 64, 3), np.uint8) + 90, "PNG")
+    put(str(tmp_path / "truncated.png"), payload[: len(payload) // 2])
+    with pytest.raises(DataError, match="truncated.png"):
+        data.read_image(str(tmp_path / "truncated.png"))
+
+
+def test_read_label_palette_gray_and_bad_values(tmp_path):
+    label = (np.arange(H * W).reshape(H, W) % 21).astype(np.uint8)
+    label[0, :5] = 255
+    path = write_palette_mask(str(tmp_path / "palette.png"), label)
+    assert Image.open(path).mode == "P"
+    assert np.array_equal(data.read_label(path, 21), label)  # indices, not colours
+    gray = write_image(str(tmp_path / "gray.png"), label, "L")
+    assert np.array_equal(data.read_label(gray, 21), label)
+    gray_rgb = write_image(str(tmp_path / "gray_rgb.png"), np.dstack([label] * 3))
+    assert np.array_equal(data.read_label(gray_rgb, 21), label)
+    sixteen = write_image(str(tmp_path / "sixteen.png"), label.astype(np.uint16))
+    assert np.array_equal(data.read_label(sixteen, 21), label)
+    with pytest.raises(DataError, match=r"palette.png.*\b(20|19)\b.*--num-classes"):
+        data.read_label(path, 19)  # ids 19 and 20 are out of range
+    colour = write_image(str(tmp_path / "colour.png"), data.voc_palette()[label])
+    with pytest.raises(DataError, match="colour.png.*RGB"):
+        data.read_label(colour, 21)
+    big = write_image(str(tmp_path / "big.png"), np.full((H, W), 1000, np.uint16))
+    with pytest.raises(DataError, match="big.png.*1000"):
+        data.read_label(big, 21)
+
+
+def test_cityscapes_raw_ids_map_to_official_train_ids(tmp_path):
+    # Written out from cityscapesScripts labels.py: (raw id, train id); 255 = ignored.
+    official = [(0, 255), (1, 255), (4, 255), (6, 255), (7, 0), (8, 1), (9, 255), (10, 255),
+                (11, 2), (12, 3), (13, 4), (14, 255), (15, 255), (16, 255), (17, 5), (18, 255),
+                (19, 6), (20, 7), (21, 8), (22, 9), (23, 10), (24, 11), (25, 12), (26, 13),
+                (27, 14), (28, 15), (29, 255), (30, 255), (31, 16), (32, 17), (33, 18)]
+    raw = np.array([r for r, _ in official], np.uint8).reshape(1, -1).repeat(2, 0)
+    path = write_image(str(tmp_path / "x_gtFine_labelIds.png"), raw, "L")
+    mapped = data.read_label(path, 19, data.CITYSCAPES_ID_TO_TRAIN)
+    assert mapped[0].tolist() == [t for _, t in official]
+    assert sorted(set(data.CITYSCAPES_ID_TO_TRAIN.tolist()) - {255}) == list(range(19))
+    assert len(data.CITYSCAPES_CLASSES) == 19 and len(data.VOC_CLASSES) == 21
+
+
+def test_colorize_and_normalize():
+    label = np.array([[0, 1], [15, 255]])
+    picture = data.colorize(label, data.voc_palette())
+    assert picture.mode == "RGB" and picture.size == (2, 2)
+    assert np.array(picture).reshape(4, 3).tolist() == [[0, 0, 0], [128, 0, 0], [192, 128, 128], [224, 224, 192]]
+    assert data.cityscapes_palette()[13].tolist() == [0, 0, 142]
+    tensor = data.normalize(Image.fromarray(np.full((2, 3, 3), 255, np.uint8)))
+    expected = [(1 - m) / s for m, s in zip(data.MEAN, data.STD)]
+    assert tensor.shape == (3, 2, 3) and torch.allclose(tensor[:, 0, 0], torch.tensor(expected))
+
+
+# --------------------------------------------------------------------------- folder dataset
+
+def make_folder_root(root, n_labeled=4, n_unlabeled=5, n_val=3, num_classes=3):
+    """Images alternate .jpg/.png; masks are palette PNGs; unlabeled images have no masks."""
+    rng = np.random.default_rng(1)
+    ids = {"labeled": [f"l{i}" for i in range(n_labeled)], "unlabeled": [f"u{i}" for i in range(n_unlabeled)],
+           "val": [f"v{i}" for i in range(n_val)]}
+    for which, names in ids.items():
+        for i, image_id in enumerate(names):
+            ext = ".jpg" if i % 2 == 0 else ".png"
+            write_image(os.path.join(root, "JPEGImages", image_id + ext), rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+            if which != "unlabeled":
+                label = rng.integers(0, num_classes, (H, W))
+                label[:2] = 255
+                write_palette_mask(os.path.join(root, "SegmentationClass", image_id + ".png"), label)
+        write_lines(os.path.join(root, which + ".txt"), names)
+    return ids
+
+
+def test_folder_dataset(tmp_path):
+    root = str(tmp_path / "mine")
+    ids = make_folder_root(root)
+    log = Log()
+    folder = build_data("folder", root, num_classes=3, crop_size=16, out_dir=str(tmp_path / "run"), log=log)
+    assert folder.class_names == ["class0", "class1", "class2"]
+    assert (len(folder.labeled), len(folder.unlabeled), len(folder.val)) == (4, 5, 3)
+    assert any("4 labeled / 5 unlabeled / 3 val" in line for line in log)
+    image, label = folder.labeled[(1, 3)]
+    assert image.shape == (3, 16, 16) and label.shape == (16, 16)
+    image, padding = folder.unlabeled[(2, 3)]
+    assert image.shape == (3, 16, 16)
+    image, label, name = folder.val[1]
+    assert name == "v1" and image.shape == (3, H, W)
+    expected = np.array(Image.open(os.path.join(root, "SegmentationClass", "v1.png")))
+    assert np.array_equal(label.numpy(), expected)
+    assert folder.lists == ids
+    write_lines(os.path.join(root, "classes.txt"), ["sky", "road", "car"])
+    assert build_data("folder", root, num_classes=3, log=Log()).class_names == ["sky", "road", "car"]
+    with pytest.raises(DataError, match="classes.txt"):
+        build_data("folder", root, num_classes=4, log=Log())
+    with pytest.raises(DataError, match="--num-classes"):
+        build_data("folder", root, log=Log())
+
+
+def test_folder_bad_inputs(tmp_path):
+    root = str(tmp_path / "mine")
+    make_folder_root(root)
+    with pytest.raises(DataError, match="--data-root .*nowhere"):
+        build_data("folder", str(tmp_path / "nowhere"), num_classes=3, log=Log())
+    with pytest.raises(DataError, match="--data-root is required"):
+        build_data("folder", None, num_classes=3, log=Log())
+    os.rename(os.path.join(root, "unlabeled.txt"), os.path.join(root, "u.txt"))
+    with pytest.raises(DataError, match="unlabeled.txt"):
+        build_data("folder", root, num_classes=3, log=Log())
+    os.rename(os.path.join(root, "u.txt"), os.path.join(root, "unlabeled.txt"))
+
+    def with_labeled(lines, **kwargs):
+        write_lines(os.path.join(root, "labeled.txt"), lines)
+        return build_data("folder", root, num_classes=3, crop_size=16, **kwargs)
+
+    with pytest.raises(DataError, match="labeled.txt is empty"):
+        with_labeled(["", "  "], log=Log())
+    with pytest.raises(DataError, match=r"labeled.txt.*JPEGImages/missing\.jpg"):
+        with_labeled(["l0", "missing"], log=Log())
+    os.remove(os.path.join(root, "SegmentationClass", "l3.png"))
+    with pytest.raises(DataError, match=r"labeled.txt.*SegmentationClass/l3\.png"):
+        with_labeled(["l0", "l3"], log=Log())
+    with pytest.raises(DataError, match=r"val.txt.*v1"):
+        with_labeled(["l0", "v1"], log=Log())
+    for image_id in ("u2", "u4"):
+        write_palette_mask(os.path.join(root, "SegmentationClass", image_id + ".png"), np.zeros((H, W), int))
+    log = Log()
+    folder = with_labeled(["l0", "u2", "u4"], log=log)  # labeled also in unlabeled: removed there
+    assert len(folder.unlabeled) == 3 and folder.lists["unlabeled"] == ["u0", "u1", "u3"]
+    assert any("warning" in line and "u2" in line for line in log)
+    write_palette_mask(os.path.join(root, "SegmentationClass", "l1.png"), np.zeros((H + 1, W), int))
+    with pytest.raises(DataError, match=r"l1\.png.*l1\.png"):  # names mask and image
+        with_labeled(["l0", "l1"], log=Log())
+    # Problems only visible when decoding surface at the first load, naming the file.
+    payload = encoded(np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8), "JPEG")
+    put(os.path.join(root, "JPEGImages", "l2.jpg"), payload[: len(payload) * 8 // 10])  # header fine, data cut
+    write_palette_mask(os.path.join(root, "SegmentationClass", "l0.png"), np.full((H, W), 7))
+    folder = with_labeled(["l0", "l2"], log=Log())
+    with pytest.raises(DataError, match=r"l2\.jpg"):
+        folder.labeled[(1, 0)]
+    with pytest.raises(DataError, match=r"l0\.png.*7.*--num-classes"):
+        folder.labeled[(0, 0)]
+    put(os.path.join(root, "JPEGImages", "l2.jpg"), b"not a jpeg")
+    with pytest.raises(DataError, match=r"l2\.jpg"):  # header unreadable: caught in pre-flight
+        with_labeled(["l0", "l2"], log=Log())
