@@ -1,0 +1,386 @@
+"""DeepLabV3+ with a deep-stem ResNet backbone, as used by PCR (METHOD.md section 2).
+
+    x (B,3,H,W) -> backbone -> layer1 (stride 4), layer3, layer4 (stride 8 or 16)
+    ASPP(layer4) -> 3x3 conv 256 -> upsample to layer1 size ----+
+    layer1 -> 1x1 conv 256 ------------------------------------ cat -> feature f (B,512,H/4,W/4)
+    f -> linear head (3x3, 3x3, 1x1) -> logits (B,K,H/4,W/4)
+    layer3 -> aux head (optional) -> aux_logits (B,K,stride of layer3)
+
+Every conv that feeds a BatchNorm has no bias (the BN shift makes it redundant and its
+gradient would be zero, which looks like a dead parameter to DDP). Dropout is channel-wise
+(nn.Dropout2d), as in the U2PL decoder PCR was built on.
+
+The backbone's state_dict keys follow the deep-stem ImageNet checkpoints distributed with
+prior semi-supervised segmentation work (`resnet101.pth`); with deep_stem=False they
+follow torchvision's resnet so that torchvision's ImageNet weights load.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import get_model_weights
+
+BACKBONES = {
+    # name: (block type, blocks per layer)
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+}
+MULTI_GRID = (1, 2, 4)  # layer4 block dilations at OS8 are 4 x this grid (cycled)
+ASPP_DILATIONS = {8: (12, 24, 36), 16: (6, 12, 18)}
+
+
+def conv3x3(in_channels, out_channels, stride=1, dilation=1):
+    """3x3 conv without bias whose padding keeps the size (up to the stride)."""
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation,
+                     dilation=dilation, bias=False)
+
+
+def conv1x1(in_channels, out_channels, stride=1):
+    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """relu(x' + bn2(conv2(relu(bn1(conv1(x)))))), two 3x3 convs; x' = downsample(x) or x.
+
+    Unlike torchvision's BasicBlock, dilation > 1 is allowed (both convs are dilated), so
+    resnet18/34 can run at output stride 8 or 16.
+    """
+
+    expansion = 1
+
+    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, planes, stride, dilation)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, 1, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """relu(x' + bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x))))))))), 1x1 -> 3x3 -> 1x1 (x4).
+
+    The stride sits on the 3x3 conv2 (torchvision / "ResNet v1.5", also the field's layout).
+    """
+
+    expansion = 4
+
+    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv1x1(in_channels, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * 4)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def layer_dilations(num_blocks, output_stride):
+    """Per-block (stride of block 0, dilations) for layer2..layer4.
+
+    OS8:  layer3 stride 1, dilations (1, 2, 2, ...); layer4 stride 1, multi-grid
+          4 x (1, 2, 4) cycled over its blocks -> (4, 8, 16) for three blocks.
+    OS16: layer3 strided as usual; layer4 stride 1, dilations (1, 2, 2, ...), as
+          torchvision's replace_stride_with_dilation=[False, False, True].
+    The first block of a dilated layer keeps the previous dilation because its input
+    still has the previous resolution's spacing.
+    """
+    n2, n3, n4 = num_blocks[1], num_blocks[2], num_blocks[3]
+    layer2 = (2, [1] * n2)
+    if output_stride == 8:
+        layer3 = (1, [1] + [2] * (n3 - 1))
+        layer4 = (1, [4 * MULTI_GRID[i % len(MULTI_GRID)] for i in range(n4)])
+    elif output_stride == 16:
+        layer3 = (2, [1] * n3)
+        layer4 = (1, [1] + [2] * (n4 - 1))
+    else:
+        raise ValueError(f"output_stride must be 8 or 16 (--output-stride), got {output_stride}")
+    return layer2, layer3, layer4
+
+
+class ResNet(nn.Module):
+    """ResNet feature extractor (no fc). forward(x) -> [layer1, layer2, layer3, layer4].
+
+    deep_stem=True : conv1 = Sequential(conv 3->64 s2, BN, ReLU, conv 64->64, BN, ReLU,
+                     conv 64->128), then bn1 + ReLU; 128 channels enter layer1.
+    deep_stem=False: conv1 = 7x7 conv 3->64 s2 (torchvision), bn1 + ReLU; 64 channels.
+    Both: max-pool 3x3 s2 pad 1 with ceil_mode=True, so an H x W image gives
+    layer1 maps of size ceil(ceil(H/2)/2) for odd sizes too (65 -> 33 -> 17).
+    """
+
+    def __init__(self, backbone="resnet101", output_stride=8, deep_stem=True):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r} (--backbone); "
+                             f"choose one of {sorted(BACKBONES)}")
+        block_name, num_blocks = BACKBONES[backbone]
+        block = BasicBlock if block_name == "basic" else Bottleneck
+        layer2, layer3, layer4 = layer_dilations(num_blocks, output_stride)
+
+        if deep_stem:
+            self.conv1 = nn.Sequential(
+                conv3x3(3, 64, stride=2), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                conv3x3(64, 64), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                conv3x3(64, 128))
+            stem_channels = 128
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            stem_channels = 64
+        self.bn1 = nn.BatchNorm2d(stem_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+
+        self.in_channels = stem_channels
+        self.layer1 = self._make_layer(block, 64, 1, [1] * num_blocks[0])
+        self.layer2 = self._make_layer(block, 128, *layer2)
+        self.layer3 = self._make_layer(block, 256, *layer3)
+        self.layer4 = self._make_layer(block, 512, *layer4)
+        # channels of layer1 / layer3 / layer4 outputs, for the decoder and aux head
+        self.channels = (64 * block.expansion, 256 * block.expansion, 512 * block.expansion)
+
+    def _make_layer(self, block, planes, stride, dilations):
+        out_channels = planes * block.expansion
+        downsample = None
+        if stride != 1 or self.in_channels != out_channels:
+            downsample = nn.Sequential(conv1x1(self.in_channels, out_channels, stride),
+                                       nn.BatchNorm2d(out_channels))
+        blocks = [block(self.in_channels, planes, stride, dilations[0], downsample)]
+        blocks += [block(out_channels, planes, 1, d) for d in dilations[1:]]
+        self.in_channels = out_channels
+        return nn.Sequential(*blocks)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        layer1 = self.layer1(x)
+        layer2 = self.layer2(layer1)
+        layer3 = self.layer3(layer2)
+        layer4 = self.layer4(layer3)
+        return [layer1, layer2, layer3, layer4]
+
+
+def conv_bn_relu(in_channels, out_channels, kernel_size=1, dilation=1):
+    padding = dilation * (kernel_size // 2)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation,
+                  bias=False),
+        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: cat of five 256-channel branches (1280 channels).
+
+    Branches: 1x1 conv; three 3x3 convs with the given dilations; image pooling
+    (global average -> 1x1 conv -> BN -> ReLU, broadcast back to the map size).
+    The pooling branch's BN sees one value per image and channel, so in train mode it
+    needs a batch of at least 2 images (eval mode works with batch 1).
+    """
+
+    def __init__(self, in_channels, dilations, channels=256):
+        super().__init__()
+        self.pool_branch = nn.Sequential(nn.AdaptiveAvgPool2d(1),
+                                         conv_bn_relu(in_channels, channels))
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(in_channels, channels)]
+            + [conv_bn_relu(in_channels, channels, 3, d) for d in dilations])
+        self.out_channels = channels * (len(dilations) + 2)
+
+    def forward(self, x):
+        # Checked only for plain BN: after conversion, SyncBatchNorm pools the statistics
+        # over all processes, where one image per process is fine.
+        pool_norm = self.pool_branch[1][1]
+        if self.training and x.shape[0] == 1 and isinstance(pool_norm, nn.BatchNorm2d):
+            raise ValueError("ASPP image pooling: BatchNorm in train mode needs a batch of "
+                             "at least 2 images per process; got 1 (use a larger batch "
+                             "or model.eval())")
+        height, width = x.shape[-2:]
+        pooled = self.pool_branch(x)  # (B,256,1,1)
+        pooled = F.interpolate(pooled, size=(height, width), mode="bilinear",
+                               align_corners=True)
+        return torch.cat([pooled] + [branch(x) for branch in self.branches], dim=1)
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ returning (logits, feature, aux_logits), all at their native stride.
+
+    logits     (B,K,h4,w4): linear predictor on f, stride 4 (layer1's size).
+    feature    (B,512,h4,w4): f = cat(1x1 conv(layer1), up(3x3 conv(ASPP(layer4)))).
+    aux_logits (B,K,h3,w3) on layer3 (stride 8 at OS8, 16 at OS16), or None if aux=False.
+    Upsampling to image size is the caller's job (bilinear, align_corners=True).
+    """
+
+    feature_dim = 512
+
+    def __init__(self, num_classes, backbone="resnet101", output_stride=8, aux=False,
+                 deep_stem=True, dropout=0.1):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes (--num-classes) must be a positive integer, "
+                             f"got {num_classes!r}")
+        self.backbone = ResNet(backbone, output_stride, deep_stem)
+        layer1_channels, layer3_channels, layer4_channels = self.backbone.channels
+
+        self.aspp = ASPP(layer4_channels, ASPP_DILATIONS[output_stride])
+        self.aspp_project = nn.Sequential(conv_bn_relu(self.aspp.out_channels, 256, 3),
+                                          nn.Dropout2d(dropout))
+        self.low_level = conv_bn_relu(layer1_channels, 256)
+        self.classifier = nn.Sequential(
+            conv_bn_relu(self.feature_dim, 256, 3), nn.Dropout2d(dropout),
+            conv_bn_relu(256, 256, 3), nn.Dropout2d(dropout),
+            nn.Conv2d(256, num_classes, 1))
+        self.aux_classifier = None
+        if aux:
+            self.aux_classifier = nn.Sequential(
+                conv_bn_relu(layer3_channels, 256, 3), nn.Dropout2d(dropout),
+                nn.Conv2d(256, num_classes, 1))
+        self.num_classes = num_classes
+
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"DeepLabV3Plus expects images of shape (B,3,H,W), "
+                             f"got {tuple(x.shape)}")
+        layer1, _, layer3, layer4 = self.backbone(x)
+        context = self.aspp_project(self.aspp(layer4))  # (B,256,h8,w8) or h16
+        context = F.interpolate(context, size=layer1.shape[-2:], mode="bilinear",
+                                align_corners=True)  # (B,256,h4,w4)
+        feature = torch.cat([self.low_level(layer1), context], dim=1)  # (B,512,h4,w4)
+        logits = self.classifier(feature)  # (B,K,h4,w4)
+        aux_logits = None
+        if self.aux_classifier is not None:
+            aux_logits = self.aux_classifier(layer3)
+        return logits, feature, aux_logits
+
+
+def _state_dict_from_checkpoint(checkpoint, path):
+    """Plain state_dict, or one under "state_dict"/"model"; leading "module." stripped."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: expected a state_dict (dict of tensors), "
+                         f"found {type(checkpoint).__name__}")
+    for wrapper_key in ("state_dict", "model"):
+        if isinstance(checkpoint.get(wrapper_key), dict):
+            checkpoint = checkpoint[wrapper_key]
+            break
+    return {(key[len("module."):] if key.startswith("module.") else key): value
+            for key, value in checkpoint.items()}
+
+
+def _load_checked(backbone, state_dict, source):
+    """Copy state_dict into backbone after checking keys and shapes; fc.* is ignored.
+
+    Raises ValueError naming `source` and listing missing, unexpected and mis-shaped keys.
+    num_batches_tracked may be absent (old checkpoints); it is a counter, not a weight.
+    """
+    expected = backbone.state_dict()
+    given = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    missing = [k for k in expected
+               if k not in given and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in given if k not in expected]
+    misshaped = [(k, tuple(expected[k].shape), tuple(getattr(given[k], "shape", ())))
+                 for k in given if k in expected
+                 and (not torch.is_tensor(given[k]) or given[k].shape != expected[k].shape)]
+    if missing or unexpected or misshaped:
+        lines = [f"{source}: checkpoint does not match the backbone"]
+        deep_stem_model = "conv1.0.weight" in expected
+        if deep_stem_model and "conv1.weight" in given:
+            lines.append("  it looks like a torchvision 7x7-stem checkpoint but the model "
+                         "has the deep stem (use --pretrained torchvision, or a deep-stem "
+                         "resnet*.pth)")
+        elif not deep_stem_model and "conv1.0.weight" in given:
+            lines.append("  it looks like a deep-stem checkpoint but the model has the "
+                         "torchvision 7x7 stem (build it with deep_stem=True)")
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+        if misshaped:
+            lines.append(f"  mis-shaped keys ({len(misshaped)}): " + ", ".join(
+                f"{k} expected {list(want)} found {list(found)}"
+                for k, want, found in misshaped))
+        raise ValueError("\n".join(lines))
+    backbone.load_state_dict(given, strict=False)  # only num_batches_tracked can be absent
+
+
+def load_backbone_weights(backbone, path):
+    """Load a deep-stem (or 7x7-stem) ImageNet checkpoint file into `backbone` in place.
+
+    Accepts a plain state_dict or one stored under "state_dict" / "model"; strips a
+    leading "module." (DataParallel) prefix and ignores fc.* (the classifier).
+    FileNotFoundError if `path` does not exist; ValueError if torch cannot read it or its
+    keys/shapes do not match (the message lists every offending key).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"pretrained checkpoint {path} does not exist (--pretrained "
+                                f"takes none, torchvision or a checkpoint path)")
+    if os.path.isdir(path):
+        raise ValueError(f"pretrained checkpoint {path} is a directory, expected a file "
+                         f"(--pretrained)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file: report which one and why
+        raise ValueError(f"{path}: torch.load could not read it as a weights-only "
+                         f"checkpoint ({type(error).__name__}: {error})") from error
+    _load_checked(backbone, _state_dict_from_checkpoint(checkpoint, path), path)
+
+
+def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False,
+                pretrained="none"):
+    """DeepLabV3Plus with backbone weights chosen by `pretrained` (--pretrained):
+
+    "none"        deep stem, random init (kaiming convs, BN weight 1 / bias 0);
+    "torchvision" torchvision 7x7 stem with torchvision's default ImageNet weights
+                  (downloaded by torchvision on first use);
+    a path        deep stem, weights from that checkpoint (load_backbone_weights).
+    """
+    if pretrained == "torchvision":
+        model = DeepLabV3Plus(num_classes, backbone, output_stride, aux, deep_stem=False)
+        weights = get_model_weights(backbone).DEFAULT
+        _load_checked(model.backbone, weights.get_state_dict(progress=True),
+                      f"torchvision {backbone} weights {weights}")
+        return model
+    model = DeepLabV3Plus(num_classes, backbone, output_stride, aux, deep_stem=True)
+    if pretrained != "none":
+        load_backbone_weights(model.backbone, pretrained)
+    return model
+
+
+def param_groups(model, lr, head_lr):
+    """Optimizer groups: backbone at `lr`, everything else (ASPP, decoder, heads) at `head_lr`.
+
+    A DistributedDataParallel / DataParallel wrapper is unwrapped first.
+    """
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    backbone_params = list(model.backbone.parameters())
+    backbone_ids = {id(p) for p in backbone_params}
+    head_params = [p for p in model.parameters() if id(p) not in backbone_ids]
+    return [{"params": backbone_params, "lr": lr, "name": "backbone"},
+            {"params": head_params, "lr": head_lr, "name": "head"}]
