@@ -96,14 +96,14 @@ class Bottleneck(nn.Module):
 
 
 def layer_dilations(num_blocks, output_stride):
-    """Per-block (stride of block 0, dilations) for layer2..layer4.
+    """(stride of the first block, dilation of each block) for layer2, layer3, layer4.
 
     OS8:  layer3 stride 1, dilations (1, 2, 2, ...); layer4 stride 1, multi-grid
           4 x (1, 2, 4) cycled over its blocks -> (4, 8, 16) for three blocks.
     OS16: layer3 strided as usual; layer4 stride 1, dilations (1, 2, 2, ...), as
           torchvision's replace_stride_with_dilation=[False, False, True].
-    The first block of a dilated layer keeps the previous dilation because its input
-    still has the previous resolution's spacing.
+    Outside multi-grid, the first block of a dilated layer keeps the previous dilation:
+    it replaces the strided conv, whose input still had the previous spacing.
     """
     n2, n3, n4 = num_blocks[1], num_blocks[2], num_blocks[3]
     layer2 = (2, [1] * n2)

@@ -126,7 +126,7 @@ def test_deep_stem_resnet50_and_basic_block_layout():
     assert not any(k.startswith(f"layer{i}.1.downsample") for i in range(1, 5) for k in keys)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])  # one per block type
 def test_torchvision_stem_matches_torchvision_layout(name):
     reference = torchvision.models.get_model(name, weights=None).state_dict()
     reference = {k: tuple(v.shape) for k, v in reference.items() if not k.startswith("fc.")}
