@@ -429,3 +429,254 @@ def test_folder_bad_inputs(tmp_path):
     put(os.path.join(root, "JPEGImages", "l2.jpg"), b"not a jpeg")
     with pytest.raises(DataError, match=r"l2\.jpg"):  # header unreadable: caught in pre-flight
         with_labeled(["l0", "l2"], log=Log())
+
+
+# --------------------------------------------------------------------------- Pascal VOC
+
+AUG_VALUE, OFFICIAL_VALUE = 1, 2  # the two mask folders hold different ids, to see which is read
+
+
+def make_voc_root(root, n_train=100, n_extra=700, n_val=20, aug=True):
+    """Fake VOC: train ids (official masks), extra SBD ids (Aug masks only), val ids (both)."""
+    rng = np.random.default_rng(2)
+    train = [f"2007_{i:06d}" for i in range(n_train)]
+    extra = [f"2008_{i:06d}" for i in range(n_extra)]
+    val = [f"2009_{i:06d}" for i in range(n_val)]
+    jpeg = encoded(rng.integers(0, 256, (H, W, 3), dtype=np.uint8), "JPEG")
+    aug_mask = encoded(np.full((H, W), AUG_VALUE, np.uint8), "PNG", "L")
+    write_palette_mask(str(root / "tmp.png"), np.full((H, W), OFFICIAL_VALUE))
+    official = (root / "tmp.png").read_bytes()
+    os.remove(root / "tmp.png")
+    for image_id in train + extra + val:
+        put(str(root / "JPEGImages" / (image_id + ".jpg")), jpeg)
+        if aug:
+            put(str(root / "SegmentationClassAug" / (image_id + ".png")), aug_mask)
+    for image_id in train + val:
+        put(str(root / "SegmentationClass" / (image_id + ".png")), official)
+    write_lines(str(root / "ImageSets" / "Segmentation" / "train.txt"), train)
+    write_lines(str(root / "ImageSets" / "Segmentation" / "val.txt"), val)
+    return train, extra, val
+
+
+def test_voc_classic_and_blended_selection(tmp_path):
+    train, extra, val = make_voc_root(tmp_path)
+    log = Log()
+    classic = build_data("voc", str(tmp_path), labeled=92, crop_size=16, log=log)
+    labeled, unlabeled = classic.lists["labeled"], classic.lists["unlabeled"]
+    assert len(labeled) == 92 and set(labeled) <= set(train)
+    assert len(unlabeled) == 708 and set(labeled) | set(unlabeled) == set(train + extra)
+    assert not set(labeled) & set(unlabeled) and classic.lists["val"] == val
+    assert any("voc: 92 labeled / 708 unlabeled / 20 val" in line for line in log)
+    assert classic.num_classes == 21 and classic.class_names == data.VOC_CLASSES
+    assert (classic.val[0][1] == AUG_VALUE).all()  # SegmentationClassAug preferred when present
+    assert set(classic.labeled[(0, 1)][1].unique().tolist()) <= {AUG_VALUE, 255}
+
+    blended = build_data("voc", str(tmp_path), labeled=662, crop_size=16, log=Log())
+    labeled, unlabeled = blended.lists["labeled"], blended.lists["unlabeled"]
+    assert len(labeled) == 662 and len(unlabeled) == 138
+    assert set(labeled) - set(train), "blended labeled images come from the whole augmented pool"
+    assert set(labeled) | set(unlabeled) == set(train + extra) and not set(labeled) & set(val)
+
+
+def test_voc_generated_split_is_deterministic_and_seeded(tmp_path):
+    make_voc_root(tmp_path, n_extra=50)
+    first = build_data("voc", str(tmp_path), labeled=92, seed=0, log=Log()).lists
+    again = build_data("voc", str(tmp_path), labeled=92, seed=0, log=Log()).lists
+    other = build_data("voc", str(tmp_path), labeled=92, seed=1, log=Log()).lists
+    assert first == again
+    assert first["labeled"] != other["labeled"] and first["val"] == other["val"]
+    expected = sorted(np.random.default_rng(0).choice(100, 92, replace=False))
+    assert first["labeled"] == [f"2007_{i:06d}" for i in expected]
+
+
+def test_voc_without_aug_and_invalid_labeled(tmp_path):
+    train, _, val = make_voc_root(tmp_path, n_extra=0, aug=False)
+    log = Log()
+    voc = build_data("voc", str(tmp_path), labeled=92, log=log)
+    assert len(voc.lists["unlabeled"]) == 8 and set(voc.lists["unlabeled"]) <= set(train)
+    assert any("warning" in line and "SegmentationClassAug" in line for line in log)
+    assert (voc.val[0][1] == OFFICIAL_VALUE).all()  # palette masks read as indices
+    with pytest.raises(DataError, match="--labeled 662"):
+        build_data("voc", str(tmp_path), labeled=662, log=Log())
+    with pytest.raises(DataError, match=r"--labeled 100.*92.*--split-dir"):
+        build_data("voc", str(tmp_path), labeled=100, log=Log())
+    with pytest.raises(DataError, match=r"--labeled None"):
+        build_data("voc", str(tmp_path), log=Log())
+    with pytest.raises(DataError, match="--num-classes"):
+        build_data("voc", str(tmp_path), labeled=92, num_classes=20, log=Log())
+    os.remove(tmp_path / "ImageSets" / "Segmentation" / "train.txt")
+    with pytest.raises(DataError, match="train.txt"):
+        build_data("voc", str(tmp_path), labeled=92, log=Log())
+
+
+def test_voc_split_dir_all_three_formats(tmp_path):
+    root = tmp_path / "VOC"
+    train, extra, val = make_voc_root(root, n_extra=30)
+    chosen = train[:5]
+    lists = tmp_path / "splits"
+    write_lines(str(lists / "val.txt"), val, final_newline=False)  # published layout: <n>/../val.txt
+    formats = {
+        "ids": (["", *chosen[:2], "", *chosen[2:]], "\r\n", True),
+        "paths": ([f"JPEGImages/{i}.jpg" for i in chosen], "\n", False),
+        "pairs": ([f"/JPEGImages/{i}.jpg  SegmentationClassAug/{i}.png" for i in chosen] + ["   "], "\n", True),
+    }
+    samples = {}
+    for name, (lines, newline, final) in formats.items():
+        write_lines(str(lists / name / "labeled.txt"), lines, newline, final)
+        write_lines(str(lists / name / "unlabeled.txt"), train[5:] + extra, newline, final)
+        log = Log()
+        voc = build_data("voc", str(root), labeled=366, split_dir=str(lists / name), log=log)
+        assert (len(voc.labeled), len(voc.unlabeled), len(voc.val)) == (5, 125, 20), name
+        assert any("warning" in line and "--labeled 366" in line for line in log)
+        assert voc.lists["val"] == val
+        samples[name] = [(os.path.normpath(s.image), os.path.normpath(s.label))
+                         for s in voc.labeled.source.samples]
+    assert samples["ids"] == samples["paths"] == samples["pairs"]
+    assert samples["ids"][0] == (str(root / "JPEGImages" / f"{train[0]}.jpg"),
+                                 str(root / "SegmentationClassAug" / f"{train[0]}.png"))
+    # Without val.txt next to the lists, the dataset's own ImageSets val.txt is used.
+    os.remove(lists / "val.txt")
+    write_lines(str(root / "ImageSets" / "Segmentation" / "val.txt"), val[:7])
+    assert len(build_data("voc", str(root), split_dir=str(lists / "ids"), log=Log()).val) == 7
+    write_lines(str(lists / "ids" / "val.txt"), val[:3])
+    assert len(build_data("voc", str(root), split_dir=str(lists / "ids"), log=Log()).val) == 3
+    write_lines(str(lists / "ids" / "labeled.txt"), [chosen[0], "a b c"])
+    with pytest.raises(DataError, match=r"labeled.txt line 2"):
+        build_data("voc", str(root), split_dir=str(lists / "ids"), log=Log())
+    write_lines(str(lists / "ids" / "labeled.txt"), chosen)
+    os.remove(lists / "ids" / "unlabeled.txt")
+    with pytest.raises(DataError, match=r"ids/unlabeled.txt"):
+        build_data("voc", str(root), split_dir=str(lists / "ids"), log=Log())
+    with pytest.raises(DataError, match=r"--split-dir .*nowhere"):
+        build_data("voc", str(root), split_dir=str(lists / "nowhere"), log=Log())
+
+
+def test_voc_lists_written_to_out_dir_are_reusable(tmp_path):
+    root = tmp_path / "VOC"
+    make_voc_root(root, n_extra=30)
+    first = build_data("voc", str(root), labeled=183 - 91, seed=3, out_dir=str(tmp_path / "run"), log=Log())
+    for which, lines in first.lists.items():
+        assert (tmp_path / "run" / f"{which}.txt").read_text() == "".join(line + "\n" for line in lines)
+    again = build_data("voc", str(root), split_dir=str(tmp_path / "run"), log=Log())
+    assert again.lists == first.lists
+    assert again.labeled.source.samples == first.labeled.source.samples
+
+
+def test_voc_missing_files_and_overlaps_name_the_culprit(tmp_path):
+    root = tmp_path / "VOC"
+    train, extra, val = make_voc_root(root, n_extra=5)
+    lists = tmp_path / "splits"
+    write_lines(str(lists / "unlabeled.txt"), extra)
+    ghosts = [f"2010_{i:06d}" for i in range(10)]
+    write_lines(str(lists / "labeled.txt"), train[:3] + ghosts)
+    with pytest.raises(DataError) as error:
+        build_data("voc", str(root), split_dir=str(lists), log=Log())
+    message = str(error.value)
+    assert str(lists / "labeled.txt") in message and "20 file(s)" in message and "(20 in all)" in message
+    assert str(root / "JPEGImages" / "2010_000000.jpg") in message and "\n" not in message
+    write_lines(str(lists / "labeled.txt"), train[:3])
+    write_lines(str(lists / "unlabeled.txt"), extra + ["2011_000001"])
+    with pytest.raises(DataError, match=r"unlabeled.txt.*2011_000001\.jpg"):
+        build_data("voc", str(root), split_dir=str(lists), log=Log())
+    os.remove(root / "SegmentationClass" / f"{val[4]}.png")
+    os.remove(root / "SegmentationClassAug" / f"{val[4]}.png")
+    write_lines(str(lists / "unlabeled.txt"), extra + train[:2])
+    with pytest.raises(DataError, match=rf"val.txt.*SegmentationClass/{val[4]}\.png"):
+        build_data("voc", str(root), split_dir=str(lists), log=Log())
+    put(str(root / "SegmentationClassAug" / f"{val[4]}.png"), encoded(np.zeros((H, W + 2), np.uint8), "PNG", "L"))
+    with pytest.raises(DataError, match=rf"mask .*{val[4]}\.png is {W + 2}x{H} but its image .*{val[4]}\.jpg is {W}x{H}"):
+        build_data("voc", str(root), split_dir=str(lists), log=Log())
+    put(str(root / "SegmentationClassAug" / f"{val[4]}.png"), encoded(np.zeros((H, W), np.uint8), "PNG", "L"))
+    log = Log()
+    voc = build_data("voc", str(root), split_dir=str(lists), log=log)
+    assert voc.lists["unlabeled"] == extra  # train[:2] were labeled: removed with a warning
+    assert any("warning" in line and "2 labeled image(s)" in line for line in log)
+    write_lines(str(lists / "labeled.txt"), train[:3] + val[:1])
+    with pytest.raises(DataError, match=rf"labeled.txt.*val.*{val[0]}"):
+        build_data("voc", str(root), split_dir=str(lists), log=Log())
+
+
+# --------------------------------------------------------------------------- Cityscapes
+
+RAW_ROW = [7, 26, 0, 33, 24, 9]  # road, car, unlabeled, bicycle, person, parking
+TRAIN_ROW = [0, 13, 255, 18, 11, 255]
+
+
+def make_cityscapes_root(root, train_cities=(("aachen", 100), ("bremen", 100)), val_cities=(("lindau", 5),)):
+    """Fake Cityscapes: labelIds masks everywhere; bremen also has labelTrainIds (all 5 = pole)."""
+    rng = np.random.default_rng(3)
+    image = encoded(rng.integers(0, 256, (H, W, 3), dtype=np.uint8), "PNG")
+    raw = np.zeros((H, W), np.uint8)
+    raw[:, : len(RAW_ROW)] = RAW_ROW
+    label_ids = encoded(raw, "PNG", "L")
+    train_ids = encoded(np.full((H, W), 5, np.uint8), "PNG", "L")
+    paths = {"train": [], "val": []}
+    for split, cities in (("train", train_cities), ("val", val_cities)):
+        for city, count in cities:
+            for i in range(count):
+                stem = f"{city}_{i:06d}_000019"
+                relative = f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png"
+                put(str(root / relative), image)
+                put(str(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"), label_ids)
+                if city == "bremen":
+                    put(str(root / "gtFine" / split / city / f"{stem}_gtFine_labelTrainIds.png"), train_ids)
+                paths[split].append(relative)
+    return paths
+
+
+def test_cityscapes_generated_split_and_raw_id_mapping(tmp_path):
+    paths = make_cityscapes_root(tmp_path)
+    log = Log()
+    city = build_data("cityscapes", str(tmp_path), labeled=186, crop_size=16, seed=5, log=log)
+    assert any("cityscapes: 186 labeled / 14 unlabeled / 5 val" in line for line in log)
+    assert set(city.lists["labeled"]) | set(city.lists["unlabeled"]) == set(paths["train"])
+    assert not set(city.lists["labeled"]) & set(city.lists["unlabeled"])
+    assert city.lists["val"] == sorted(paths["val"])
+    assert city.num_classes == 19 and city.palette[0].tolist() == [128, 64, 128]
+    assert build_data("cityscapes", str(tmp_path), labeled=186, seed=5, log=Log()).lists == city.lists
+    assert build_data("cityscapes", str(tmp_path), labeled=186, seed=6, log=Log()).lists != city.lists
+    image, label, name = city.val[0]
+    assert name == "lindau_000000_000019" and image.shape == (3, H, W)
+    assert label[0, : len(TRAIN_ROW)].tolist() == TRAIN_ROW and (label[:, len(RAW_ROW):] == 255).all()
+    for index in range(len(city.labeled)):
+        sample = city.labeled.source.samples[index]
+        expected = {5, 255} if "bremen" in sample.image else set(TRAIN_ROW)
+        assert sample.map_ids == ("aachen" in sample.image)
+        assert sample.label.endswith("_labelIds.png" if sample.map_ids else "_labelTrainIds.png")
+        if index % 40 == 0:
+            assert set(city.labeled[(index, 0)][1].unique().tolist()) <= expected
+    with pytest.raises(DataError, match=r"--labeled 100.*186.*--split-dir"):
+        build_data("cityscapes", str(tmp_path), labeled=100, log=Log())
+    with pytest.raises(DataError, match=r"--labeled 372: only 200"):
+        build_data("cityscapes", str(tmp_path), labeled=372, log=Log())
+
+
+def test_cityscapes_split_dir_formats(tmp_path):
+    root = tmp_path / "cityscapes"
+    paths = make_cityscapes_root(root, train_cities=(("aachen", 3), ("bremen", 3)))
+    lists = tmp_path / "splits"
+    chosen = [paths["train"][0], paths["train"][4]]  # one aachen (labelIds), one bremen (trainIds)
+    rest = [p for p in paths["train"] if p not in chosen]
+    formats = {
+        "paths": chosen,
+        "pairs": [f"{p} {p.replace('leftImg8bit/', 'gtFine/', 1).replace('_leftImg8bit.png', '_gtFine_labelIds.png')}"
+                  for p in chosen],
+        "names": [os.path.basename(p).replace("_leftImg8bit.png", "") for p in chosen],
+    }
+    for name, lines in formats.items():
+        write_lines(str(lists / name / "labeled.txt"), lines, "\r\n", final_newline=False)
+        write_lines(str(lists / name / "unlabeled.txt"), ["", *rest])
+        city = build_data("cityscapes", str(root), split_dir=str(lists / name), crop_size=16, log=Log())
+        assert (len(city.labeled), len(city.unlabeled), len(city.val)) == (2, 4, 5)
+        first, second = city.labeled.source.samples
+        assert first.image == str(root / chosen[0]) and first.map_ids and first.label.endswith("_labelIds.png")
+        assert second.image == str(root / chosen[1])
+        if name == "pairs":  # the listed labelIds mask is used, mapped
+            assert second.map_ids and second.label.endswith("bremen_000001_000019_gtFine_labelIds.png")
+        else:  # derived: labelTrainIds when present
+            assert not second.map_ids and second.label.endswith("bremen_000001_000019_gtFine_labelTrainIds.png")
+    write_lines(str(lists / "val.txt"), paths["val"][:2])
+    assert len(build_data("cityscapes", str(root), split_dir=str(lists / "paths"), log=Log()).val) == 2
+    write_lines(str(lists / "paths" / "labeled.txt"), ["leftImg8bit/train/aachen/oops.png"])
+    with pytest.raises(DataError, match=r"labeled.txt line 1.*oops.png"):
+        build_data("cityscapes", str(root), split_dir=str(lists / "paths"), log=Log())
