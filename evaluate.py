@@ -340,9 +340,9 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
     matrices are then summed over processes (torch.distributed must be initialised
     when world_size > 1; with world_size 1 nothing is reduced). Mode "center" scores
     the center_box of each label. The model's train/eval state is left as the caller
-    set it (call model.eval() first). With
-    `save_dir` (and `palette` (256, 3) uint8) each image's prediction is saved as
-    pictures (save_prediction_pictures); only the first head's when there are several.
+    set it (call model.eval() first). With `save_dir` (and `palette` (256, 3) uint8)
+    each image's prediction is saved as pictures (save_prediction_pictures); only the
+    first head's when there are several.
     """
     heads = tuple(heads)
     _check_predict_args(mode, crop_size, stride, scales, heads, bank)
@@ -427,7 +427,7 @@ def save_prediction_pictures(save_dir, name, image, label, prediction, palette):
     (image | ground truth | prediction | errors). image (3, H, W) normalised; label and
     prediction (H, W) integer arrays; palette (256, 3) uint8."""
     from data import colorize
-    path = Path(save_dir) / name
+    path = Path(save_dir) / Path(name).name  # a name with folders stays inside save_dir
     path.parent.mkdir(parents=True, exist_ok=True)
     predicted = colorize(prediction.astype(np.uint8), palette)
     predicted.save(path.with_name(path.name + ".png"))
@@ -435,3 +435,265 @@ def save_prediction_pictures(save_dir, name, image, label, prediction, palette):
     compare = side_by_side([image_rgb, np.asarray(colorize(label.astype(np.uint8), palette)),
                             np.asarray(predicted), error_picture(image_rgb, label, prediction)])
     Image.fromarray(compare).save(path.with_name(path.name + "_compare.png"))
+
+
+def overlay_picture(image_rgb, mask_rgb, alpha=0.5):
+    """Alpha blend (H, W, 3) uint8: (1 - alpha) image + alpha coloured mask."""
+    blend = (1 - alpha) * image_rgb.astype(np.float32) + alpha * mask_rgb.astype(np.float32)
+    return blend.round().astype(np.uint8)
+
+
+# ----------------------------------------------------------------------- command line
+
+class EvalError(Exception):
+    """Bad command-line input; the message names the flag or file and what is wrong."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Evaluate a PCR checkpoint on its validation set, or run it on new images "
+                    "(--images). Settings come from the checkpoint; flags override them.")
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt written by train.py")
+    add("--data-root", help="dataset root (default: the run's)")
+    add("--split-dir", help="folder with val.txt (default: the run's)")
+    add("--mode", choices=MODES, help="evaluation protocol (default: the run's eval_mode)")
+    add("--crop-size", type=int, help="window of 'sliding' / box of 'center' (default: the run's crop)")
+    add("--stride", type=int, help="sliding-window stride (default: round(2/3 crop))")
+    add("--scales", help="comma-separated test scales, e.g. 0.75,1,1.25 (default: 1)")
+    add("--flip", action="store_true", help="average with the horizontally flipped prediction")
+    add("--student", action="store_true", help="evaluate the student instead of the EMA teacher")
+    add("--head", choices=["linear", "proto", "both"], default="linear",
+        help="linear predictor, prototype predictor, or both")
+    add("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (torchrun: cuda:LOCAL_RANK)")
+    add("--amp", choices=["bf16", "fp16", "none"], help="mixed precision (default: the run's)")
+    add("--save-dir", help="write coloured predictions and image | truth | prediction | errors "
+                           "pictures here (with --images: masks and overlays)")
+    add("--images", help="an image file or a folder of images: predict them (no labels) at their "
+                         "own size instead of evaluating; needs --save-dir")
+    add("--out-json", help="also write the metrics to this JSON file")
+    return parser.parse_args(argv)
+
+
+def _parse_scales(text):
+    if text is None:
+        return (1.0,)
+    try:
+        scales = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise EvalError(f"--scales {text!r}: expected comma-separated numbers, e.g. 0.75,1,1.25") from None
+    if any(not scale > 0 for scale in scales):
+        raise EvalError(f"--scales {text!r}: scales must be positive")
+    return scales
+
+
+def load_checkpoint(path):
+    """train.py checkpoint -> dict with at least "config" and "student" (checked)."""
+    if not os.path.isfile(path):
+        raise EvalError(f"--checkpoint {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and weights_only errors all mean "not ours"
+        raise EvalError(f"--checkpoint {path}: cannot be read as a PyTorch checkpoint "
+                        f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    missing = [key for key in ("config", "student") if not isinstance(checkpoint, dict)
+               or checkpoint.get(key) is None]
+    if missing:
+        raise EvalError(f"--checkpoint {path}: not a train.py checkpoint (no {', '.join(missing)})")
+    needed = ("dataset", "num_classes", "backbone", "output_stride", "crop_size")
+    absent = [key for key in needed if checkpoint["config"].get(key) is None]
+    if absent:
+        raise EvalError(f"--checkpoint {path}: its config lacks {', '.join(absent)}")
+    return checkpoint
+
+
+def build_network(config, state_dict, which, path):
+    """DeepLabV3Plus for the run's settings with the `which` ("teacher"/"student") weights."""
+    from model import DeepLabV3Plus, build_model
+    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    args = (config["num_classes"], config["backbone"], config["output_stride"],
+            bool(config.get("aux", False)))
+    if "backbone.conv1.weight" in state_dict:  # trained from --pretrained torchvision: 7x7 stem
+        network = DeepLabV3Plus(*args, deep_stem=False)
+    else:
+        network = build_model(*args, pretrained="none")
+    try:
+        network.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise EvalError(f"--checkpoint {path}: the {which} weights do not fit a "
+                        f"{config['backbone']} model with {config['num_classes']} classes: "
+                        f"{str(error)[:600]}") from None
+    return network
+
+
+def build_bank(checkpoint, config, path):
+    from prototypes import PrototypeBank
+    state = checkpoint.get("prototypes")
+    if state is None or "prototypes" not in state:
+        raise EvalError(f"--head proto/both: --checkpoint {path} holds no prototypes "
+                        f"(method {config.get('method', '?')!r})")
+    num_classes, num_prototypes, dim = state["prototypes"].shape
+    bank = PrototypeBank(num_classes, num_prototypes, dim,
+                         temperature=config.get("temperature", 0.1))
+    bank.load_state_dict(state)
+    return bank
+
+
+def _device(flag, local_rank):
+    if flag == "auto":
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise EvalError(f"--device {flag!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvalError(f"--device {flag}: no CUDA device is visible")
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _image_files(path):
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise EvalError(f"--images {path}: no such file or folder")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise EvalError(f"--images {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    stems = [p.stem for p in files]
+    clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if clashes:
+        raise EvalError(f"--images {path}: several images share a name, their masks would "
+                        f"overwrite each other: {', '.join(clashes[:5])}")
+    return files
+
+
+def predict_images(model, files, save_dir, num_classes, palette, heads, bank, settings,
+                   device, rank=0, world_size=1, log=print):
+    """Write SAVE_DIR/<stem>_mask.png (coloured prediction) and <stem>_overlay.png per
+    image file, predicted at the image's own size (proto head: <stem>_proto_mask.png...)."""
+    from data import normalize, read_image
+    os.makedirs(save_dir, exist_ok=True)
+    mine = files[rank::world_size]
+    for done, path in enumerate(mine, start=1):
+        picture = read_image(path)
+        image = normalize(picture).unsqueeze(0).to(device)
+        logits = predict_heads(model, image, num_classes, heads=heads, bank=bank, **settings)
+        for head in heads:
+            mask = palette[logits[head][0].argmax(dim=0).cpu().numpy()]
+            suffix = "" if head == "linear" else f"_{head}"
+            Image.fromarray(mask).save(Path(save_dir) / f"{path.stem}{suffix}_mask.png")
+            Image.fromarray(overlay_picture(np.asarray(picture), mask)).save(
+                Path(save_dir) / f"{path.stem}{suffix}_overlay.png")
+        log(f"images {done}/{len(mine)}: {path.name} ({picture.width} x {picture.height})")
+
+
+def run(args):
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    log = print if rank == 0 else (lambda *parts: None)
+    if args.images and not args.save_dir:
+        raise EvalError("--images needs --save-dir for the masks and overlays")
+    scales = _parse_scales(args.scales)
+    device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    checkpoint = load_checkpoint(args.checkpoint)
+    config = checkpoint["config"]
+
+    # Every setting is checked before the (large) model is built.
+    heads = ("linear", "proto") if args.head == "both" else (args.head,)
+    bank = build_bank(checkpoint, config, args.checkpoint).to(device) if "proto" in heads else None
+    mode = args.mode or config.get("eval_mode", "whole")
+    crop_size = args.crop_size or config["crop_size"]
+    amp = args.amp or config.get("amp", "none")
+    settings = dict(mode=mode, crop_size=crop_size, stride=args.stride, scales=scales,
+                    flip=args.flip, amp=amp)
+    try:
+        _check_predict_args(mode, crop_size, args.stride, scales, heads, bank)
+        _autocast_dtype(amp)
+    except ValueError as error:
+        raise EvalError(str(error)) from None
+
+    # The trainer scores the teacher only once the semi-supervised phase has begun
+    # (iteration > warmup_iters); before that, and in supervised runs, the student.
+    iteration = checkpoint.get("iter", 0)
+    if args.student:
+        which = "student"
+    elif checkpoint.get("teacher") is None:
+        which = "student"
+        log("note: evaluating the student (this run has no teacher)")
+    elif iteration <= config.get("warmup_iters", 0):
+        which = "student"
+        log(f"note: evaluating the student (iteration {iteration} is in the supervised "
+            f"warm-up of {config.get('warmup_iters')} iterations; the teacher is not trained yet)")
+    else:
+        which = "teacher"
+    network = build_network(config, checkpoint[which], which, args.checkpoint).to(device).eval()
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    import data as data_lib
+    if args.images:
+        if mode == "center":
+            settings["mode"] = "whole"  # every pixel of a new image gets a prediction
+        palette = (data_lib.cityscapes_palette() if config["dataset"] == "cityscapes"
+                   else data_lib.voc_palette())
+        predict_images(network, _image_files(args.images), args.save_dir, config["num_classes"],
+                       palette, heads, bank, settings, device, rank, world_size, log)
+        return 0
+
+    data = data_lib.build_data(
+        config["dataset"], args.data_root or config.get("data_root"), config["num_classes"],
+        config.get("labeled"), args.split_dir or config.get("split_dir"), config.get("seed", 0),
+        crop_size, out_dir=None, log=log)
+    log(f"evaluate {args.checkpoint} (iteration {iteration}, {which}, heads {', '.join(heads)}): "
+        f"{len(data.val)} val images, mode {mode}, crop {crop_size}, scales "
+        f"{list(settings['scales'])}, flip {args.flip}, amp {amp}, device {device}")
+    start = time.time()
+    results = evaluate(network, data.val, data.num_classes, device, heads=heads, bank=bank,
+                       rank=rank, world_size=world_size, log=log, save_dir=args.save_dir,
+                       palette=data.palette, **settings)
+    if rank != 0:
+        return 0
+    for head in heads:
+        log(f"{head} head:")
+        log(format_table(results[head], data.class_names))
+    record = {"source": "evaluate.py", "checkpoint": os.path.abspath(args.checkpoint),
+              "iter": iteration, "model": which, "mode": mode, "crop_size": crop_size,
+              "stride": args.stride, "scales": list(settings["scales"]), "flip": args.flip,
+              "amp": amp, "seconds": round(time.time() - start, 1)}
+    if "linear" in results:
+        record.update({key: results["linear"][key] for key in ("miou", "pixel_acc", "mean_acc", "iou", "pixels")})
+    if "proto" in results:
+        record.update({"miou_proto": results["proto"]["miou"], "iou_proto": results["proto"]["iou"]})
+    summary = "  ".join(f"{head} mIoU {results[head]['miou']:.2f}" for head in heads)
+    log(f"result: {summary}  ({which}, iteration {iteration})")
+    metrics_path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "metrics.jsonl")
+    try:
+        with open(metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as error:
+        log(f"warning: could not append to {metrics_path}: {error}")
+    if args.out_json:
+        with open(args.out_json, "w", encoding="utf-8") as handle:
+            json.dump(dict(record, metrics=results), handle, indent=2)
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from data import DataError
+    try:
+        return run(args)
+    except (EvalError, DataError) as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,6 +2,7 @@
 evaluation protocols against independent computations, the distributed reduction, and
 the command line on a tiny real checkpoint."""
 
+import functools
 import math
 import os
 import sys
@@ -435,3 +436,185 @@ def test_distributed_evaluation_equals_single_process(tmp_path):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(result["cm"], torch.full((2, 2), 3))
         assert result["metrics"] == single  # includes the pixel count, so no double counting
+
+
+# ------------------------------------------------------------------ command line
+
+TOY_CLASSES = 6
+
+
+def _toy_models():
+    from model import build_model
+    torch.manual_seed(3)
+    student = build_model(TOY_CLASSES, "resnet18", 16, False)
+    teacher = build_model(TOY_CLASSES, "resnet18", 16, False)
+    bank = PrototypeBank(TOY_CLASSES, 2, 512)
+    return student, teacher, bank
+
+
+def _save_toy_checkpoint(run_dir, iteration=5, **changes):
+    """A checkpoint in train.py's format: random resnet18 weights, toy data, 2 val images."""
+    student, teacher, bank = _toy_models()
+    config = dict(dataset="toy", data_root=None, num_classes=TOY_CLASSES, labeled=1,
+                  split_dir=str(run_dir / "splits"), seed=0, backbone="resnet18",
+                  output_stride=16, aux=False, crop_size=64, eval_mode="whole",
+                  num_prototypes=2, temperature=0.1, amp="none", out=str(run_dir),
+                  warmup_iters=2, method="pcr")
+    checkpoint = {"config": config, "iter": iteration, "best": {"miou": 0.0, "iter": iteration},
+                  "student": student.state_dict(), "teacher": teacher.state_dict(),
+                  "prototypes": bank.state_dict()}
+    checkpoint.update(changes)
+    path = run_dir / f"it{iteration}.pt"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    (run_dir / "splits").mkdir()
+    for which, names in {"labeled": ["labeled_0000"], "unlabeled": ["unlabeled_0000"],
+                         "val": ["val_0000", "val_0001"]}.items():
+        (run_dir / "splits" / f"{which}.txt").write_text("\n".join(names) + "\n")
+    return run_dir, _save_toy_checkpoint(run_dir)
+
+
+@functools.lru_cache(maxsize=None)
+def _in_process(run_dir, weights, heads=("linear",), **settings):
+    """Independent of the CLI: the models rebuilt by hand, evaluate() called directly
+    (cached: the same evaluation serves several tests)."""
+    import data
+    student, teacher, bank = _toy_models()
+    model = {"student": student, "teacher": teacher}[weights].eval()
+    val = data.build_data("toy", split_dir=str(run_dir / "splits"), log=lambda *a: None).val
+    return ev.evaluate(model, val, TOY_CLASSES, "cpu", heads=heads, bank=bank,
+                       log=lambda line: None, **settings)
+
+
+def _last_json_line(run_dir):
+    import json
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_cli_subprocess_reproduces_in_process_evaluation(toy_run, tmp_path):
+    import subprocess
+    run_dir, checkpoint = toy_run
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(checkpoint),
+         "--head", "both", "--save-dir", str(tmp_path / "pictures"), "--device", "cpu"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    expected = _in_process(run_dir, "teacher", heads=("linear", "proto"))
+    result_line = [line for line in done.stdout.splitlines() if line.startswith("result:")][0]
+    assert f"linear mIoU {expected['linear']['miou']:.2f}" in result_line
+    assert f"proto mIoU {expected['proto']['miou']:.2f}" in result_line
+    assert "background" in done.stdout and "eval 2/2 images" in done.stdout
+    record = _last_json_line(run_dir)
+    assert record["source"] == "evaluate.py" and record["model"] == "teacher"
+    assert record["miou"] == expected["linear"]["miou"]
+    assert record["miou_proto"] == expected["proto"]["miou"]
+    assert record["iou"] == expected["linear"]["iou"]
+    # pictures: coloured prediction + image | truth | prediction | errors, 80 x 80 toy images
+    from PIL import Image
+    for name in ("val_0000", "val_0001"):
+        assert Image.open(tmp_path / "pictures" / f"{name}.png").size == (80, 80)
+        assert Image.open(tmp_path / "pictures" / f"{name}_compare.png").size == (4 * 80 + 3 * 4, 80)
+
+
+def test_cli_student_and_flag_overrides(toy_run, capsys, tmp_path):
+    import json
+    run_dir, checkpoint = toy_run
+    out_json = tmp_path / "metrics.json"
+    # center mode with a 48-pixel box: the cheapest protocol (sliding is tested above)
+    assert ev.main(["--checkpoint", str(checkpoint), "--student", "--mode", "center",
+                    "--crop-size", "48", "--device", "cpu", "--out-json", str(out_json)]) == 0
+    expected = _in_process(run_dir, "student", mode="center", crop_size=48)
+    record = _last_json_line(run_dir)
+    assert record["model"] == "student" and record["mode"] == "center"
+    assert record["crop_size"] == 48 and record["pixels"] == expected["linear"]["pixels"]
+    assert 0 < record["pixels"] <= 2 * 48 * 48  # only the center boxes are scored
+    assert record["miou"] == expected["linear"]["miou"]
+    assert json.loads(out_json.read_text())["metrics"]["linear"] == expected["linear"]
+    assert f"mIoU {expected['linear']['miou']:.2f}" in capsys.readouterr().out
+
+
+def test_cli_uses_student_before_the_teacher_exists(toy_run, capsys):
+    run_dir, _ = toy_run
+    warmup = _save_toy_checkpoint(run_dir, iteration=2)  # iteration <= warmup_iters
+    assert ev.main(["--checkpoint", str(warmup), "--device", "cpu", "--mode", "center",
+                    "--crop-size", "48"]) == 0
+    assert "note: evaluating the student" in capsys.readouterr().out
+    record = _last_json_line(run_dir)
+    assert record["model"] == "student" and record["iter"] == 2
+    expected = _in_process(run_dir, "student", mode="center", crop_size=48)
+    assert record["miou"] == expected["linear"]["miou"]
+
+
+def test_cli_images_writes_one_mask_per_image_at_its_size(toy_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+    import data
+    run_dir, checkpoint = toy_run
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    generator = np.random.default_rng(0)
+    sizes = {"wide.png": (50, 37), "tall.jpg": (41, 66)}  # (width, height)
+    for name, (width, height) in sizes.items():
+        pixels = generator.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "masks"
+    assert ev.main(["--checkpoint", str(checkpoint), "--images", str(folder),
+                    "--save-dir", str(out), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "tall_mask.png", "tall_overlay.png", "wide_mask.png", "wide_overlay.png"]
+    _, teacher, _ = _toy_models()
+    palette = data.voc_palette()
+    for name, size in sizes.items():
+        stem = Path(name).stem
+        mask = Image.open(out / f"{stem}_mask.png")
+        assert mask.size == size and Image.open(out / f"{stem}_overlay.png").size == size
+        image = data.normalize(data.read_image(folder / name))[None]
+        pred = ev.predict(teacher.eval(), image, TOY_CLASSES)[0].argmax(0).numpy()
+        assert np.array_equal(np.asarray(mask), palette[pred])
+
+
+def test_cli_errors_are_one_clear_message(toy_run, tmp_path, capsys):
+    run_dir, checkpoint = toy_run
+
+    def error_of(*argv):
+        assert ev.main(list(argv)) == 2
+        return capsys.readouterr().err
+
+    assert "--checkpoint" in error_of("--checkpoint", str(tmp_path / "missing.pt"))
+    assert "no such file" in error_of("--checkpoint", str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    assert "cannot be read as a PyTorch checkpoint" in error_of("--checkpoint", str(tmp_path / "junk.pt"))
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    assert "not a train.py checkpoint" in error_of("--checkpoint", str(tmp_path / "other.pt"))
+    no_bank = _save_toy_checkpoint(tmp_path, iteration=7, prototypes=None)
+    assert "holds no prototypes" in error_of("--checkpoint", str(no_bank), "--head", "proto",
+                                             "--device", "cpu")
+    assert "--images needs --save-dir" in error_of("--checkpoint", str(checkpoint), "--images",
+                                                   str(tmp_path), "--device", "cpu")
+    assert "--scales" in error_of("--checkpoint", str(checkpoint), "--scales", "1,x",
+                                  "--device", "cpu")
+    assert "--stride" in error_of("--checkpoint", str(checkpoint), "--mode", "sliding",
+                                  "--stride", "500", "--device", "cpu")
+
+
+def test_error_picture_and_side_by_side():
+    import numpy as np
+    image = np.full((2, 3, 3), 200, dtype=np.uint8)
+    label = np.array([[0, 1, 255], [2, 2, 1]])
+    prediction = np.array([[0, 2, 1], [2, 0, 1]])
+    picture = ev.error_picture(image, label, prediction)
+    assert picture[0, 0].tolist() == [60, 60, 60]       # correct: the image at 30%
+    assert picture[0, 1].tolist() == [255, 0, 0]        # wrong: red
+    assert picture[0, 2].tolist() == [128, 128, 128]    # ignored: neutral grey
+    assert picture[1, 1].tolist() == [255, 0, 0]
+    joined = ev.side_by_side([image, picture], gap=4)
+    assert joined.shape == (2, 3 + 4 + 3, 3) and (joined[:, 3:7] == 255).all()
+    assert (joined[:, 7:] == picture).all()
+    assert ev.overlay_picture(image, np.zeros_like(image))[0, 0].tolist() == [100, 100, 100]
