@@ -195,7 +195,8 @@ def prototype_logits_map(feature, bank, size, chunk_pixels=None):
         logits, _ = bank(sampled.permute(0, 2, 3, 1).reshape(-1, dim))  # (B*r*W, K)
         if out is None:
             out = feature.new_empty(batch, logits.shape[1], height, width)
-        out[:, :, top:top + len(rows)] = logits.view(batch, len(rows), width, -1).permute(0, 3, 1, 2)
+        logits = logits.view(batch, len(rows), width, -1).permute(0, 3, 1, 2)  # (B,K,r,W)
+        out[:, :, top:top + len(rows)] = logits
     return out
 
 
@@ -274,13 +275,14 @@ def predict_heads(model, image, num_classes, mode="whole", crop_size=513, stride
     height, width = image.shape[-2:]
     stride = stride or max(1, round(crop_size * 2 / 3))
 
-    views = [(scale, mirrored) for scale in scales for mirrored in ((False, True) if flip else (False,))]
+    mirrorings = (False, True) if flip else (False,)
+    views = [(scale, mirrored) for scale in scales for mirrored in mirrorings]
     result = {}
     for scale, mirrored in views:
         view = image
         if scale != 1:
-            view = F.interpolate(image, size=(max(1, round(height * scale)), max(1, round(width * scale))),
-                                 mode="bilinear", align_corners=True)
+            scaled_size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            view = F.interpolate(image, size=scaled_size, mode="bilinear", align_corners=True)
         if mirrored:
             view = view.flip(-1)
         if mode == "sliding":
@@ -304,7 +306,8 @@ def predict_heads(model, image, num_classes, mode="whole", crop_size=513, stride
                 result[head] = result[head] + probability if head in result else probability
     if len(views) > 1:
         tiny = torch.finfo(torch.float32).tiny
-        result = {head: (total / len(views)).clamp_min(tiny).log() for head, total in result.items()}
+        result = {head: (total / len(views)).clamp_min(tiny).log()
+                  for head, total in result.items()}
     return result
 
 
@@ -458,14 +461,16 @@ def parse_args(argv=None):
     add("--data-root", help="dataset root (default: the run's)")
     add("--split-dir", help="folder with val.txt (default: the run's)")
     add("--mode", choices=MODES, help="evaluation protocol (default: the run's eval_mode)")
-    add("--crop-size", type=int, help="window of 'sliding' / box of 'center' (default: the run's crop)")
+    add("--crop-size", type=int,
+        help="window of 'sliding' / box of 'center' (default: the run's crop)")
     add("--stride", type=int, help="sliding-window stride (default: round(2/3 crop))")
     add("--scales", help="comma-separated test scales, e.g. 0.75,1,1.25 (default: 1)")
     add("--flip", action="store_true", help="average with the horizontally flipped prediction")
     add("--student", action="store_true", help="evaluate the student instead of the EMA teacher")
     add("--head", choices=["linear", "proto", "both"], default="linear",
         help="linear predictor, prototype predictor, or both")
-    add("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (torchrun: cuda:LOCAL_RANK)")
+    add("--device", default="auto",
+        help="'auto', 'cpu', 'cuda' or 'cuda:N' (torchrun: cuda:LOCAL_RANK)")
     add("--amp", choices=["bf16", "fp16", "none"], help="mixed precision (default: the run's)")
     add("--save-dir", help="write coloured predictions and image | truth | prediction | errors "
                            "pictures here (with --images: masks and overlays)")
@@ -481,7 +486,8 @@ def _parse_scales(text):
     try:
         scales = tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise EvalError(f"--scales {text!r}: expected comma-separated numbers, e.g. 0.75,1,1.25") from None
+        raise EvalError(f"--scales {text!r}: expected comma-separated numbers, "
+                        f"e.g. 0.75,1,1.25") from None
     if any(not scale > 0 for scale in scales):
         raise EvalError(f"--scales {text!r}: scales must be positive")
     return scales
@@ -665,9 +671,10 @@ def run(args):
               "stride": args.stride, "scales": list(settings["scales"]), "flip": args.flip,
               "amp": amp, "seconds": round(time.time() - start, 1)}
     if "linear" in results:
-        record.update({key: results["linear"][key] for key in ("miou", "pixel_acc", "mean_acc", "iou", "pixels")})
+        record.update({key: results["linear"][key]
+                       for key in ("miou", "pixel_acc", "mean_acc", "iou", "pixels")})
     if "proto" in results:
-        record.update({"miou_proto": results["proto"]["miou"], "iou_proto": results["proto"]["iou"]})
+        record.update(miou_proto=results["proto"]["miou"], iou_proto=results["proto"]["iou"])
     summary = "  ".join(f"{head} mIoU {results[head]['miou']:.2f}" for head in heads)
     log(f"result: {summary}  ({which}, iteration {iteration})")
     metrics_path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "metrics.jsonl")

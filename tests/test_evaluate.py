@@ -394,7 +394,8 @@ def test_evaluate_matches_per_image_predictions_and_keeps_model_state():
 
 def test_evaluate_center_mode_scores_the_center_box_of_the_label():
     model, dataset = make_model("strided"), make_dataset(3)
-    metrics = ev.evaluate(model, dataset, 4, "cpu", mode="center", crop_size=8, log=lambda line: None)
+    metrics = ev.evaluate(model, dataset, 4, "cpu", mode="center", crop_size=8,
+                          log=lambda line: None)
     cm = torch.zeros(4, 4, dtype=torch.long)
     for image, label, _ in dataset:
         top, left, height, width = ev.center_box(*label.shape, 8)
@@ -519,7 +520,8 @@ def test_cli_subprocess_reproduces_in_process_evaluation(toy_run, tmp_path):
     from PIL import Image
     for name in ("val_0000", "val_0001"):
         assert Image.open(tmp_path / "pictures" / f"{name}.png").size == (80, 80)
-        assert Image.open(tmp_path / "pictures" / f"{name}_compare.png").size == (4 * 80 + 3 * 4, 80)
+        compare = Image.open(tmp_path / "pictures" / f"{name}_compare.png")
+        assert compare.size == (4 * 80 + 3 * 4, 80)  # 4 panels, 3 gaps of 4 pixels
 
 
 def test_cli_student_and_flag_overrides(toy_run, capsys, tmp_path):
@@ -590,7 +592,8 @@ def test_cli_errors_are_one_clear_message(toy_run, tmp_path, capsys):
     assert "--checkpoint" in error_of("--checkpoint", str(tmp_path / "missing.pt"))
     assert "no such file" in error_of("--checkpoint", str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    assert "cannot be read as a PyTorch checkpoint" in error_of("--checkpoint", str(tmp_path / "junk.pt"))
+    assert "cannot be read as a PyTorch checkpoint" in error_of("--checkpoint",
+                                                                str(tmp_path / "junk.pt"))
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     assert "not a train.py checkpoint" in error_of("--checkpoint", str(tmp_path / "other.pt"))
     no_bank = _save_toy_checkpoint(tmp_path, iteration=7, prototypes=None)
