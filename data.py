@@ -340,9 +340,10 @@ def toy_sample(split, index):
 
     # Background: a smooth blend of two muted colours, then muted lines and blobs.
     first, second = rng.choice(len(TOY_BACKGROUND_COLOURS), 2, replace=False)
-    blend = Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8), "L").resize((size, size), Image.BICUBIC)
-    blend = (np.asarray(blend, np.float64) / 255.0)[..., None]
-    image = (1 - blend) * jitter(TOY_BACKGROUND_COLOURS[first], 15) + blend * jitter(TOY_BACKGROUND_COLOURS[second], 15)
+    coarse = Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8), "L")
+    blend = (np.asarray(coarse.resize((size, size), Image.BICUBIC), np.float64) / 255.0)[..., None]
+    image = ((1 - blend) * jitter(TOY_BACKGROUND_COLOURS[first], 15)
+             + blend * jitter(TOY_BACKGROUND_COLOURS[second], 15))  # (S, S, 3) float
     for _ in range(rng.integers(TOY_CLUTTER[0], TOY_CLUTTER[1] + 1)):
         colour = jitter(TOY_BACKGROUND_COLOURS[rng.integers(len(TOY_BACKGROUND_COLOURS))], 20)
         if rng.random() < 0.5:
@@ -440,8 +441,8 @@ class ToySource:
 
 
 def _index_and_seed(item):
-    """ds[(index, seed)] or ds[index] (seed = index)."""
-    if isinstance(item, (tuple, list)):
+    """ds[(index, seed)] (tuple, list or 2-element array/tensor) or ds[index] (seed = index)."""
+    if isinstance(item, (tuple, list)) or getattr(item, "ndim", 0) == 1:
         index, seed = item
         return int(index), int(seed)
     return int(item), int(item)
@@ -844,11 +845,13 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
              "cityscapes": (len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES)}
     if dataset in fixed:
         if num_classes is not None and num_classes != fixed[dataset][0]:
-            raise DataError(f"--num-classes {num_classes}: the {dataset} dataset has {fixed[dataset][0]} classes")
+            raise DataError(f"--num-classes {num_classes}: the {dataset} dataset has "
+                            f"{fixed[dataset][0]} classes")
         num_classes, class_names = fixed[dataset]
     else:
         if num_classes is None or num_classes < 1 or num_classes > IGNORE_INDEX:
-            raise DataError(f"--num-classes is required for --dataset folder (1..{IGNORE_INDEX}), got {num_classes}")
+            raise DataError(f"--num-classes is required for --dataset folder (1..{IGNORE_INDEX}), "
+                            f"got {num_classes}")
         class_names = _folder_class_names(data_root, num_classes)
     palette = cityscapes_palette() if dataset == "cityscapes" else voc_palette()
 

@@ -22,7 +22,8 @@ H, W = 24, 32  # tiny image size used for fake roots
 
 def write_image(path, array, mode=None, **save_args):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(array, mode).save(path, **save_args) if mode else Image.fromarray(array).save(path, **save_args)
+    image = Image.fromarray(array, mode) if mode else Image.fromarray(array)
+    image.save(path, **save_args)
     return path
 
 
@@ -248,6 +249,7 @@ def test_items_are_pure_functions_of_index_and_seed():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], toy.labeled[(3, 1235)][0])
     assert torch.equal(toy.labeled[7][0], toy.labeled[(7, 7)][0])
+    assert torch.equal(toy.labeled[torch.tensor([3, 1234])][0], a[0])  # samplers may yield tensors
     u, v = toy.unlabeled[(10, 99)], toy.unlabeled[(10, 99)]
     assert torch.equal(u[0], v[0]) and torch.equal(u[1], v[1])
     assert u[0].shape == (3, 40, 40) and u[1].dtype == torch.bool
@@ -349,7 +351,8 @@ def make_folder_root(root, n_labeled=4, n_unlabeled=5, n_val=3, num_classes=3):
     for which, names in ids.items():
         for i, image_id in enumerate(names):
             ext = ".jpg" if i % 2 == 0 else ".png"
-            write_image(os.path.join(root, "JPEGImages", image_id + ext), rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+            pixels = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+            write_image(os.path.join(root, "JPEGImages", image_id + ext), pixels)
             if which != "unlabeled":
                 label = rng.integers(0, num_classes, (H, W))
                 label[:2] = 255
@@ -584,7 +587,8 @@ def test_voc_missing_files_and_overlaps_name_the_culprit(tmp_path):
     with pytest.raises(DataError, match=rf"val.txt.*SegmentationClass/{val[4]}\.png"):
         build_data("voc", str(root), split_dir=str(lists), log=Log())
     put(str(root / "SegmentationClassAug" / f"{val[4]}.png"), encoded(np.zeros((H, W + 2), np.uint8), "PNG", "L"))
-    with pytest.raises(DataError, match=rf"mask .*{val[4]}\.png is {W + 2}x{H} but its image .*{val[4]}\.jpg is {W}x{H}"):
+    mismatch = rf"mask .*{val[4]}\.png is {W + 2}x{H} but its image .*{val[4]}\.jpg is {W}x{H}"
+    with pytest.raises(DataError, match=mismatch):
         build_data("voc", str(root), split_dir=str(lists), log=Log())
     put(str(root / "SegmentationClassAug" / f"{val[4]}.png"), encoded(np.zeros((H, W), np.uint8), "PNG", "L"))
     log = Log()
