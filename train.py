@@ -1,0 +1,813 @@
+"""PCR: semi-supervised semantic segmentation with prototype-based consistency regularization.
+
+Xu, Liu, Bian, Yang, NeurIPS 2022 (arXiv 2210.04388). The algorithm, step by step, is in
+METHOD.md; this file follows its section 3 from top to bottom.
+
+Toy run on the CPU (embedded data, no download, a few minutes):
+    python train.py
+
+One GPU, the paper's VOC 366 experiment (global batch 16 + 16 on one card):
+    python train.py --dataset voc --data-root data/VOC2012 --labeled 366
+
+One node, 4 GPUs (16 + 16 split as 4 + 4 per GPU):
+    torchrun --standalone --nproc_per_node=4 train.py --dataset voc --data-root data/VOC2012 --labeled 366
+
+Two nodes with 4 GPUs each (run on every node; the endpoint is node 0's address):
+    torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        --rdzv-id=pcr train.py --dataset cityscapes --data-root data/cityscapes --labeled 744
+
+An interrupted run continues with `--resume auto` (same --out).
+"""
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data as data_lib
+import evaluate as evaluate_lib
+from cutmix import cutmix_mask, mix
+from model import build_model, param_groups
+from prototypes import PrototypeBank, sample_features, sample_points
+
+IGNORE = 255
+
+# Paper settings (METHOD.md section 5) plus the toy default. Flags override any entry.
+# batch_size is the GLOBAL labeled batch; the unlabeled batch has the same size.
+PRESETS = {
+    "toy": dict(backbone="resnet18", pretrained="none", output_stride=8, crop_size=64,
+                batch_size=8, epochs=40, lr=0.01, head_lr_mult=1.0, weight_decay=1e-4,
+                num_prototypes=4, conf_threshold=0.8, aux_weight=0.0, labeled=None,
+                eval_mode="whole", eval_every=300),
+    "voc": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth", output_stride=8,
+                crop_size=513, batch_size=16, epochs=80, lr=0.001, head_lr_mult=10.0,
+                weight_decay=1e-4, num_prototypes=4, conf_threshold=0.8, aux_weight=0.0,
+                labeled=366, eval_mode="whole", eval_every=None),
+    "cityscapes": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth",
+                       output_stride=8, crop_size=769, batch_size=16, epochs=200, lr=0.01,
+                       head_lr_mult=1.0, weight_decay=5e-4, num_prototypes=3,
+                       conf_threshold=0.65, aux_weight=0.4, labeled=744,
+                       eval_mode="sliding", eval_every=None),
+    # users' own data in VOC layout: VOC's recipe is the sensible starting point
+    "folder": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth",
+                   output_stride=8, crop_size=513, batch_size=16, epochs=80, lr=0.001,
+                   head_lr_mult=10.0, weight_decay=1e-4, num_prototypes=4,
+                   conf_threshold=0.8, aux_weight=0.0, labeled=None, eval_mode="whole",
+                   eval_every=None),
+}
+# Settings shared by every dataset (METHOD.md section 3).
+COMMON = dict(momentum=0.9, poly_power=0.9, ohem_thresh=0.7, ohem_min_kept=100000,
+              drop_start=0.2, cutmix_prob=0.5, unsup_weight=1.0, proto_weight=1.0,
+              temperature=0.1, proto_momentum=0.99, grid=32, ema_decay=0.99)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="PCR trainer (see the module docstring for launch commands)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="toy", choices=sorted(PRESETS), help="dataset and its preset")
+    a("--data-root", help="dataset root (VOC: the VOC2012 folder; Cityscapes: holds leftImg8bit/ and gtFine/)")
+    a("--num-classes", type=int, help="number of classes (required for --dataset folder)")
+    a("--labeled", type=int, help="number of labeled images: VOC 92/183/366/732/1464 (classic) or "
+      "662/1323/2646/5291 (blended), Cityscapes 186/372/744/1488")
+    a("--split-dir", help="folder with labeled.txt / unlabeled.txt (and val.txt) of a published split")
+    a("--method", default="pcr", choices=["pcr", "meanteacher", "supervised"],
+      help="pcr; meanteacher = pcr without prototypes; supervised = labeled images only")
+    a("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"], help="ResNet depth (preset)")
+    a("--pretrained", help="'none', 'torchvision' (7x7 stem, torchvision ImageNet weights) or the path "
+      "of a deep-stem ImageNet checkpoint (preset: pretrained/resnet101.pth for the paper settings)")
+    a("--output-stride", type=int, choices=[8, 16], help="backbone output stride (paper: 8)")
+    a("--crop-size", type=int, help="training crop (square)")
+    a("--batch-size", type=int, help="GLOBAL labeled batch over all processes; the unlabeled batch is equal")
+    a("--epochs", type=int, help="epochs; one epoch = one pass over the unlabeled set")
+    a("--iters", type=int, help="total iterations (overrides --epochs)")
+    a("--warmup-iters", type=int, help="supervised-only iterations before the semi-supervised phase "
+      "(default: one epoch)")
+    a("--lr", type=float, help="base learning rate of the backbone")
+    a("--head-lr-mult", type=float, help="learning-rate multiplier of decoder and heads")
+    a("--weight-decay", type=float, help="SGD weight decay")
+    a("--num-prototypes", type=int, help="micro-prototypes per class (M)")
+    a("--conf-threshold", type=float, help="teacher confidence needed for an unlabeled pixel to "
+      "train the prototype head (gamma)")
+    a("--aux-weight", type=float, help="weight of the auxiliary layer3 loss (0 = no aux head)")
+    a("--eval-mode", choices=["whole", "sliding", "center"], help="evaluation protocol")
+    a("--eval-every", type=int, help="evaluate every N iterations (default: once per epoch)")
+    a("--save-every", type=int, default=0, help="write last.pt every N iterations (0: at every evaluation)")
+    a("--log-every", type=int, default=20, help="print a progress line every N iterations")
+    a("--seed", type=int, default=0, help="random seed (data order, splits, initialisation)")
+    a("--workers", type=int, default=4, help="data-loading processes per training process")
+    a("--device", default="auto", help="'auto', 'cpu', 'cuda' (torchrun picks cuda:LOCAL_RANK)")
+    a("--amp", default="none", choices=["bf16", "fp16", "none"], help="mixed precision (CUDA; bf16 also on CPU)")
+    a("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPU)")
+    a("--out", default="runs/toy", help="run directory: config, log, metrics, checkpoints")
+    a("--resume", help="'auto' (OUT/last.pt if present) or a checkpoint path")
+    a("--print-config", action="store_true", help="print the resolved settings and exit")
+    return p.parse_args(argv)
+
+
+def resolve_config(args):
+    """Preset of the dataset, overridden by every flag the user gave."""
+    cfg = dict(COMMON)
+    cfg.update(PRESETS[args.dataset])
+    for key, value in vars(args).items():
+        if value is not None or key not in cfg:
+            cfg[key] = value
+    if cfg["dataset"] == "voc":
+        cfg["num_classes"] = cfg["num_classes"] or 21
+    if cfg["dataset"] == "cityscapes":
+        cfg["num_classes"] = cfg["num_classes"] or 19
+    cfg["aux"] = cfg["aux_weight"] > 0
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------
+# Losses (METHOD.md section 3, steps 5-7). Each returns a scalar float32 tensor and never
+# syncs with the host: counts stay tensors, empty selections give 0, not NaN.
+
+def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000):
+    """Online hard example mining CE (step 5).
+
+    p_i = softmax(logits)_i[target_i] for valid pixels (target != 255).
+    If #valid < min_kept every valid pixel is kept; otherwise pixels with
+    p_i <= max(thresh, p_(min_kept)) are kept, p_(k) being the k-th smallest p.
+    L = sum_{kept} -log p_i / #kept.
+    logits (B, K, H, W), target (B, H, W).
+    """
+    logits = logits.float()
+    valid = target != IGNORE
+    safe_target = torch.where(valid, target, 0)
+    log_prob = F.log_softmax(logits, dim=1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
+    prob = torch.where(valid, log_prob.exp(), 1.0).flatten()  # invalid pixels sort last
+    num_valid = valid.sum()
+    k = min(min_kept, prob.numel())
+    kth_smallest = prob.kthvalue(k).values
+    threshold = torch.where(num_valid < min_kept, math.inf,
+                            torch.clamp(kth_smallest, min=thresh))
+    kept = valid & (prob.view_as(valid) <= threshold)
+    return -(log_prob * kept).sum() / kept.sum().clamp(min=1)
+
+
+def entropy_filtered_cross_entropy(logits, pseudo_label, entropy, drop_fraction):
+    """Unsupervised CE against the teacher's pseudo-labels (step 6).
+
+    Among valid pixels (pseudo_label != 255), the drop_fraction with the highest teacher
+    entropy H = -sum_k q_k log q_k are ignored; L = mean over kept pixels of -log p[y_u].
+    logits (B, K, H, W), pseudo_label / entropy (B, H, W).
+    """
+    valid = pseudo_label != IGNORE
+    num_valid = valid.sum()
+    # entropies in ascending order with the invalid pixels first (as -inf); the threshold
+    # is the first dropped value, found by index arithmetic instead of a host-side count
+    flat = torch.where(valid, entropy, -math.inf).flatten()
+    ordered = flat.sort().values
+    num_keep = torch.floor(num_valid * (1.0 - drop_fraction)).long()
+    first_dropped = (flat.numel() - num_valid + num_keep).clamp(max=flat.numel() - 1)
+    threshold = torch.where(num_keep >= num_valid, math.inf, ordered[first_dropped])
+    kept = valid & (entropy < threshold)
+    nll = F.cross_entropy(logits.float(), torch.where(kept, pseudo_label, 0), reduction="none")
+    return (nll * kept).sum() / kept.sum().clamp(min=1)
+
+
+def prototype_loss(prototype_logits, target):
+    """Prototype consistency loss (step 7): CE over sampled pixels with a valid target.
+
+    prototype_logits (N, K) = max_m cos(f, p_km) / T; target (N,) with 255 = ignore.
+    L = sum_{valid} -log softmax(prototype_logits)[target] / #valid.
+    """
+    valid = target != IGNORE
+    nll = F.cross_entropy(prototype_logits, torch.where(valid, target, 0), reduction="none")
+    return (nll * valid).sum() / valid.sum().clamp(min=1)
+
+
+def drop_fraction_at(epoch, epochs, start=0.2):
+    """Share of highest-entropy pixels dropped from L_u: start * (1 - epoch / epochs)."""
+    return start * (1.0 - epoch / max(epochs, 1))
+
+
+def poly_lr(base_lr, it, total_iters, power=0.9):
+    """lr = base * (1 - it / total) ** power, over all iterations including warm-up."""
+    return base_lr * (1.0 - it / total_iters) ** power
+
+
+def ema_alpha(t, decay=0.99):
+    """Teacher momentum after t semi-supervised iterations: min(1 - 1/(t + 1), decay)."""
+    return min(1.0 - 1.0 / (t + 1), decay)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, alpha):
+    """teacher <- alpha * teacher + (1 - alpha) * student, parameters and BN statistics."""
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    floats = [k for k, v in t_state.items() if v.dtype.is_floating_point]
+    torch._foreach_lerp_([t_state[k] for k in floats], [s_state[k] for k in floats], 1.0 - alpha)
+    for k, v in t_state.items():
+        if not v.dtype.is_floating_point:  # BN's num_batches_tracked
+            v.copy_(s_state[k])
+
+
+# ----------------------------------------------------------------------------------------
+# Data order. A sample is a pure function of its key (index, seed), and the keys of every
+# iteration are a pure function of (seed, iteration): runs are repeatable with any number
+# of workers, and a resumed run continues with exactly the batches it would have seen.
+
+class TrainKeys(torch.utils.data.Sampler):
+    """Endless (index, seed) keys for this process, from iteration start_iter on.
+
+    An epoch has iters_per_epoch iterations of global_batch images. The epoch's order is a
+    random permutation of the dataset (concatenated permutations when the dataset is
+    smaller: the labeled set is repeated to the length of the unlabeled epoch).
+    Process r of w takes every w-th image of each global batch.
+    """
+
+    def __init__(self, num_items, global_batch, iters_per_epoch, seed, stream, rank, world, start_iter):
+        self.n, self.batch, self.ipe = num_items, global_batch, iters_per_epoch
+        self.seed, self.stream, self.rank, self.world = seed, stream, rank, world
+        self.start_iter = start_iter
+
+    def epoch_keys(self, epoch):
+        rng = np.random.default_rng([self.seed, self.stream, epoch])
+        needed = self.ipe * self.batch
+        order = np.concatenate([rng.permutation(self.n) for _ in range(-(-needed // self.n))])
+        return order[:needed], rng.integers(0, 2**31 - 1, needed)
+
+    def __iter__(self):
+        it = self.start_iter
+        while True:
+            epoch = it // self.ipe
+            order, seeds = self.epoch_keys(epoch)
+            for i in range(it - epoch * self.ipe, self.ipe):
+                for j in range(i * self.batch + self.rank, (i + 1) * self.batch, self.world):
+                    yield int(order[j]), int(seeds[j])
+            it = (epoch + 1) * self.ipe
+
+
+def ignore_signals(worker_id):
+    """Data workers leave SIGINT/SIGTERM to the trainer, which saves before it exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loader(dataset, cfg, ctx, local_batch, global_batch, stream, start_iter):
+    keys = TrainKeys(len(dataset), global_batch, cfg["iters_per_epoch"], cfg["seed"], stream,
+                     ctx.rank, ctx.world, start_iter)
+    workers = cfg["workers"]
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_size=local_batch, sampler=keys, num_workers=workers,
+        pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None, drop_last=True, worker_init_fn=ignore_signals))
+
+
+# ----------------------------------------------------------------------------------------
+# Process context, logging, checkpoints
+
+class Context:
+    """Who am I in the job: rank, world size, device; rank 0 alone writes files."""
+
+    def __init__(self, device_flag):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
+        if use_cuda and not torch.cuda.is_available():
+            sys.exit("error: --device cuda but no CUDA device is visible")
+        if use_cuda:
+            self.device = torch.device("cuda", local_rank if device_flag in ("auto", "cuda") else
+                                       torch.device(device_flag).index or 0)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world > 1:
+            dist.init_process_group("nccl" if use_cuda else "gloo",
+                                    timeout=datetime.timedelta(minutes=30))
+        self.main = self.rank == 0
+        self.log_file = None
+
+    def log(self, *parts):
+        if not self.main:
+            return
+        line = " ".join(str(p) for p in parts)
+        print(line, flush=True)
+        if self.log_file:
+            self.log_file.write(line + "\n")
+            self.log_file.flush()
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, ctx):
+    """Read a checkpoint written by this script; a damaged file is a clear error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: --resume: checkpoint {path} does not exist")
+    except Exception as e:  # truncated zip, pickle errors, ...
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}")
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def find_resume_checkpoint(cfg, ctx):
+    """--resume auto: OUT/last.pt, falling back to the previous one if it is damaged."""
+    if cfg["resume"] != "auto":
+        return load_checkpoint(cfg["resume"], ctx), cfg["resume"]
+    candidates = [os.path.join(cfg["out"], n) for n in ("last.pt", "last.prev.pt")]
+    for i, path in enumerate(candidates):
+        if not os.path.exists(path):
+            continue
+        try:
+            return load_checkpoint(path, ctx), path
+        except CheckpointError as e:
+            ctx.log(f"warning: {e}")
+            if i + 1 < len(candidates):
+                ctx.log("warning: falling back to the previous checkpoint")
+    existing = [p for p in candidates if os.path.exists(p)]
+    if existing:
+        raise SystemExit(f"error: no readable checkpoint among {existing}; delete them to start over")
+    ctx.log(f"resume: no checkpoint in {cfg['out']}, starting from scratch")
+    return None, None
+
+
+def rng_state(step_rng):
+    state = {"torch": torch.get_rng_state(), "step": step_rng.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, step_rng):
+    torch.set_rng_state(state["torch"])
+    step_rng.set_state(state["step"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------
+# Prototype initialisation (METHOD.md section 4)
+
+@torch.no_grad()
+def labeled_features(model, dataset, cfg, ctx, max_per_class=3000):
+    """Student features (D-dim) and labels at grid-sampled pixels of the labeled images.
+
+    Every process reads its share of the images; the result is gathered on all processes,
+    then at most max_per_class pixels per class are kept at random.
+    """
+    crop = cfg["crop_size"]
+    grid = int(np.clip(math.sqrt(100_000 / max(len(dataset), 1)), 4, cfg["grid"]))
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    feats, labels = [], []
+    was_training = model.training
+    model.eval()
+    indices = list(range(ctx.rank, len(dataset), ctx.world))
+    per_process = -(-len(dataset) // ctx.world)
+    for start in range(0, per_process, 8):
+        chunk = indices[start:start + 8]
+        if not chunk:  # keep every process in step for the gather below
+            break
+        images, masks = zip(*(dataset[(i, cfg["seed"] + i)] for i in chunk))
+        images = torch.stack(images).to(ctx.device)
+        masks = torch.stack(masks).to(ctx.device)
+        with autocast(cfg, ctx):
+            _, feature, _ = model(images)
+        ys, xs = sample_points(crop, crop, grid, generator=gen, device=ctx.device)
+        feats.append(sample_features(feature.float(), ys, xs, (crop, crop)).flatten(0, 1))
+        labels.append(masks[:, ys, xs].flatten())
+    model.train(was_training)
+    dim = model.feature_dim
+    feats = torch.cat(feats) if feats else torch.zeros(0, dim, device=ctx.device)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=ctx.device)
+    if ctx.world > 1:  # pad to equal length with ignored rows, then gather
+        size = torch.tensor([len(labels)], device=ctx.device)
+        sizes = [torch.zeros_like(size) for _ in range(ctx.world)]
+        dist.all_gather(sizes, size)
+        longest = int(max(s.item() for s in sizes))
+        feats = F.pad(feats, (0, 0, 0, longest - len(feats)))
+        labels = F.pad(labels, (0, longest - len(labels)), value=IGNORE)
+        all_feats = [torch.zeros_like(feats) for _ in range(ctx.world)]
+        all_labels = [torch.zeros_like(labels) for _ in range(ctx.world)]
+        dist.all_gather(all_feats, feats)
+        dist.all_gather(all_labels, labels)
+        feats, labels = torch.cat(all_feats), torch.cat(all_labels)
+    # keep at most max_per_class per class: random priority, rank within class
+    priority = torch.rand(len(labels), generator=gen).to(ctx.device)
+    order = torch.argsort(labels.double() * 2 + priority.double())  # by class, then at random
+    sorted_labels = labels[order]
+    first_of_class = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+    rank_in_class = torch.arange(len(labels), device=ctx.device) - first_of_class
+    keep = order[(rank_in_class < max_per_class) & (sorted_labels != IGNORE)]
+    return feats[keep], labels[keep]
+
+
+def init_prototypes(bank, student, dataset, cfg, ctx):
+    feats, labels = labeled_features(student, dataset, cfg, ctx)
+    done = bank.init_kmeans(feats, labels, generator=torch.Generator(device=feats.device).manual_seed(cfg["seed"]))
+    if ctx.world > 1:  # identical prototypes everywhere, whatever the arithmetic did
+        dist.broadcast(bank.prototypes, src=0)
+    counts = torch.bincount(labels, minlength=bank.prototypes.shape[0]).tolist()
+    ctx.log(f"prototypes: k-means on {len(labels)} labeled pixels, {int(done.sum())}/{len(done)} "
+            f"classes initialised from data (pixels per class: {counts})")
+
+
+# ----------------------------------------------------------------------------------------
+# The training step
+
+def autocast(cfg, ctx):
+    if cfg["amp"] == "none":
+        return nullcontext()
+    dtype = torch.bfloat16 if cfg["amp"] == "bf16" else torch.float16
+    return torch.autocast(ctx.device.type, dtype=dtype)
+
+
+def upsample(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+@torch.no_grad()
+def teacher_predict(teacher, image_u, padding, cfg, ctx):
+    """Step 2: pseudo-label, confidence and entropy of the teacher at image size."""
+    with autocast(cfg, ctx):
+        logits, _, _ = teacher(image_u)
+    prob = upsample(logits.float(), image_u.shape[-2:]).softmax(dim=1)
+    confidence, pseudo_label = prob.max(dim=1)
+    entropy = -(prob * torch.log(prob + 1e-10)).sum(dim=1)
+    pseudo_label = pseudo_label.masked_fill(padding, IGNORE)  # padded pixels teach nothing
+    confidence = confidence.masked_fill(padding, 0.0)
+    return pseudo_label, confidence, entropy
+
+
+def supervised_losses(logits, aux_logits, label, cfg):
+    """L_sup = OHEM CE of the linear head (+ aux_weight * OHEM CE of the aux head)."""
+    size = label.shape[-2:]
+    loss = ohem_cross_entropy(upsample(logits, size), label, cfg["ohem_thresh"], cfg["ohem_min_kept"])
+    if aux_logits is not None:
+        loss = loss + cfg["aux_weight"] * ohem_cross_entropy(
+            upsample(aux_logits, size), label, cfg["ohem_thresh"], cfg["ohem_min_kept"])
+    return loss
+
+
+def train_step(batch, models, cfg, ctx, it, step_rng):
+    """One iteration of METHOD.md section 3. Returns the loss terms (device tensors) and
+    the prototype-update inputs; no host-device synchronisation happens here."""
+    student, teacher, bank = models
+    image_l, label_l = batch["labeled"]
+    semi = cfg["method"] != "supervised" and it >= cfg["warmup_iters"]
+    terms = {}
+    if not semi:  # supervised warm-up (epoch 0), or the supervised baseline
+        with autocast(cfg, ctx):
+            logits, _, aux_logits = student(image_l)
+        terms["sup"] = supervised_losses(logits, aux_logits, label_l, cfg)
+        return terms, None
+
+    image_u, padding_u = batch["unlabeled"]
+    # 2. teacher pseudo-labels on the weakly augmented unlabeled images
+    pseudo_label, confidence, entropy = teacher_predict(teacher, image_u, padding_u, cfg, ctx)
+    # 3. CutMix: the same boxes move images, pseudo-labels, confidences and entropies
+    height, width = image_u.shape[-2:]
+    mask = cutmix_mask(len(image_u), height, width, cfg["cutmix_prob"], generator=step_rng,
+                       device=ctx.device)
+    image_u, pseudo_label, confidence, entropy = (mix(x, mask) for x in
+                                                  (image_u, pseudo_label, confidence, entropy))
+    # 4. one student pass over labeled and mixed unlabeled images (BN sees both)
+    num_l = len(image_l)
+    with autocast(cfg, ctx):
+        logits, feature, aux_logits = student(torch.cat([image_l, image_u]))
+    # 5. supervised loss, 6. unsupervised loss with the entropy-based drop
+    terms["sup"] = supervised_losses(logits[:num_l],
+                                     None if aux_logits is None else aux_logits[:num_l], label_l, cfg)
+    epoch = it // cfg["iters_per_epoch"]
+    drop = drop_fraction_at(epoch, cfg["epochs"], cfg["drop_start"])
+    terms["unsup"] = cfg["unsup_weight"] * entropy_filtered_cross_entropy(
+        upsample(logits[num_l:], (height, width)), pseudo_label, entropy, drop)
+    if cfg["method"] != "pcr":
+        return terms, None
+
+    # 7. prototype consistency on one random pixel per grid cell
+    ys, xs = sample_points(height, width, cfg["grid"], generator=step_rng, device=ctx.device)
+    point_feature = sample_features(feature, ys, xs, (height, width)).flatten(0, 1)  # (B*P, D)
+    target_l = label_l[:, ys, xs]
+    target_u = torch.where(confidence[:, ys, xs] >= cfg["conf_threshold"],
+                           pseudo_label[:, ys, xs], IGNORE)
+    target = torch.cat([target_l, target_u]).flatten()  # (B*P,)
+    prototype_logits, nearest = bank(point_feature)  # pre-update prototypes
+    terms["proto"] = cfg["proto_weight"] * prototype_loss(prototype_logits, target)
+    return terms, (point_feature.detach(), target, nearest)
+
+
+# ----------------------------------------------------------------------------------------
+
+def build_everything(cfg, ctx):
+    """Data, student, teacher, prototype bank, optimizer, scaler."""
+    pretrained = cfg["pretrained"]
+    if pretrained not in ("none", "torchvision") and not os.path.exists(pretrained):
+        raise SystemExit(
+            f"error: --pretrained: ImageNet weights not found at {pretrained}. The paper settings "
+            "start from the deep-stem ResNet checkpoints (resnet50.pth / resnet101.pth) that "
+            "U2PL, UniMatch and CPS publish (links in their READMEs); put the file there or pass "
+            "--pretrained PATH. Alternatives: --pretrained torchvision (7x7 stem, torchvision's "
+            "ImageNet weights; results differ from the paper) or --pretrained none (from "
+            "scratch; far below the paper).")
+    data = data_lib.build_data(cfg["dataset"], cfg["data_root"], cfg["num_classes"], cfg["labeled"],
+                               cfg["split_dir"], cfg["seed"], cfg["crop_size"],
+                               out_dir=cfg["out"] if ctx.main else None, log=ctx.log)
+    cfg["num_classes"] = data.num_classes
+    torch.manual_seed(cfg["seed"])
+    student = build_model(data.num_classes, cfg["backbone"], cfg["output_stride"], cfg["aux"],
+                          pretrained=pretrained).to(ctx.device)
+    if ctx.device.type == "cuda":
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    if cfg["channels_last"]:
+        student = student.to(memory_format=torch.channels_last)
+    teacher = None
+    if cfg["method"] != "supervised":
+        teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    bank = None
+    if cfg["method"] == "pcr":
+        bank = PrototypeBank(data.num_classes, cfg["num_prototypes"], student.feature_dim,
+                             cfg["proto_momentum"], cfg["temperature"]).to(ctx.device)
+    groups = param_groups(student, cfg["lr"], cfg["lr"] * cfg["head_lr_mult"])
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    # fused SGD skips a step with non-finite gradients on the device, without a host sync
+    optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
+                                weight_decay=cfg["weight_decay"], fused=True)
+    # fp16 needs loss scaling; for bf16/fp32 a scale of 1 just detects non-finite steps
+    scaler = torch.amp.GradScaler(ctx.device.type, init_scale=2.0**16 if cfg["amp"] == "fp16" else 1.0,
+                                  growth_interval=2000 if cfg["amp"] == "fp16" else 2**30)
+    return data, student, teacher, bank, optimizer, scaler
+
+
+def check_batches(cfg, ctx, data):
+    if cfg["batch_size"] % ctx.world:
+        raise SystemExit(
+            f"error: --batch-size {cfg['batch_size']} (global) does not split over {ctx.world} "
+            f"processes; pass a multiple of {ctx.world}, e.g. --batch-size "
+            f"{ctx.world * max(1, round(cfg['batch_size'] / ctx.world))}")
+    cfg["local_batch"] = cfg["batch_size"] // ctx.world
+    pool = len(data.unlabeled) if cfg["method"] != "supervised" else 0
+    if cfg["method"] != "supervised" and pool < cfg["batch_size"]:
+        raise SystemExit(f"error: --method {cfg['method']} needs at least --batch-size "
+                         f"({cfg['batch_size']}) unlabeled images, the split has {pool}")
+    # an epoch is a pass over the unlabeled set (the labeled set for the supervised-only
+    # baseline when there are no unlabeled images, so that it still has epochs)
+    cfg["iters_per_epoch"] = max(1, (len(data.unlabeled) or len(data.labeled)) // cfg["batch_size"])
+    cfg["total_iters"] = cfg["iters"] or cfg["epochs"] * cfg["iters_per_epoch"]
+    cfg["epochs"] = math.ceil(cfg["total_iters"] / cfg["iters_per_epoch"])
+    if cfg["warmup_iters"] is None:
+        cfg["warmup_iters"] = min(cfg["iters_per_epoch"], cfg["total_iters"] // 2)
+    cfg["eval_every"] = cfg["eval_every"] or cfg["iters_per_epoch"]
+    cfg["save_every"] = cfg["save_every"] or cfg["eval_every"]
+
+
+def run_evaluation(student, teacher, bank, data, cfg, ctx, semi):
+    """Teacher (student before the semi-supervised phase), linear and prototype heads."""
+    model = teacher if semi and teacher is not None else unwrap(student)
+    was_training = model.training
+    model.eval()
+    heads = ("linear", "proto") if (semi and bank is not None) else ("linear",)
+    results = evaluate_lib.evaluate(
+        model, data.val, data.num_classes, ctx.device, mode=cfg["eval_mode"],
+        crop_size=cfg["crop_size"], heads=heads, bank=bank,
+        amp=None if cfg["amp"] == "none" else cfg["amp"], rank=ctx.rank, world_size=ctx.world,
+        log=ctx.log)
+    model.train(was_training)
+    return results
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def format_eta(seconds):
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = resolve_config(args)
+    if cfg["print_config"]:
+        print(json.dumps(cfg, indent=2))
+        return 0
+    ctx = Context(cfg["device"])
+    if ctx.main:
+        os.makedirs(cfg["out"], exist_ok=True)
+        ctx.log_file = open(os.path.join(cfg["out"], "log.txt"), "a")
+    try:
+        data, student, teacher, bank, optimizer, scaler = build_everything(cfg, ctx)
+        check_batches(cfg, ctx, data)
+    except data_lib.DataError as e:
+        message = str(e).strip().splitlines()[-1]
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # e.g. a checkpoint with missing keys
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    # resume
+    start_iter, best = 0, {"miou": -1.0, "iter": -1}
+    step_rng = torch.Generator().manual_seed(cfg["seed"] * 1000 + ctx.rank)
+    if cfg["resume"]:
+        try:
+            ckpt, path = find_resume_checkpoint(cfg, ctx)
+        except CheckpointError as e:
+            print(f"error: --resume: {e}", file=sys.stderr)
+            return 2
+        if ckpt is not None:
+            unwrap(student).load_state_dict(ckpt["student"])
+            if teacher is not None and ckpt.get("teacher"):
+                teacher.load_state_dict(ckpt["teacher"])
+            if bank is not None and ckpt.get("prototypes"):
+                bank.load_state_dict(ckpt["prototypes"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_iter, best = ckpt["iter"], ckpt["best"]
+            if len(ckpt["rng"]) == ctx.world:
+                set_rng_state(ckpt["rng"][ctx.rank], step_rng)
+            else:
+                ctx.log(f"resume: the checkpoint was written by {len(ckpt['rng'])} processes, this run "
+                        f"has {ctx.world}: random streams restart (the run is not bit-exact)")
+            ctx.log(f"resume: {path} at iteration {start_iter}")
+
+    if ctx.main:
+        ctx.log("config: " + json.dumps(cfg, sort_keys=True))
+        with open(os.path.join(cfg["out"], "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+    ctx.log(f"method {cfg['method']} | {cfg['total_iters']} iterations ({cfg['epochs']} epochs of "
+            f"{cfg['iters_per_epoch']}), supervised warm-up {cfg['warmup_iters']} | global batch "
+            f"{cfg['batch_size']} + {cfg['batch_size'] if cfg['method'] != 'supervised' else 0} "
+            f"on {ctx.world} process(es), {ctx.device}")
+
+    model = student
+    if ctx.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    model.train()
+
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    def save(it, name="last.pt"):
+        """Gather every process's RNG state, then rank 0 writes the checkpoint atomically."""
+        states = [None] * ctx.world
+        if ctx.world > 1:
+            dist.all_gather_object(states, rng_state(step_rng))
+        else:
+            states = [rng_state(step_rng)]
+        if not ctx.main:
+            return
+        ckpt = {"config": cfg, "iter": it, "best": best,
+                "student": unwrap(student).state_dict(),
+                "teacher": teacher.state_dict() if teacher is not None else None,
+                "prototypes": bank.state_dict() if bank is not None else None,
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": states}
+        path = os.path.join(cfg["out"], name)
+        if name == "last.pt" and os.path.exists(path):
+            os.replace(path, os.path.join(cfg["out"], "last.prev.pt"))
+        atomic_save(ckpt, path)
+
+    labeled_loader = make_loader(data.labeled, cfg, ctx, cfg["local_batch"], cfg["batch_size"],
+                                 stream=0, start_iter=start_iter)
+    unlabeled_loader = None
+    total = cfg["total_iters"]
+    log_sums = torch.zeros(4, device=ctx.device)  # sup, unsup, proto, non-finite steps
+    log_count, streak = 0, torch.zeros((), device=ctx.device, dtype=torch.long)
+    last_bad = torch.zeros(3, device=ctx.device)
+    timer, last_metrics = time.time(), None
+    images_per_iter = cfg["batch_size"] * (1 if cfg["method"] == "supervised" else 2)
+
+    for it in range(start_iter, total):
+        semi = cfg["method"] != "supervised" and it >= cfg["warmup_iters"]
+        if semi and it == cfg["warmup_iters"] and teacher is not None:
+            # end of epoch 0: prototypes from data, then the teacher starts as the student
+            if bank is not None:
+                init_prototypes(bank, unwrap(student), data.labeled, cfg, ctx)
+            teacher.load_state_dict(unwrap(student).state_dict())
+        if semi and unlabeled_loader is None:
+            unlabeled_loader = make_loader(data.unlabeled, cfg, ctx, cfg["local_batch"],
+                                           cfg["batch_size"], stream=1, start_iter=it)
+        batch = {"labeled": [x.to(ctx.device, non_blocking=True) for x in next(labeled_loader)]}
+        if semi:
+            batch["unlabeled"] = [x.to(ctx.device, non_blocking=True) for x in next(unlabeled_loader)]
+        if cfg["channels_last"]:
+            for x in batch.values():
+                x[0] = x[0].contiguous(memory_format=torch.channels_last)
+
+        # 8. learning rate, loss, SGD step
+        for g in optimizer.param_groups:
+            g["lr"] = poly_lr(g["base_lr"], it, total, cfg["poly_power"])
+        terms, update = train_step(batch, (model, teacher, bank), cfg, ctx, it, step_rng)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skipped on the device when a gradient is not finite
+        scaler.update()
+        finite = torch.isfinite(loss)
+        # 9. prototype update with this iteration's features (pre-update nearest prototypes)
+        if update is not None:
+            point_feature, target, nearest = update
+            bank.update(point_feature, target.masked_fill(~finite, IGNORE), nearest)
+        # 10. teacher follows the student
+        if semi:
+            ema_update(teacher, unwrap(student), ema_alpha(it - cfg["warmup_iters"], cfg["ema_decay"]))
+
+        # bookkeeping on the device; read back only at the logging interval
+        values = torch.stack([terms.get(k, torch.zeros((), device=ctx.device)).detach().float()
+                              for k in ("sup", "unsup", "proto")])
+        log_sums += torch.cat([torch.nan_to_num(values * finite, nan=0.0, posinf=0.0, neginf=0.0),
+                               (~finite).float().view(1)])
+        streak = torch.where(finite, 0, streak + 1)
+        last_bad = torch.where(finite, last_bad, (~torch.isfinite(values)).float())
+        log_count += 1
+
+        done = it + 1
+        if done % cfg["log_every"] == 0 or done == total:
+            if ctx.world > 1:  # a NaN on one process stops all of them together
+                dist.all_reduce(streak, op=dist.ReduceOp.MAX)
+            sums = log_sums.tolist()
+            if int(streak) >= 5:
+                bad = [n for n, b in zip(("sup", "unsup", "proto"), last_bad.tolist()) if b]
+                ctx.log(f"error: the loss was non-finite for {int(streak)} iterations in a row, last "
+                        f"at iteration {it} (terms: {', '.join(bad) or 'total'}). Stopping without "
+                        f"saving; the last good checkpoint is {cfg['out']}/last.pt. Try a lower --lr "
+                        f"or --amp bf16/none.")
+                return 3
+            elapsed = time.time() - timer
+            speed = images_per_iter * log_count / elapsed
+            eta = (total - done) * elapsed / log_count
+            losses = " ".join(f"{k} {s / log_count:.4f}" for k, s in zip(("sup", "unsup", "proto"), sums)
+                              if k == "sup" or (semi and (k != "proto" or bank is not None)))
+            skipped = f" | skipped {int(sums[3])}" if sums[3] else ""
+            ctx.log(f"it {done}/{total} | ep {it // cfg['iters_per_epoch']} | {losses} | "
+                    f"lr {optimizer.param_groups[0]['lr']:.2e} | {speed:.1f} img/s | "
+                    f"eta {format_eta(eta)}{skipped}")
+            log_sums.zero_()
+            log_count, timer = 0, time.time()
+
+        if done % cfg["eval_every"] == 0 or done == total:
+            results = run_evaluation(student, teacher, bank, data, cfg, ctx, semi)
+            linear = results["linear"]
+            last_metrics = {"iter": done, "epoch": it // cfg["iters_per_epoch"],
+                            "model": "teacher" if semi and teacher is not None else "student",
+                            "miou": linear["miou"], "pixel_acc": linear["pixel_acc"],
+                            "mean_acc": linear["mean_acc"], "iou": linear["iou"],
+                            "miou_proto": results["proto"]["miou"] if "proto" in results else None}
+            ctx.log(evaluate_lib.format_table(linear, data.class_names))
+            is_best = linear["miou"] > best["miou"]
+            if is_best:
+                best = {"miou": linear["miou"], "iter": done}
+            last_metrics["best_miou"] = best["miou"]
+            ctx.log(f"eval it {done}: mIoU {linear['miou']:.2f}"
+                    + (f" | prototype head {last_metrics['miou_proto']:.2f}" if "proto" in results else "")
+                    + f" | best {best['miou']:.2f} (it {best['iter']})")
+            if ctx.main:
+                with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(last_metrics) + "\n")
+            if is_best:
+                save(done, "best.pt")
+            timer = time.time()  # evaluation time is not training speed
+
+        stop = bool(stop_signal)
+        if ctx.world > 1 and (done % cfg["log_every"] == 0 or done == total):
+            flag = torch.tensor([float(stop)], device=ctx.device)
+            dist.all_reduce(flag)  # every process stops at the same iteration
+            stop = bool(flag.item())
+        elif ctx.world > 1:
+            stop = False
+        if done % cfg["save_every"] == 0 or done == total or stop:
+            save(done)
+        if stop:
+            ctx.log(f"interrupted: saved {cfg['out']}/last.pt at iteration {done}; "
+                    f"continue with --resume auto")
+            return 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
+
+    summary = {"method": cfg["method"], "dataset": cfg["dataset"], "iters": total,
+               "miou": last_metrics["miou"], "miou_proto": last_metrics["miou_proto"],
+               "best_miou": best["miou"], "best_iter": best["iter"]}
+    if ctx.main:
+        with open(os.path.join(cfg["out"], "final.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    ctx.log("final: " + json.dumps(summary))
+    if ctx.world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
