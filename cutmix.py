@@ -1,0 +1,72 @@
+"""CutMix for the unlabeled stream (METHOD.md section 3 step 3).
+
+Imports only torch, so the file can be copied into another project on its own.
+"""
+
+import torch
+
+
+def _to_device(tensor, device):
+    """Move a CPU tensor to `device` without blocking the host on a CUDA stream."""
+    if device is None or torch.device(device) == tensor.device:
+        return tensor
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        # A pageable copy would synchronise the stream; a pinned one is queued.
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def cutmix_mask(batch_size, height, width, p=0.5, generator=None, device=None):
+    """Boxes covering half of each image, for the whole batch with probability p.
+
+    One coin flip per call: with probability 1 - p the mask is all False. Otherwise
+    image i gets its own box: width w uniform on the integers in (W/2, W], height
+    h = round(H W / (2 w)) (so w h ~ H W / 2, and h <= H), top-left corner uniform over
+    the positions that keep the box inside the image.
+    Returns bool (B, H, W), True inside the box, on `device` (default: the generator's
+    device, else CPU). Random numbers come from `generator`; the same number of them is
+    drawn whether or not the coin succeeds, so a seeded run stays reproducible.
+    """
+    if batch_size < 1 or height < 1 or width < 1:
+        raise ValueError(f"cutmix_mask: batch_size, height and width must be >= 1, got "
+                         f"{batch_size}, {height}, {width}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"cutmix_mask: p must be in [0, 1], got {p}")
+    rng_device = generator.device if generator is not None else torch.device("cpu")
+
+    def uniform_int(low, count):
+        # Integers uniform on [low, low + count), elementwise; float64 so that u * count < count.
+        u = torch.rand(batch_size, generator=generator, device=rng_device, dtype=torch.float64)
+        return low + (u * count).long().clamp_max(count - 1)
+
+    apply = torch.rand((), generator=generator, device=rng_device) < p          # coin, ()
+    box_w = uniform_int(width // 2 + 1, width - width // 2)                     # (B,) in (W/2, W]
+    # round(H W / (2 w)) in integers: floor((H W + w) / (2 w)).
+    box_h = ((height * width + box_w) // (2 * box_w)).clamp(1, height)          # (B,)
+    top = uniform_int(0, height - box_h + 1)
+    left = uniform_int(0, width - box_w + 1)
+    box = torch.stack([top, top + box_h, left, left + box_w, apply.long().expand(batch_size)])
+    box = _to_device(box, device)                                               # (5, B)
+    top, bottom, left, right, apply = box[:, :, None, None]                     # (B, 1, 1) each
+    rows = torch.arange(height, device=box.device)[:, None]                     # (H, 1)
+    cols = torch.arange(width, device=box.device)[None, :]                      # (1, W)
+    return ((rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+            & (apply > 0))
+
+
+def mix(x, mask):
+    """Paste the box content of image (i + 1) mod B into image i.
+
+    x (B, ..., H, W): images (B, C, H, W), labels (B, H, W), confidences (B, H, W), ...;
+    mask bool (B, H, W) from `cutmix_mask`. Returns
+        out[i] = where(mask[i], x[(i + 1) mod B], x[i])
+    with the mask broadcast over the dimensions between B and (H, W). Applying the same
+    mask to images, pseudo-labels and confidences keeps them consistent.
+    """
+    if mask.dim() != 3 or x.dim() < 3 or x.shape[0] != mask.shape[0] or x.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(f"mix: x must be (B, ..., H, W) matching mask (B, H, W), got "
+                         f"x {tuple(x.shape)} and mask {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mix: mask must be bool, got {mask.dtype}")
+    mask = mask.view(mask.shape[0], *([1] * (x.dim() - 3)), *mask.shape[1:])
+    return torch.where(mask, x.roll(-1, dims=0), x)
