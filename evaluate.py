@@ -515,14 +515,12 @@ def load_checkpoint(path):
 
 def build_network(config, state_dict, which, path):
     """DeepLabV3Plus for the run's settings with the `which` ("teacher"/"student") weights."""
-    from model import DeepLabV3Plus, build_model
+    from model import DeepLabV3Plus
     state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
     args = (config["num_classes"], config["backbone"], config["output_stride"],
             bool(config.get("aux", False)))
-    if "backbone.conv1.weight" in state_dict:  # trained from --pretrained torchvision: 7x7 stem
-        network = DeepLabV3Plus(*args, deep_stem=False)
-    else:
-        network = build_model(*args, pretrained="none")
+    deep_stem = "backbone.conv1.weight" not in state_dict  # else --pretrained torchvision
+    network = DeepLabV3Plus(*args, deep_stem=deep_stem, width=config.get("width", 1.0))
     try:
         network.load_state_dict(state_dict)
     except RuntimeError as error:

@@ -128,8 +128,9 @@ class ResNet(nn.Module):
     layer1 maps of size ceil(ceil(H/2)/2) for odd sizes too (65 -> 33 -> 17).
     """
 
-    def __init__(self, backbone="resnet101", output_stride=8, deep_stem=True):
+    def __init__(self, backbone="resnet101", output_stride=8, deep_stem=True, width=1.0):
         super().__init__()
+        c = lambda channels: scaled(channels, width)
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r} (--backbone); "
                              f"choose one of {sorted(BACKBONES)}")
@@ -139,24 +140,24 @@ class ResNet(nn.Module):
 
         if deep_stem:
             self.conv1 = nn.Sequential(
-                conv3x3(3, 64, stride=2), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                conv3x3(64, 64), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                conv3x3(64, 128))
-            stem_channels = 128
+                conv3x3(3, c(64), stride=2), nn.BatchNorm2d(c(64)), nn.ReLU(inplace=True),
+                conv3x3(c(64), c(64)), nn.BatchNorm2d(c(64)), nn.ReLU(inplace=True),
+                conv3x3(c(64), c(128)))
+            stem_channels = c(128)
         else:
-            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-            stem_channels = 64
+            self.conv1 = nn.Conv2d(3, c(64), 7, stride=2, padding=3, bias=False)
+            stem_channels = c(64)
         self.bn1 = nn.BatchNorm2d(stem_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
 
         self.in_channels = stem_channels
-        self.layer1 = self._make_layer(block, 64, 1, [1] * num_blocks[0])
-        self.layer2 = self._make_layer(block, 128, *layer2)
-        self.layer3 = self._make_layer(block, 256, *layer3)
-        self.layer4 = self._make_layer(block, 512, *layer4)
+        self.layer1 = self._make_layer(block, c(64), 1, [1] * num_blocks[0])
+        self.layer2 = self._make_layer(block, c(128), *layer2)
+        self.layer3 = self._make_layer(block, c(256), *layer3)
+        self.layer4 = self._make_layer(block, c(512), *layer4)
         # channels of layer1 / layer3 / layer4 outputs, for the decoder and aux head
-        self.channels = (64 * block.expansion, 256 * block.expansion, 512 * block.expansion)
+        self.channels = tuple(c(n) * block.expansion for n in (64, 256, 512))
 
     def _make_layer(self, block, planes, stride, dilations):
         out_channels = planes * block.expansion
@@ -176,6 +177,11 @@ class ResNet(nn.Module):
         layer3 = self.layer3(layer2)
         layer4 = self.layer4(layer3)
         return [layer1, layer2, layer3, layer4]
+
+
+def scaled(channels, width):
+    """Channel count times the width multiplier (1.0 = the published network)."""
+    return max(8, int(round(channels * width)))
 
 
 def conv_bn_relu(in_channels, out_channels, kernel_size=1, dilation=1):
@@ -228,30 +234,31 @@ class DeepLabV3Plus(nn.Module):
     Upsampling to image size is the caller's job (bilinear, align_corners=True).
     """
 
-    feature_dim = 512
-
     def __init__(self, num_classes, backbone="resnet101", output_stride=8, aux=False,
-                 deep_stem=True, dropout=0.1):
+                 deep_stem=True, dropout=0.1, width=1.0):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes (--num-classes) must be a positive integer, "
                              f"got {num_classes!r}")
-        self.backbone = ResNet(backbone, output_stride, deep_stem)
+        # width < 1 thins every layer alike: a cheap network for toy runs and tests
+        self.backbone = ResNet(backbone, output_stride, deep_stem, width)
         layer1_channels, layer3_channels, layer4_channels = self.backbone.channels
+        channels = scaled(256, width)
+        self.feature_dim = 2 * channels  # 512 at width 1
 
-        self.aspp = ASPP(layer4_channels, ASPP_DILATIONS[output_stride])
-        self.aspp_project = nn.Sequential(conv_bn_relu(self.aspp.out_channels, 256, 3),
+        self.aspp = ASPP(layer4_channels, ASPP_DILATIONS[output_stride], channels)
+        self.aspp_project = nn.Sequential(conv_bn_relu(self.aspp.out_channels, channels, 3),
                                           nn.Dropout2d(dropout))
-        self.low_level = conv_bn_relu(layer1_channels, 256)
+        self.low_level = conv_bn_relu(layer1_channels, channels)
         self.classifier = nn.Sequential(
-            conv_bn_relu(self.feature_dim, 256, 3), nn.Dropout2d(dropout),
-            conv_bn_relu(256, 256, 3), nn.Dropout2d(dropout),
-            nn.Conv2d(256, num_classes, 1))
+            conv_bn_relu(self.feature_dim, channels, 3), nn.Dropout2d(dropout),
+            conv_bn_relu(channels, channels, 3), nn.Dropout2d(dropout),
+            nn.Conv2d(channels, num_classes, 1))
         self.aux_classifier = None
         if aux:
             self.aux_classifier = nn.Sequential(
-                conv_bn_relu(layer3_channels, 256, 3), nn.Dropout2d(dropout),
-                nn.Conv2d(256, num_classes, 1))
+                conv_bn_relu(layer3_channels, channels, 3), nn.Dropout2d(dropout),
+                nn.Conv2d(channels, num_classes, 1))
         self.num_classes = num_classes
 
         for module in self.modules():
@@ -352,21 +359,26 @@ def load_backbone_weights(backbone, path):
 
 
 def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False,
-                pretrained="none"):
+                pretrained="none", width=1.0):
     """DeepLabV3Plus with backbone weights chosen by `pretrained` (--pretrained):
 
     "none"        deep stem, random init (kaiming convs, BN weight 1 / bias 0);
     "torchvision" torchvision 7x7 stem with torchvision's default ImageNet weights
                   (downloaded by torchvision on first use);
     a path        deep stem, weights from that checkpoint (load_backbone_weights).
+    width scales every layer's channels; ImageNet weights exist for width 1 only.
     """
+    if pretrained != "none" and width != 1.0:
+        raise ValueError(f"--width {width}: pretrained weights (--pretrained {pretrained}) "
+                         "exist only for width 1.0; pass --pretrained none")
     if pretrained == "torchvision":
         model = DeepLabV3Plus(num_classes, backbone, output_stride, aux, deep_stem=False)
         weights = get_model_weights(backbone).DEFAULT
         _load_checked(model.backbone, weights.get_state_dict(progress=True),
                       f"torchvision {backbone} weights {weights}")
         return model
-    model = DeepLabV3Plus(num_classes, backbone, output_stride, aux, deep_stem=True)
+    model = DeepLabV3Plus(num_classes, backbone, output_stride, aux, deep_stem=True,
+                          width=width)
     if pretrained != "none":
         load_backbone_weights(model.backbone, pretrained)
     return model

@@ -45,8 +45,8 @@ IGNORE = 255
 # Paper settings (METHOD.md section 5) plus the toy default. Flags override any entry.
 # batch_size is the GLOBAL labeled batch; the unlabeled batch has the same size.
 PRESETS = {
-    "toy": dict(backbone="resnet18", pretrained="none", output_stride=8, crop_size=64,
-                batch_size=8, epochs=40, lr=0.01, head_lr_mult=1.0, weight_decay=1e-4,
+    "toy": dict(backbone="resnet18", width=0.25, pretrained="none", output_stride=8, crop_size=64,
+                batch_size=8, epochs=15, lr=0.01, head_lr_mult=1.0, weight_decay=1e-4,
                 num_prototypes=4, conf_threshold=0.8, aux_weight=0.0, labeled=None,
                 eval_mode="whole", eval_every=300),
     "voc": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth", output_stride=8,
@@ -66,7 +66,7 @@ PRESETS = {
                    eval_every=None),
 }
 # Settings shared by every dataset (METHOD.md section 3).
-COMMON = dict(momentum=0.9, poly_power=0.9, ohem_thresh=0.7, ohem_min_kept=100000,
+COMMON = dict(width=1.0, momentum=0.9, poly_power=0.9, ohem_thresh=0.7, ohem_min_kept=100000,
               drop_start=0.2, cutmix_prob=0.5, unsup_weight=1.0, proto_weight=1.0,
               temperature=0.1, proto_momentum=0.99, grid=32, ema_decay=0.99)
 
@@ -84,6 +84,8 @@ def parse_args(argv=None):
     a("--method", default="pcr", choices=["pcr", "meanteacher", "supervised"],
       help="pcr; meanteacher = pcr without prototypes; supervised = labeled images only")
     a("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"], help="ResNet depth (preset)")
+    a("--width", type=float, help="channel multiplier of the whole network (1.0 = the paper's; "
+      "the toy preset uses a thin network to train in minutes on a CPU)")
     a("--pretrained", help="'none', 'torchvision' (7x7 stem, torchvision ImageNet weights) or the path "
       "of a deep-stem ImageNet checkpoint (preset: pretrained/resnet101.pth for the paper settings)")
     a("--output-stride", type=int, choices=[8, 16], help="backbone output stride (paper: 8)")
@@ -251,10 +253,11 @@ class TrainKeys(torch.utils.data.Sampler):
             it = (epoch + 1) * self.ipe
 
 
-def ignore_signals(worker_id):
-    """Data workers leave SIGINT/SIGTERM to the trainer, which saves before it exits."""
+def ignore_sigint(worker_id):
+    """Ctrl-C reaches the whole process group: the workers leave it to the trainer, which
+    finishes the iteration and saves. (SIGTERM keeps its default: Python's exit handler
+    stops daemon workers with it.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, cfg, ctx, local_batch, global_batch, stream, start_iter):
@@ -264,7 +267,7 @@ def make_loader(dataset, cfg, ctx, local_batch, global_batch, stream, start_iter
     return iter(torch.utils.data.DataLoader(
         dataset, batch_size=local_batch, sampler=keys, num_workers=workers,
         pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None, drop_last=True, worker_init_fn=ignore_signals))
+        prefetch_factor=4 if workers > 0 else None, drop_last=True, worker_init_fn=ignore_sigint))
 
 
 # ----------------------------------------------------------------------------------------
@@ -529,7 +532,7 @@ def build_everything(cfg, ctx):
     cfg["num_classes"] = data.num_classes
     torch.manual_seed(cfg["seed"])
     student = build_model(data.num_classes, cfg["backbone"], cfg["output_stride"], cfg["aux"],
-                          pretrained=pretrained).to(ctx.device)
+                          pretrained=pretrained, width=cfg["width"]).to(ctx.device)
     if ctx.device.type == "cuda":
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     if cfg["channels_last"]:
