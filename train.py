@@ -46,7 +46,7 @@ IGNORE = 255
 # batch_size is the GLOBAL labeled batch; the unlabeled batch has the same size.
 PRESETS = {
     "toy": dict(backbone="resnet18", width=0.25, pretrained="none", output_stride=8, crop_size=64,
-                batch_size=8, epochs=15, lr=0.01, head_lr_mult=1.0, weight_decay=1e-4,
+                batch_size=8, epochs=12, lr=0.01, head_lr_mult=1.0, weight_decay=1e-4,
                 num_prototypes=4, conf_threshold=0.8, aux_weight=0.0, labeled=None,
                 eval_mode="whole", eval_every=300),
     "voc": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth", output_stride=8,
@@ -107,7 +107,8 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=0, help="write last.pt every N iterations (0: at every evaluation)")
     a("--log-every", type=int, default=20, help="print a progress line every N iterations")
     a("--seed", type=int, default=0, help="random seed (data order, splits, initialisation)")
-    a("--workers", type=int, default=4, help="data-loading processes per training process")
+    a("--workers", type=int, default=min(4, os.cpu_count() or 1),
+      help="data-loading processes per training process")
     a("--device", default="auto", help="'auto', 'cpu', 'cuda' (torchrun picks cuda:LOCAL_RANK)")
     a("--amp", default="none", choices=["bf16", "fp16", "none"], help="mixed precision (CUDA; bf16 also on CPU)")
     a("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPU)")
@@ -217,6 +218,34 @@ def ema_update(teacher, student, alpha):
             v.copy_(s_state[k])
 
 
+@torch.no_grad()
+def average_buffers(module, ctx):
+    """Replace the floating-point buffers (BN running statistics) by their mean over processes.
+
+    Plain BatchNorm (CPU; CUDA uses SyncBatchNorm) updates its statistics from the local
+    batch only, so they drift apart between processes, and so would the teacher, their
+    EMA, and its evaluation. Mean of running means = running mean of the global batch.
+    """
+    buffers = [b for b in module.buffers() if b.dtype.is_floating_point]
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.all_reduce(flat)  # SUM: gloo has no AVG
+    flat /= ctx.world
+    for buffer, mean in zip(buffers, flat.split([b.numel() for b in buffers])):
+        buffer.copy_(mean.view_as(buffer))
+
+
+@torch.no_grad()
+def restore_buffers_if(bad, buffers, saved):
+    """buffers <- saved (their flat copy from before the step) where the 0-dim bool `bad`,
+    on the device, without a host sync. The forward pass updates the BN statistics before
+    the loss is known (with NaN when the activations were), and a skipped step must leave
+    no trace in the student, nor in the teacher that averages it."""
+    current = torch.cat([b.reshape(-1) for b in buffers])
+    kept = torch.where(bad, saved, current)
+    torch._foreach_copy_(buffers, [v.view_as(b) for v, b in
+                                   zip(kept.split([b.numel() for b in buffers]), buffers)])
+
+
 # ----------------------------------------------------------------------------------------
 # Data order. A sample is a pure function of its key (index, seed), and the keys of every
 # iteration are a pure function of (seed, iteration): runs are repeatable with any number
@@ -267,7 +296,10 @@ def make_loader(dataset, cfg, ctx, local_batch, global_batch, stream, start_iter
     return iter(torch.utils.data.DataLoader(
         dataset, batch_size=local_batch, sampler=keys, num_workers=workers,
         pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None, drop_last=True, worker_init_fn=ignore_sigint))
+        prefetch_factor=4 if workers > 0 else None, drop_last=True, worker_init_fn=ignore_sigint,
+        # its own generator: creating the iterator draws a seed, which must not come from the
+        # global RNG (dropout's), or a resumed run would diverge from an uninterrupted one
+        generator=torch.Generator().manual_seed(cfg["seed"])))
 
 
 # ----------------------------------------------------------------------------------------
@@ -282,7 +314,7 @@ class Context:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
         if use_cuda and not torch.cuda.is_available():
-            sys.exit("error: --device cuda but no CUDA device is visible")
+            raise SetupError("--device cuda, but no CUDA device is visible")
         if use_cuda:
             self.device = torch.device("cuda", local_rank if device_flag in ("auto", "cuda") else
                                        torch.device(device_flag).index or 0)
@@ -317,14 +349,18 @@ def load_checkpoint(path, ctx):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise SystemExit(f"error: --resume: checkpoint {path} does not exist")
+        raise SetupError(f"--resume: checkpoint {path} does not exist")
     except Exception as e:  # truncated zip, pickle errors, ...
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
                               f"{type(e).__name__}: {e}")
 
 
 class CheckpointError(Exception):
-    pass
+    """A checkpoint file that cannot be read."""
+
+
+class SetupError(Exception):
+    """A flag or file that makes the run impossible; the message names it."""
 
 
 def find_resume_checkpoint(cfg, ctx):
@@ -343,7 +379,7 @@ def find_resume_checkpoint(cfg, ctx):
                 ctx.log("warning: falling back to the previous checkpoint")
     existing = [p for p in candidates if os.path.exists(p)]
     if existing:
-        raise SystemExit(f"error: no readable checkpoint among {existing}; delete them to start over")
+        raise SetupError(f"--resume: no readable checkpoint among {existing}; delete them to start over")
     ctx.log(f"resume: no checkpoint in {cfg['out']}, starting from scratch")
     return None, None
 
@@ -519,8 +555,8 @@ def build_everything(cfg, ctx):
     """Data, student, teacher, prototype bank, optimizer, scaler."""
     pretrained = cfg["pretrained"]
     if pretrained not in ("none", "torchvision") and not os.path.exists(pretrained):
-        raise SystemExit(
-            f"error: --pretrained: ImageNet weights not found at {pretrained}. The paper settings "
+        raise SetupError(
+            f"--pretrained: ImageNet weights not found at {pretrained}. The paper settings "
             "start from the deep-stem ResNet checkpoints (resnet50.pth / resnet101.pth) that "
             "U2PL, UniMatch and CPS publish (links in their READMEs); put the file there or pass "
             "--pretrained PATH. Alternatives: --pretrained torchvision (7x7 stem, torchvision's "
@@ -542,8 +578,11 @@ def build_everything(cfg, ctx):
         teacher = copy.deepcopy(student).eval().requires_grad_(False)
     bank = None
     if cfg["method"] == "pcr":
-        bank = PrototypeBank(data.num_classes, cfg["num_prototypes"], student.feature_dim,
-                             cfg["proto_momentum"], cfg["temperature"]).to(ctx.device)
+        # own random stream, so that pcr, meanteacher and supervised share the warm-up exactly
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg["seed"] + 1)
+            bank = PrototypeBank(data.num_classes, cfg["num_prototypes"], student.feature_dim,
+                                 cfg["proto_momentum"], cfg["temperature"]).to(ctx.device)
     groups = param_groups(student, cfg["lr"], cfg["lr"] * cfg["head_lr_mult"])
     for g in groups:
         g["base_lr"] = g["lr"]
@@ -558,14 +597,14 @@ def build_everything(cfg, ctx):
 
 def check_batches(cfg, ctx, data):
     if cfg["batch_size"] % ctx.world:
-        raise SystemExit(
-            f"error: --batch-size {cfg['batch_size']} (global) does not split over {ctx.world} "
+        raise SetupError(
+            f"--batch-size {cfg['batch_size']} (global) does not split over {ctx.world} "
             f"processes; pass a multiple of {ctx.world}, e.g. --batch-size "
             f"{ctx.world * max(1, round(cfg['batch_size'] / ctx.world))}")
     cfg["local_batch"] = cfg["batch_size"] // ctx.world
     pool = len(data.unlabeled) if cfg["method"] != "supervised" else 0
     if cfg["method"] != "supervised" and pool < cfg["batch_size"]:
-        raise SystemExit(f"error: --method {cfg['method']} needs at least --batch-size "
+        raise SetupError(f"--method {cfg['method']} needs at least --batch-size "
                          f"({cfg['batch_size']}) unlabeled images, the split has {pool}")
     # an epoch is a pass over the unlabeled set (the labeled set for the supervised-only
     # baseline when there are no unlabeled images, so that it still has epochs)
@@ -593,6 +632,47 @@ def run_evaluation(student, teacher, bank, data, cfg, ctx, semi):
     return results
 
 
+def bit_checksum(tensor):
+    """(2,) int64: sum of the tensor's bit patterns b_i (floats read as integers of the
+    same width), plain and weighted by position: [sum_i b_i, sum_i b_i (i mod 1021 + 1)].
+    Integer sums are exact in any order (wrapping on overflow), so equal tensors give
+    equal checksums whatever the thread count; a float sum would not."""
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype.is_floating_point:
+        flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    flat = flat.long()
+    position = torch.arange(len(flat), device=flat.device) % 1021 + 1
+    return torch.stack([flat.sum(), (flat * position).sum()])
+
+
+@torch.no_grad()
+def check_replicas_equal(teacher, bank, ctx):
+    """Every process must hold the same teacher (parameters and BN statistics) and the
+    same prototypes; raise naming the first tensor that differs (a distributed bug).
+
+    Called at each evaluation, not per iteration: all processes all-gather one (T, 2)
+    checksum tensor (bit_checksum of each of the T tensors) and compare them.
+    """
+    if ctx.world == 1 or (teacher is None and bank is None):
+        return
+    named = [] if teacher is None else [("teacher." + k, v) for k, v in teacher.state_dict().items()]
+    if bank is not None:
+        named.append(("prototypes", bank.prototypes))
+    checksums = torch.stack([bit_checksum(v) for _, v in named])  # (T, 2)
+    gathered = [torch.empty_like(checksums) for _ in range(ctx.world)]
+    dist.all_gather(gathered, checksums)
+    for rank, other in enumerate(gathered):
+        differs = (other != gathered[0]).any(dim=1).tolist()
+        if any(differs):
+            raise RuntimeError(
+                f"replicas: process {rank} holds a different {named[differs.index(True)][0]} "
+                f"than process 0 (and {sum(differs)} tensor(s) differ in all); the processes "
+                f"should hold identical copies")
+    what = " and ".join(n for n, present in (("teacher", teacher), ("prototypes", bank))
+                        if present is not None)
+    ctx.log(f"replicas: {what} identical on {ctx.world} processes")
+
+
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
@@ -601,51 +681,58 @@ def format_eta(seconds):
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
+def resume(cfg, ctx, student, teacher, bank, optimizer, scaler, step_rng):
+    """Load --resume's checkpoint into everything; returns (start iteration, best score)."""
+    start_iter, best = 0, {"miou": -1.0, "iter": -1}
+    if not cfg["resume"]:
+        return start_iter, best
+    ckpt, path = find_resume_checkpoint(cfg, ctx)
+    if ckpt is None:
+        return start_iter, best
+    unwrap(student).load_state_dict(ckpt["student"])
+    if teacher is not None and ckpt.get("teacher"):
+        teacher.load_state_dict(ckpt["teacher"])
+    if bank is not None and ckpt.get("prototypes"):
+        bank.load_state_dict(ckpt["prototypes"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    start_iter, best = ckpt["iter"], ckpt["best"]
+    if len(ckpt["rng"]) == ctx.world:
+        set_rng_state(ckpt["rng"][ctx.rank], step_rng)
+    else:
+        ctx.log(f"resume: the checkpoint was written by {len(ckpt['rng'])} processes, this run "
+                f"has {ctx.world}: random streams restart (the run is not bit-exact)")
+    ctx.log(f"resume: {path} at iteration {start_iter}")
+    return start_iter, best
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = resolve_config(args)
     if cfg["print_config"]:
         print(json.dumps(cfg, indent=2))
         return 0
-    ctx = Context(cfg["device"])
-    if ctx.main:
-        os.makedirs(cfg["out"], exist_ok=True)
-        ctx.log_file = open(os.path.join(cfg["out"], "log.txt"), "a")
     try:
+        ctx = Context(cfg["device"])
+        if not cfg["resume"] and os.path.exists(os.path.join(cfg["out"], "last.pt")):
+            raise SetupError(f"--out {cfg['out']} already holds a run (last.pt); continue it "
+                             "with --resume auto, or choose another --out")
+        if ctx.main:
+            os.makedirs(cfg["out"], exist_ok=True)
+            ctx.log_file = open(os.path.join(cfg["out"], "log.txt"), "a")
         data, student, teacher, bank, optimizer, scaler = build_everything(cfg, ctx)
         check_batches(cfg, ctx, data)
-    except data_lib.DataError as e:
-        message = str(e).strip().splitlines()[-1]
-        print(f"error: {message}", file=sys.stderr)
+        step_rng = torch.Generator().manual_seed(cfg["seed"] * 1000 + ctx.rank)
+        start_iter, best = resume(cfg, ctx, student, teacher, bank, optimizer, scaler, step_rng)
+    except (SetupError, CheckpointError, data_lib.DataError, ValueError) as e:
+        # one clear line, last: the culprit is named in the message (a DataError raised in
+        # a loader worker arrives wrapped in a traceback: keep its last line)
+        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 2
-    except ValueError as e:  # e.g. a checkpoint with missing keys
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    # resume
-    start_iter, best = 0, {"miou": -1.0, "iter": -1}
-    step_rng = torch.Generator().manual_seed(cfg["seed"] * 1000 + ctx.rank)
-    if cfg["resume"]:
-        try:
-            ckpt, path = find_resume_checkpoint(cfg, ctx)
-        except CheckpointError as e:
-            print(f"error: --resume: {e}", file=sys.stderr)
-            return 2
-        if ckpt is not None:
-            unwrap(student).load_state_dict(ckpt["student"])
-            if teacher is not None and ckpt.get("teacher"):
-                teacher.load_state_dict(ckpt["teacher"])
-            if bank is not None and ckpt.get("prototypes"):
-                bank.load_state_dict(ckpt["prototypes"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            start_iter, best = ckpt["iter"], ckpt["best"]
-            if len(ckpt["rng"]) == ctx.world:
-                set_rng_state(ckpt["rng"][ctx.rank], step_rng)
-            else:
-                ctx.log(f"resume: the checkpoint was written by {len(ckpt['rng'])} processes, this run "
-                        f"has {ctx.world}: random streams restart (the run is not bit-exact)")
-            ctx.log(f"resume: {path} at iteration {start_iter}")
+    if start_iter >= cfg["total_iters"]:
+        ctx.log(f"resume: the run already finished ({start_iter}/{cfg['total_iters']} "
+                "iterations); nothing to do")
+        return 0
 
     if ctx.main:
         ctx.log("config: " + json.dumps(cfg, sort_keys=True))
@@ -675,6 +762,11 @@ def main(argv=None):
             states = [rng_state(step_rng)]
         if not ctx.main:
             return
+        weights = unwrap(student).state_dict().values()
+        if not all(bool(torch.isfinite(v).all()) for v in weights if v.is_floating_point()):
+            ctx.log(f"warning: the student holds non-finite values at iteration {it}; {name} "
+                    "not written, so the last good checkpoint stays")
+            return
         ckpt = {"config": cfg, "iter": it, "best": best,
                 "student": unwrap(student).state_dict(),
                 "teacher": teacher.state_dict() if teacher is not None else None,
@@ -690,10 +782,13 @@ def main(argv=None):
     unlabeled_loader = None
     total = cfg["total_iters"]
     log_sums = torch.zeros(4, device=ctx.device)  # sup, unsup, proto, non-finite steps
+    # non-finite bookkeeping: current and longest run of bad steps, last bad iteration and terms
     log_count, streak = 0, torch.zeros((), device=ctx.device, dtype=torch.long)
+    longest, bad_iter = torch.zeros_like(streak), torch.zeros_like(streak)
     last_bad = torch.zeros(3, device=ctx.device)
     timer, last_metrics = time.time(), None
     images_per_iter = cfg["batch_size"] * (1 if cfg["method"] == "supervised" else 2)
+    bn_stats = [b for b in unwrap(student).buffers() if b.dtype.is_floating_point]
 
     for it in range(start_iter, total):
         semi = cfg["method"] != "supervised" and it >= cfg["warmup_iters"]
@@ -715,17 +810,21 @@ def main(argv=None):
         # 8. learning rate, loss, SGD step
         for g in optimizer.param_groups:
             g["lr"] = poly_lr(g["base_lr"], it, total, cfg["poly_power"])
+        saved_bn_stats = torch.cat([b.reshape(-1) for b in bn_stats])  # for a skipped step
         terms, update = train_step(batch, (model, teacher, bank), cfg, ctx, it, step_rng)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)  # skipped on the device when a gradient is not finite
-        scaler.update()
+        scaler.update(None if cfg["amp"] == "fp16" else 1.0)  # 1 stays 1: no backoff to 0
         finite = torch.isfinite(loss)
+        restore_buffers_if(~finite, bn_stats, saved_bn_stats)
         # 9. prototype update with this iteration's features (pre-update nearest prototypes)
         if update is not None:
             point_feature, target, nearest = update
             bank.update(point_feature, target.masked_fill(~finite, IGNORE), nearest)
+        if ctx.world > 1 and ctx.device.type != "cuda":  # plain BN: see average_buffers
+            average_buffers(unwrap(student), ctx)
         # 10. teacher follows the student
         if semi:
             ema_update(teacher, unwrap(student), ema_alpha(it - cfg["warmup_iters"], cfg["ema_decay"]))
@@ -736,18 +835,20 @@ def main(argv=None):
         log_sums += torch.cat([torch.nan_to_num(values * finite, nan=0.0, posinf=0.0, neginf=0.0),
                                (~finite).float().view(1)])
         streak = torch.where(finite, 0, streak + 1)
+        longest = torch.maximum(longest, streak)
+        bad_iter = torch.where(finite, bad_iter, it)
         last_bad = torch.where(finite, last_bad, (~torch.isfinite(values)).float())
         log_count += 1
 
         done = it + 1
         if done % cfg["log_every"] == 0 or done == total:
             if ctx.world > 1:  # a NaN on one process stops all of them together
-                dist.all_reduce(streak, op=dist.ReduceOp.MAX)
+                dist.all_reduce(longest, op=dist.ReduceOp.MAX)
             sums = log_sums.tolist()
-            if int(streak) >= 5:
+            if int(longest) >= 5:
                 bad = [n for n, b in zip(("sup", "unsup", "proto"), last_bad.tolist()) if b]
-                ctx.log(f"error: the loss was non-finite for {int(streak)} iterations in a row, last "
-                        f"at iteration {it} (terms: {', '.join(bad) or 'total'}). Stopping without "
+                ctx.log(f"error: the loss was non-finite for {int(longest)} iterations in a row, last "
+                        f"at iteration {int(bad_iter)} (terms: {', '.join(bad) or 'total'}). Stopping without "
                         f"saving; the last good checkpoint is {cfg['out']}/last.pt. Try a lower --lr "
                         f"or --amp bf16/none.")
                 return 3
@@ -761,10 +862,12 @@ def main(argv=None):
                     f"lr {optimizer.param_groups[0]['lr']:.2e} | {speed:.1f} img/s | "
                     f"eta {format_eta(eta)}{skipped}")
             log_sums.zero_()
+            longest.zero_()
             log_count, timer = 0, time.time()
 
         if done % cfg["eval_every"] == 0 or done == total:
             results = run_evaluation(student, teacher, bank, data, cfg, ctx, semi)
+            check_replicas_equal(teacher, bank, ctx)
             linear = results["linear"]
             last_metrics = {"iter": done, "epoch": it // cfg["iters_per_epoch"],
                             "model": "teacher" if semi and teacher is not None else "student",

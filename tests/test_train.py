@@ -1,0 +1,167 @@
+"""train.py end to end: a training step learns, a toy run writes its run directory, the real
+dataset layouts train through the documented flags, presets, and loud failures."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train  # noqa: E402
+from test_data import make_cityscapes_root, make_folder_root, make_voc_root  # noqa: E402
+
+TINY = ["--backbone", "resnet18", "--width", "0.125", "--crop-size", "32", "--batch-size", "2",
+        "--workers", "0", "--log-every", "2"]
+
+
+def run_main(args, capsys):
+    code = train.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_training_step_lowers_the_loss_on_a_fixed_batch():
+    """Ten PCR steps on one batch: every loss term is finite and the total goes down."""
+    torch.manual_seed(0)
+    cfg = train.resolve_config(train.parse_args(TINY + ["--lr", "0.01"]))
+    cfg.update(iters_per_epoch=10, epochs=10, warmup_iters=0, local_batch=2)
+    ctx = train.Context("cpu")
+    data, student, teacher, bank, optimizer, scaler = train.build_everything(cfg, ctx)
+    batch = {"labeled": [torch.stack(x) for x in zip(*(data.labeled[(i, i)] for i in range(2)))],
+             "unlabeled": [torch.stack(x) for x in zip(*(data.unlabeled[(i, i)] for i in range(2)))]}
+    train.init_prototypes(bank, student, data.labeled, cfg, ctx)
+    teacher.load_state_dict(student.state_dict())
+    rng = torch.Generator().manual_seed(0)
+    losses = []
+    for it in range(10):
+        rng.manual_seed(0)  # same CutMix boxes and sampled pixels every step
+        terms, (feature, target, nearest) = train.train_step(batch, (student, teacher, bank), cfg, ctx, it, rng)
+        assert set(terms) == {"sup", "unsup", "proto"}
+        loss = sum(terms.values())
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        bank.update(feature, target, nearest)
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_toy_run_writes_the_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run_main(TINY + ["--iters", "6", "--warmup-iters", "2", "--eval-every", "3",
+                                       "--out", str(out)], capsys)
+    assert code == 0
+    for name in ("config.json", "log.txt", "metrics.jsonl", "last.pt", "best.pt", "final.json",
+                 "labeled.txt", "unlabeled.txt", "val.txt"):
+        assert (out / name).exists(), name
+    final = json.loads((out / "final.json").read_text())
+    assert final["iters"] == 6 and final["miou"] >= 0 and final["miou_proto"] is not None
+    assert final["best_miou"] >= final["miou"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iter"] for m in metrics] == [3, 6]
+    assert metrics[0]["model"] == "teacher" and metrics[0]["miou_proto"] is not None
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "pcr" and config["width"] == 0.125
+    # progress lines carry every loss term, lr, speed and ETA; evaluation prints the IoU table
+    assert "sup " in stdout and "unsup " in stdout and "proto " in stdout
+    assert " lr " in stdout and "img/s" in stdout and "eta " in stdout
+    assert "background" in stdout and "mIoU" in stdout
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["iter"] == 6 and ckpt["prototypes"]["prototypes"].shape == (6, 4, 64)
+    # a second run into the same folder must not overwrite it silently
+    code, _, err = run_main(TINY + ["--iters", "6", "--out", str(out)], capsys)
+    assert code == 2 and "--resume auto" in err
+
+
+@pytest.mark.parametrize("method", ["supervised", "meanteacher"])
+def test_baselines_run(tmp_path, capsys, method):
+    out = tmp_path / method
+    code, stdout, _ = run_main(TINY + ["--method", method, "--iters", "4", "--warmup-iters", "2",
+                                       "--eval-every", "4", "--out", str(out)], capsys)
+    assert code == 0
+    final = json.loads((out / "final.json").read_text())
+    assert final["miou_proto"] is None
+    assert ("unsup " in stdout) == (method == "meanteacher") and "proto " not in stdout
+
+
+def test_folder_dataset_trains(tmp_path, capsys):
+    root = tmp_path / "mydata"
+    make_folder_root(str(root), n_labeled=4, n_unlabeled=6, n_val=2, num_classes=3)
+    out = tmp_path / "run"
+    code, stdout, _ = run_main(TINY + ["--dataset", "folder", "--data-root", str(root), "--num-classes", "3",
+                                       "--pretrained", "none", "--crop-size", "24", "--iters", "4",
+                                       "--warmup-iters", "2", "--out", str(out)], capsys)
+    assert code == 0, stdout
+    assert "4 labeled / 6 unlabeled / 2 val" in stdout
+    assert json.loads((out / "final.json").read_text())["iters"] == 4
+
+
+def test_voc_layout_with_published_split_lists_trains(tmp_path, capsys):
+    root = tmp_path / "VOC2012"
+    train_ids, extra_ids, val_ids = make_voc_root(root, n_train=40, n_extra=60, n_val=4)
+    split = tmp_path / "splits" / "20"
+    split.mkdir(parents=True)
+    labeled = train_ids[:20]
+    (split / "labeled.txt").write_text("\n".join(labeled) + "\n")
+    (split / "unlabeled.txt").write_text("\n".join(i for i in train_ids + extra_ids if i not in labeled))
+    code, stdout, err = run_main(TINY + ["--dataset", "voc", "--data-root", str(root), "--labeled", "20",
+                                         "--split-dir", str(split), "--pretrained", "none", "--crop-size", "24",
+                                         "--iters", "3", "--warmup-iters", "1", "--out", str(tmp_path / "run")],
+                                 capsys)
+    assert code == 0, err
+    assert "20 labeled / 80 unlabeled / 4 val" in stdout
+    assert '"head_lr_mult": 10.0' in stdout and '"num_classes": 21' in stdout
+
+
+def test_cityscapes_layout_trains_with_aux_head(tmp_path, capsys):
+    root = tmp_path / "cityscapes"
+    paths = make_cityscapes_root(root, train_cities=(("aachen", 6), ("bremen", 6)), val_cities=(("lindau", 2),))
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "labeled.txt").write_text("\n".join(paths["train"][:4]))
+    (split / "unlabeled.txt").write_text("\n".join(paths["train"][4:]))
+    code, stdout, err = run_main(TINY + ["--dataset", "cityscapes", "--data-root", str(root), "--labeled", "4",
+                                         "--split-dir", str(split), "--pretrained", "none", "--crop-size", "24",
+                                         "--iters", "3", "--warmup-iters", "1", "--out", str(tmp_path / "run")],
+                                 capsys)
+    assert code == 0, err
+    assert "4 labeled / 8 unlabeled / 2 val" in stdout
+    assert '"aux": true' in stdout and '"eval_mode": "sliding"' in stdout
+
+
+def test_paper_presets():
+    cfg = train.resolve_config(train.parse_args(["--dataset", "voc", "--labeled", "366"]))
+    expected = dict(backbone="resnet101", output_stride=8, crop_size=513, epochs=80, lr=0.001,
+                    head_lr_mult=10.0, weight_decay=1e-4, num_prototypes=4, conf_threshold=0.8,
+                    aux=False, batch_size=16, num_classes=21, width=1.0, temperature=0.1,
+                    proto_momentum=0.99, ema_decay=0.99, grid=32, ohem_thresh=0.7,
+                    ohem_min_kept=100000, drop_start=0.2, cutmix_prob=0.5, momentum=0.9)
+    assert {k: cfg[k] for k in expected} == expected
+    cfg = train.resolve_config(train.parse_args(["--dataset", "cityscapes", "--lr", "0.02"]))
+    expected = dict(crop_size=769, epochs=200, lr=0.02, head_lr_mult=1.0, weight_decay=5e-4,
+                    num_prototypes=3, conf_threshold=0.65, aux_weight=0.4, aux=True,
+                    num_classes=19, eval_mode="sliding")
+    assert {k: cfg[k] for k in expected} == expected
+
+
+def test_missing_pretrained_weights_stop_the_paper_preset(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(["--dataset", "voc", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")],
+                            capsys)
+    assert code == 2
+    assert "pretrained/resnet101.pth" in err and "--pretrained torchvision" in err
+
+
+def test_bad_inputs_exit_nonzero_naming_the_culprit(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    code, _, err = run_main(TINY + ["--dataset", "folder", "--data-root", str(missing), "--num-classes", "3",
+                                    "--pretrained", "none", "--out", str(tmp_path / "r1")], capsys)
+    assert code == 2 and str(missing) in err.strip().splitlines()[-1]
+    code, _, err = run_main(TINY + ["--num-classes", "9", "--out", str(tmp_path / "r2")], capsys)
+    assert code == 2 and "--num-classes" in err
+    with pytest.raises(SystemExit):  # argparse: not a method
+        train.parse_args(["--method", "fixmatch"])
