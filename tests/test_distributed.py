@@ -1,0 +1,213 @@
+"""train.py under torchrun on CPU (gloo): 2 processes on one node, 2 nodes x 1 process
+over loopback, the global batch check, resuming with another number of processes, and
+check_replicas_equal (the end-of-evaluation proof that every process holds the same
+teacher and prototypes) against hand-made differences.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+from prototypes import PrototypeBank  # noqa: E402
+
+ITERS = 6
+# global batch 4 = 2 per process (the ASPP pooling BN needs 2); one evaluation at the end
+TINY = ["--backbone", "resnet18", "--width", "0.125", "--crop-size", "32", "--batch-size", "4",
+        "--workers", "0", "--iters", str(ITERS), "--warmup-iters", "3", "--eval-every", str(ITERS),
+        "--log-every", "2"]
+REPLICAS = "replicas: teacher and prototypes identical on 2 processes"
+
+
+def environment():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def torchrun(launch, out, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", *launch, str(ROOT / "train.py"),
+            *TINY, "--out", str(out), *extra]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def count_lines(text, start):
+    return sum(line.startswith(start) for line in text.splitlines())
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two-processes")
+    done = subprocess.run(torchrun(["--standalone", "--nproc_per_node=2"], out), cwd=ROOT,
+                          env=environment(), capture_output=True, text=True, timeout=300)
+    return out, done.returncode, done.stdout + done.stderr
+
+
+def test_two_processes_one_node(two_processes):
+    out, rc, output = two_processes
+    assert rc == 0, output
+    # the teacher and the prototypes are bit-identical on both processes (else an error)
+    assert count_lines(output, REPLICAS) == 1
+    # only rank 0 prints and writes: every line once
+    assert count_lines(output, "it 2/6 |") == 1
+    assert count_lines(output, "final: ") == 1
+    log = (out / "log.txt").read_text()
+    assert count_lines(log, "it 2/6 |") == 1 and count_lines(log, "final: ") == 1
+    assert count_lines(log, REPLICAS) == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (out / "final.json").exists()
+    assert not list(out.glob("*.tmp"))
+    # evaluation is sharded (50 of the 100 toy val images each) and summed over processes
+    # (the table counts the pixels of all 100 images of 80 x 80)
+    assert "eval 50/50 images (rank 0 of 2)" in output
+    assert "(640000 pixels)" in output
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["iter"] == ITERS
+    assert len(checkpoint["rng"]) == 2  # both processes' random streams, for an exact resume
+    assert not torch.equal(checkpoint["rng"][0]["step"], checkpoint["rng"][1]["step"])
+
+
+def test_resume_with_another_number_of_processes(two_processes, tmp_path):
+    """A 2-process checkpoint continues on 1 process, with a warning, not a crash."""
+    out, rc, output = two_processes
+    assert rc == 0, output
+    run_dir = tmp_path / "one-process"
+    run_dir.mkdir()
+    (run_dir / "last.pt").write_bytes((out / "last.pt").read_bytes())
+    threads = torch.get_num_threads()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    torch.set_num_threads(1)
+    try:
+        rc = train.main(TINY + ["--iters", "8", "--out", str(run_dir), "--resume", "auto"])
+    finally:
+        torch.set_num_threads(threads)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert rc == 0
+    log = (run_dir / "log.txt").read_text()
+    assert ("resume: the checkpoint was written by 2 processes, this run has 1: random streams "
+            "restart (the run is not bit-exact)") in log
+    assert f"resume: {run_dir / 'last.pt'} at iteration {ITERS}" in log
+    assert torch.load(run_dir / "last.pt", weights_only=True)["iter"] == 8
+
+
+def test_two_nodes_over_loopback(tmp_path):
+    """2 torchrun agents (one per "node") meeting at a c10d rendezvous on 127.0.0.1."""
+    out = tmp_path / "two-nodes"
+    port = free_port()
+    agents = [subprocess.Popen(
+        torchrun(["--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                  f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=pcr-test-{port}"], out),
+        cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)]
+    try:
+        outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    both = "".join(outputs)
+    assert [agent.returncode for agent in agents] == [0, 0], both
+    assert count_lines(both, REPLICAS) == 1
+    assert count_lines(both, "final: ") == 1
+    assert "on 2 process(es)" in both
+    assert (out / "final.json").exists()
+
+
+def test_global_batch_must_split_over_processes(tmp_path):
+    done = subprocess.run(torchrun(["--standalone", "--nproc_per_node=2"], tmp_path / "odd",
+                                   "--batch-size", "3"),
+                          cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert ("error: --batch-size 3 (global) does not split over 2 processes; pass a multiple "
+            "of 2, e.g. --batch-size 4") in output
+
+
+# ------------------------------------------------------------------ check_replicas_equal
+
+def slow_bit_checksum(tensor):
+    """Reference: numpy int32 bit patterns, Python integers (no overflow), then wrapped
+    to int64 as torch's sums wrap."""
+    bits = tensor.detach().numpy().astype(np.float32).reshape(-1).view(np.int32)
+    plain = sum(int(b) for b in bits)
+    weighted = sum(int(b) * (i % 1021 + 1) for i, b in enumerate(bits))
+
+    def wrap(x):
+        return (x + 2**63) % 2**64 - 2**63
+
+    return [wrap(plain), wrap(weighted)]
+
+
+def test_bit_checksum_matches_reference():
+    torch.manual_seed(0)
+    for tensor in (torch.randn(3, 5), torch.randn(2500) * 1e30, torch.tensor([-0.0, 0.0, 1.0])):
+        assert train.bit_checksum(tensor).tolist() == slow_bit_checksum(tensor)
+    # int64 buffers (BN's num_batches_tracked) are summed as they are
+    assert train.bit_checksum(torch.tensor([3, 4])).tolist() == [7, 3 * 1 + 4 * 2]
+
+
+def make_replica(seed=0):
+    torch.manual_seed(seed)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    teacher[1].running_var.uniform_(0.5, 2.0)
+    bank = PrototypeBank(3, 2, 4)
+    return teacher, bank
+
+
+def check_against(monkeypatch, mine, other):
+    """check_replicas_equal on process 0 of 2, where process 1 holds `other`."""
+    sent = []
+    ctx = types.SimpleNamespace(world=2, rank=0, main=True, log=sent.append)
+
+    def capture(outputs, tensor):  # what a process contributes to the all_gather
+        sent.append(tensor.clone())
+        for o in outputs:
+            o.copy_(tensor)
+
+    monkeypatch.setattr(train.dist, "all_gather", capture)
+    train.check_replicas_equal(*other, ctx)
+    theirs = sent[0]
+    sent.clear()
+    monkeypatch.setattr(train.dist, "all_gather",
+                        lambda outputs, tensor: (outputs[0].copy_(tensor), outputs[1].copy_(theirs)))
+    train.check_replicas_equal(*mine, ctx)
+    return sent
+
+
+def test_check_replicas_equal_passes_identical_copies(monkeypatch):
+    assert check_against(monkeypatch, make_replica(), make_replica()) == [REPLICAS]
+
+
+@pytest.mark.parametrize("where", ["teacher.1.running_var", "teacher.0.weight", "prototypes"])
+def test_check_replicas_equal_finds_one_ulp(monkeypatch, where):
+    mine, other = make_replica(), make_replica()
+    tensor = other[1].prototypes if where == "prototypes" else other[0].state_dict()[where.split(".", 1)[1]]
+    flat = tensor.view(-1)
+    flat[1] = torch.nextafter(flat[1], torch.tensor(float("inf")))  # 1 ulp
+    with pytest.raises(RuntimeError, match=f"process 1 holds a different {where} than process 0"):
+        check_against(monkeypatch, mine, other)
+
+
+def test_check_replicas_equal_finds_swapped_values(monkeypatch):
+    """Same values in another order: the plain sums agree, the position-weighted do not."""
+    mine, other = make_replica(), make_replica()
+    prototypes = other[1].prototypes.view(-1)
+    prototypes[[0, 1]] = prototypes[[1, 0]].clone()
+    with pytest.raises(RuntimeError, match="different prototypes"):
+        check_against(monkeypatch, mine, other)
