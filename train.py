@@ -283,9 +283,12 @@ class TrainKeys(torch.utils.data.Sampler):
 
 
 def ignore_sigint(worker_id):
-    """Ctrl-C reaches the whole process group: the workers leave it to the trainer, which
-    finishes the iteration and saves. (SIGTERM keeps its default: Python's exit handler
-    stops daemon workers with it.)"""
+    """Ctrl-C and torchrun's SIGTERM (killpg) reach the whole process group: the workers
+    leave it, so that they keep loading while the trainer finishes the iteration and
+    saves (a killed worker would crash the trainer). (SIGTERM keeps its default: Python's
+    exit handler stops daemon workers with it.)"""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

@@ -125,15 +125,18 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
 
 
 def test_sigterm_saves_and_exits_143(uninterrupted, tmp_path):
+    """SIGTERM to the whole process group, as torchrun (killpg) and a terminal send it:
+    the data-loading worker must survive it until the trainer has saved."""
     out = tmp_path / "terminated"
-    process = subprocess.Popen(command(out), cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command(out, "--workers", "1"), cwd=ROOT, env=environment(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     lines = []
     try:
         for line in process.stdout:
             lines.append(line)
             if line.startswith("it 2/"):
-                process.send_signal(signal.SIGTERM)
+                os.killpg(process.pid, signal.SIGTERM)
                 break
         lines += process.stdout.readlines()
         process.wait(timeout=60)
