@@ -282,7 +282,7 @@ class TrainKeys(torch.utils.data.Sampler):
             it = (epoch + 1) * self.ipe
 
 
-def ignore_sigint(worker_id):
+def detach_worker(worker_id):
     """Ctrl-C and torchrun's SIGTERM (killpg) reach the whole process group: the workers
     leave it, so that they keep loading while the trainer finishes the iteration and
     saves (a killed worker would crash the trainer). (SIGTERM keeps its default: Python's
@@ -299,7 +299,7 @@ def make_loader(dataset, cfg, ctx, local_batch, global_batch, stream, start_iter
     return iter(torch.utils.data.DataLoader(
         dataset, batch_size=local_batch, sampler=keys, num_workers=workers,
         pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None, drop_last=True, worker_init_fn=ignore_sigint,
+        prefetch_factor=4 if workers > 0 else None, drop_last=True, worker_init_fn=detach_worker,
         # its own generator: creating the iterator draws a seed, which must not come from the
         # global RNG (dropout's), or a resumed run would diverge from an uninterrupted one
         generator=torch.Generator().manual_seed(cfg["seed"])))
@@ -605,6 +605,10 @@ def check_batches(cfg, ctx, data):
             f"processes; pass a multiple of {ctx.world}, e.g. --batch-size "
             f"{ctx.world * max(1, round(cfg['batch_size'] / ctx.world))}")
     cfg["local_batch"] = cfg["batch_size"] // ctx.world
+    if cfg["local_batch"] < 2 and not (ctx.device.type == "cuda" and ctx.world > 1):
+        # plain BatchNorm (ASPP's image pooling) needs two images; SyncBN pools processes
+        raise SetupError(f"--batch-size {cfg['batch_size']} leaves {cfg['local_batch']} image per "
+                         f"process; BatchNorm needs at least 2: pass --batch-size {2 * ctx.world}")
     pool = len(data.unlabeled) if cfg["method"] != "supervised" else 0
     if cfg["method"] != "supervised" and pool < cfg["batch_size"]:
         raise SetupError(f"--method {cfg['method']} needs at least --batch-size "
@@ -692,12 +696,19 @@ def resume(cfg, ctx, student, teacher, bank, optimizer, scaler, step_rng):
     ckpt, path = find_resume_checkpoint(cfg, ctx)
     if ckpt is None:
         return start_iter, best
-    unwrap(student).load_state_dict(ckpt["student"])
-    if teacher is not None and ckpt.get("teacher"):
-        teacher.load_state_dict(ckpt["teacher"])
-    if bank is not None and ckpt.get("prototypes"):
-        bank.load_state_dict(ckpt["prototypes"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        unwrap(student).load_state_dict(ckpt["student"])
+        if teacher is not None and ckpt.get("teacher"):
+            teacher.load_state_dict(ckpt["teacher"])
+        if bank is not None and ckpt.get("prototypes"):
+            bank.load_state_dict(ckpt["prototypes"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        saved = ckpt.get("config", {})
+        raise SetupError(
+            f"--resume {path}: the checkpoint does not fit this run (it was --method "
+            f"{saved.get('method')} --backbone {saved.get('backbone')} --width {saved.get('width')} "
+            f"with {saved.get('num_classes')} classes): {str(e).strip().splitlines()[0]}")
     scaler.load_state_dict(ckpt["scaler"])
     start_iter, best = ckpt["iter"], ckpt["best"]
     if len(ckpt["rng"]) == ctx.world:
