@@ -248,7 +248,7 @@ def sample_points(height, width, grid=32, generator=None, device=None):
     return _to_device(ys.reshape(-1), device), _to_device(xs.reshape(-1), device)
 
 
-def sample_features(feature_map, ys, xs, image_size):
+def sample_features(feature_map, ys, xs, image_size, rows=None):
     """Read a low-resolution feature map at full-resolution pixels, bilinearly.
 
     feature_map (B, C, h, w) covering an image of size image_size = (H, W); ys, xs (P,)
@@ -259,7 +259,8 @@ def sample_features(feature_map, ys, xs, image_size):
     y' = y (h - 1) / (H - 1) as (1 - a) row[floor(y')] + a row[floor(y') + 1],
     a = y' - floor(y'), and likewise for columns.
     Computed and returned in float32 (float64 for float64 input). Differentiable
-    w.r.t. feature_map.
+    w.r.t. feature_map. rows=None picks the faster gather for the device (see below);
+    True / False force the pixel-row or the strided gather (same result).
     """
     if feature_map.dim() != 4:
         raise ValueError(f"sample_features: feature_map must be (B, C, h, w), got {tuple(feature_map.shape)}")
@@ -284,8 +285,43 @@ def sample_features(feature_map, ys, xs, image_size):
                          y_high * w + x_low, y_high * w + x_high])             # (4, P)
     weight = torch.stack([(1 - y_frac) * (1 - x_frac), (1 - y_frac) * x_frac,
                           y_frac * (1 - x_frac), y_frac * x_frac])             # (4, P)
+    if rows is None:
+        rows = not feature_map.is_cuda
+    if rows:
+        # CPU: pixels as rows (B*h*w, C), gather and weighted sum in one embedding_bag.
+        # Measured at B = 8, C = 512, 33 x 33, P = 1024 on 2 busy cores: forward ~15x,
+        # forward + backward ~3x faster than the strided gather below. Not the default on
+        # CUDA, where it would copy the whole map to float32 (the strided gather reads
+        # only the 4 P pixels per image it needs, in the map's own dtype).
+        pixels = feature_map.permute(0, 2, 3, 1).to(dtype).reshape(batch * h * w, channels)
+        image_start = torch.arange(batch, device=index.device)[:, None, None] * (h * w)  # (B, 1, 1)
+        bags = (index.t() + image_start).reshape(-1, 4)                     # (B*P, 4)
+        values = _WeightedRowSum.apply(pixels, bags, weight.t().repeat(batch, 1))  # (B*P, C)
+        return values.view(batch, -1, channels)
     flat = feature_map.reshape(batch, channels, h * w)
     gathered = flat.index_select(2, index.reshape(-1)).view(batch, channels, 4, -1)  # (B, C, 4, P)
     # Elementwise multiply-and-sum, not einsum: autocast would run a matmul in bf16.
     values = (gathered.to(dtype) * weight).sum(dim=2)                        # (B, C, P)
     return values.transpose(1, 2)
+
+
+class _WeightedRowSum(torch.autograd.Function):
+    """out[n] = sum_k weight[n, k] rows[index[n, k]]: rows (R, C), index / weight (N, K).
+
+    Forward is one embedding_bag (mode "sum" with per-sample weights); backward scatters
+    grad[n] weight[n, k] back to row index[n, k] with index_add_. Gradient to rows only.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, index, weight):
+        ctx.save_for_backward(index, weight)
+        ctx.num_rows = rows.shape[0]
+        with torch.autocast(device_type=rows.device.type, enabled=False):  # keep rows' dtype
+            return F.embedding_bag(index, rows, per_sample_weights=weight, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, weight = ctx.saved_tensors
+        contribution = (grad[:, None, :] * weight[:, :, None]).flatten(0, 1)   # (N*K, C)
+        grad_rows = grad.new_zeros(ctx.num_rows, grad.shape[1])
+        return grad_rows.index_add_(0, index.flatten(), contribution), None, None

@@ -417,6 +417,22 @@ def test_sample_features_equals_full_upsampling(height, width, h, w):
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("rows", [True, False])
+def test_sample_features_both_gathers_equal_full_upsampling(rows):
+    # rows=True is the CPU default (embedding_bag over pixel rows, own backward),
+    # rows=False the CUDA default (strided gather); both must match the reference.
+    torch.manual_seed(0)
+    feature_map = torch.randn(3, 5, 9, 11, dtype=torch.float64, requires_grad=True)
+    ys, xs = sample_points(33, 41, 8, generator=torch.Generator().manual_seed(1))
+    sampled = sample_features(feature_map, ys, xs, (33, 41), rows=rows)
+    expected = upsample_then_index(feature_map, ys, xs, (33, 41))
+    torch.testing.assert_close(sampled, expected, rtol=0, atol=1e-12)
+    weight = torch.randn_like(expected)
+    grad, = torch.autograd.grad((sampled * weight).sum(), feature_map)
+    expected_grad, = torch.autograd.grad((expected * weight).sum(), feature_map)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+
+
 def test_sample_features_float32_bf16_and_channels_last():
     torch.manual_seed(0)
     feature_map = torch.randn(2, 8, 17, 17)
