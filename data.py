@@ -275,7 +275,7 @@ TOY_CLUTTER = (3, 7)  # background-coloured lines and blobs per image
 TOY_DISTRACTORS = (2, 6)  # fg-coloured thin lines and specks per image, labelled background
 TOY_NOISE = 6.0  # std of the per-pixel Gaussian noise
 TOY_SPLITS = {"labeled": (64, 101), "unlabeled": (480, 202), "val": (100, 303)}  # count, generator seed
-TOY_LABELED = 32  # default number of labeled images
+TOY_LABELED = 16  # default number of labeled images (the pool holds 64)
 
 
 def _segment_mask(xx, yy, x0, y0, x1, y1, width):

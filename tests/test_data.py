@@ -85,7 +85,7 @@ def test_toy_build_counts_classes_and_label_range():
     toy = build_data("toy", crop_size=48, log=log)
     assert toy.num_classes == len(toy.class_names) >= 5 and toy.class_names[0] == "background"
     assert (len(toy.labeled), len(toy.unlabeled), len(toy.val)) == (data.TOY_LABELED, 480, 100)
-    assert any("32 labeled / 480 unlabeled / 100 val" in line for line in log)
+    assert any(f"{data.TOY_LABELED} labeled / 480 unlabeled / 100 val" in line for line in log)
     assert toy.palette.shape == (256, 3) and toy.palette.dtype == np.uint8
     seen = np.zeros(toy.num_classes, bool)
     for index in range(40):
