@@ -291,8 +291,8 @@ def distributed_case():
 def test_update_all_reduces_across_processes(tmp_path):
     mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
              join=True)
-    rank0 = torch.load(tmp_path / "rank0.pt")
-    rank1 = torch.load(tmp_path / "rank1.pt")
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert torch.equal(rank0, rank1)
     features, targets, bank = distributed_case()
     _, nearest = bank(features)
