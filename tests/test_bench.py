@@ -1,0 +1,163 @@
+"""bench.py: the report, the breakdown's fidelity to train.py, and the small formulas."""
+import json
+import time
+
+import pytest
+import torch
+
+import bench
+import train
+
+TINY = ["--device", "cpu", "--backbone", "resnet18", "--width", "0.125", "--crop-size", "33",
+        "--batch-size", "2"]
+PARTS = ["teacher forward + pseudo-labels", "cutmix", "student forward", "supervised loss (OHEM)",
+         "unsupervised loss", "pixel sampling + targets", "prototype logits", "prototype loss",
+         "backward (network + losses)", "optimizer step", "prototype update", "EMA teacher"]
+
+
+def test_main_prints_table_then_json(capsys):
+    assert bench.main(TINY + ["--iters", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    summary = json.loads(lines[-1])  # the JSON line comes last
+    table = "\n".join(lines[:-1])
+    for kind in ("supervised", "inherent", "meanteacher", "pcr"):
+        assert any(line.startswith(kind + " ") for line in lines), kind
+    for part in PARTS:
+        assert part in table, part
+    assert "upsampled prototype head" in table and "GFLOP" in table
+    for key in ("pcr_step_s", "supervised_step_s", "meanteacher_step_s", "inherent_s",
+                "peak_mem_bytes", "device", "overhead_ratio", "breakdown_s", "flops_per_pcr_step"):
+        assert key in summary, key
+    assert summary["device_type"] == "cpu" and summary["device"]
+    for key in ("pcr_step_s", "supervised_step_s", "meanteacher_step_s", "inherent_s"):
+        assert summary[key] > 0
+    assert summary["overhead_ratio"] == pytest.approx(summary["pcr_step_s"] / summary["inherent_s"])
+    assert summary["peak_mem_bytes"] >= summary["peak_mem_bytes_by_step"]["supervised"] > 0
+    breakdown = summary["breakdown_s"]
+    assert list(breakdown) == PARTS and all(v > 0 for v in breakdown.values())
+    # the parts partition one PCR iteration; a separate run of it takes about as long
+    # (loose: one repeat on a shared machine)
+    assert 0.25 < sum(breakdown.values()) / summary["pcr_step_s"] < 4
+    inherent_parts = summary["inherent_breakdown_s"]  # with one repeat they sum to the step
+    assert sum(inherent_parts.values()) == pytest.approx(summary["inherent_s"])
+    assert set(bench.INHERENT_COUNTERPART) <= set(breakdown)
+    # the same channel count and crop in the analytic formula as in the run (width 0.125)
+    assert summary["upsampled_head_bytes"] == 2 * 4 * 64 * 33 * 33 * 4
+    assert summary["flops_per_pcr_step"] > 0 and summary["mfu"] is None  # MFU: CUDA only
+
+
+def _state(run):
+    return ([p.detach().clone() for p in run.student.parameters()],
+            {k: v.clone() for k, v in run.teacher.state_dict().items()},
+            run.bank.prototypes.clone(), run.step_rng.get_state())
+
+
+def test_breakdown_is_train_step_and_the_loop_body():
+    """pcr_iteration_parts re-sequences train.py's calls with timers between them: from the
+    same state it must give the same losses, weights, teacher, prototypes and RNG state
+    as train.train_step followed by the loop's backward/step/update/EMA (loop_iteration)."""
+    args = bench.parse_args(TINY)
+    device = torch.device("cpu")
+    reference, timed = bench.build_run(args, device), bench.build_run(args, device)
+    batch = bench.synthetic_batch(2, 33, args.num_classes, device, False, seed=3)
+    for step in range(2):  # the second step has SGD momentum and moved prototypes
+        torch.manual_seed(10 + step)  # dropout
+        expected = bench.loop_iteration(reference, batch, "pcr")
+        torch.manual_seed(10 + step)
+        got = bench.pcr_iteration_parts(timed, batch, bench.Clock(device))
+        assert got.keys() == expected.keys() == {"sup", "unsup", "proto"}
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+        (params_a, teacher_a, bank_a, rng_a), (params_b, teacher_b, bank_b, rng_b) = \
+            _state(reference), _state(timed)
+        assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+        assert all(torch.equal(teacher_a[k], teacher_b[k]) for k in teacher_a)
+        assert torch.equal(bank_a, bank_b) and torch.equal(rng_a, rng_b)
+
+
+def test_loop_iteration_matches_train_step_directly():
+    """loop_iteration's losses are train.train_step's on the same state (PCR and mean teacher)."""
+    args = bench.parse_args(TINY)
+    device = torch.device("cpu")
+    for method in ("pcr", "meanteacher", "supervised"):
+        run_a, run_b = bench.build_run(args, device), bench.build_run(args, device)
+        batch = bench.synthetic_batch(2, 33, args.num_classes, device, False, seed=4)
+        torch.manual_seed(5)
+        got = bench.loop_iteration(run_a, batch, method)
+        torch.manual_seed(5)
+        cfg = dict(run_b.cfg, method=method)
+        step_batch = batch if method != "supervised" else {"labeled": batch["labeled"]}
+        expected, _ = train.train_step(step_batch, (run_b.student, run_b.teacher, run_b.bank), cfg,
+                                       run_b.ctx, run_b.it, run_b.step_rng)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(got[key].detach(), expected[key].detach()), (method, key)
+
+
+def test_inherent_iteration_trains_the_student_only():
+    args = bench.parse_args(TINY)
+    run = bench.build_run(args, torch.device("cpu"))
+    batch = bench.synthetic_batch(2, 33, args.num_classes, torch.device("cpu"), False)
+    before = _state(run)
+    clock = bench.Clock(torch.device("cpu"))
+    bench.inherent_iteration(run, batch, clock)
+    after = _state(run)
+    assert list(clock.seconds()) == ["teacher forward", "student forward", "backward (network)",
+                                     "optimizer step"]
+    assert set(bench.INHERENT_COUNTERPART.values()) == set(clock.seconds())
+    assert not all(torch.equal(a, b) for a, b in zip(before[0], after[0]))  # SGD stepped
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])    # teacher untouched
+    assert torch.equal(before[2], after[2]) and torch.equal(before[3], after[3])
+
+
+def test_upsampled_head_bytes_by_hand():
+    # VOC per GPU: 8 images x 512 x 513 x 513; 513^2 = 263169, x 512 x 8 = 1077940224 values
+    assert bench.upsampled_head_bytes(8, 512, 513, "none") == 1077940224 * 4 * 2
+    assert bench.upsampled_head_bytes(8, 512, 513, "bf16") == 1077940224 * 2 * 2
+
+
+def test_peak_tflops_table(monkeypatch):
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == (989.0, "bf16")
+    assert bench.peak_tflops("NVIDIA H100 PCIe", "bf16") == (756.0, "bf16")
+    assert bench.peak_tflops("NVIDIA A100-SXM4-40GB", "fp16") == (312.0, "fp16")
+    assert bench.peak_tflops("NVIDIA GeForce GTX 1080", "bf16") == (None, "bf16")
+    precision = torch.backends.cudnn.conv.fp32_precision
+    try:
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "none") == (156.0, "tf32")
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "none") == (67.0, "fp32")
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = precision
+
+
+def test_clock_laps_partition_the_time():
+    clock = bench.Clock(torch.device("cpu"))
+    begin = time.perf_counter()
+    clock.start()
+    time.sleep(0.02)
+    clock.lap("a")
+    time.sleep(0.01)
+    clock.lap("b")
+    time.sleep(0.01)
+    clock.lap("a")  # a repeated name accumulates
+    total = time.perf_counter() - begin
+    parts = clock.seconds()
+    assert list(parts) == ["a", "b"]
+    assert parts["a"] >= 0.03 and parts["b"] >= 0.01 and sum(parts.values()) <= total
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--crop-size", "16"], "--crop-size must be >= 33"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--width", "0"], "--width must be > 0"),
+    (["--device", "cpu", "--sync-check"], "--sync-check needs a CUDA device"),
+    (["--device", "cpu", "--amp", "fp16"], "--amp fp16 needs a CUDA device"),
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+])
+def test_bad_flags_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
