@@ -8,11 +8,12 @@ network's inherent work; a breakdown of the PCR step into its parts.
 Every step kind runs train.py's own functions on a synthetic batch (random images,
 random labels with 10% ignored pixels), so no dataset is needed. The kinds are timed
 in turns (supervised, inherent, meanteacher, PCR, breakdown, then again), which spreads
-the noise of a shared machine evenly over them; each figure is the median of --iters
+the noise of a shared machine evenly over them; each kind runs twice in a row and the
+second run is timed (steady state, as in training); each figure is the median of --iters
 repeats after --warmup rounds.
 
-CPU, the reference configuration of the README (~15 minutes on 2 cores; --iters 3
---warmup 1 for a quick look):
+CPU, the reference configuration of the README (~5 minutes on 2 idle cores, 20 on busy
+ones; --iters 1 --warmup 0 for a quick look):
     python bench.py --device cpu --backbone resnet18 --crop-size 129 --batch-size 4
 
 One GPU, the paper's VOC setting per GPU (4 + 4 images of 513 x 513, OS 8):
@@ -69,8 +70,8 @@ def parse_args(argv=None):
     a("--channels-last", action="store_true", help="channels_last memory format")
     a("--compile", action="store_true", help="torch.compile the student")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
-    a("--iters", type=int, default=10, help="timed repeats of every step kind (the median is reported)")
-    a("--warmup", type=int, default=2, help="untimed rounds first (cuDNN autotuning, compilation, caches)")
+    a("--iters", type=int, default=5, help="timed repeats of every step kind (the median is reported)")
+    a("--warmup", type=int, default=1, help="untimed rounds first (cuDNN autotuning, compilation, caches)")
     a("--peak-tflops", type=float, help="peak dense TFLOPS of the device for the MFU "
       "(default: from a table of known GPUs, by name and precision)")
     a("--sync-check", action="store_true", help="CUDA: run one PCR step under "
@@ -396,6 +397,10 @@ def measure(args, device):
     for round_index in range(args.warmup + args.iters):
         timed = round_index >= args.warmup
         for kind in STEP_KINDS:
+            # Twice, timing the second: the allocator then holds what this kind needs, as
+            # in training, where every iteration is of one kind (on CPU, memory that a
+            # smaller kind gave back to the OS costs page faults when touched again).
+            steps[kind](clock)
             reset_peak_memory(device)
             steps[kind](clock)
             laps = clock.seconds()
@@ -415,6 +420,8 @@ def measure(args, device):
                 parts.setdefault(name, []).append(seconds)
     result = {
         "times": {kind: statistics.median(values) for kind, values in times.items()},
+        # PCR and inherent of the same round ran seconds apart, under the same load
+        "paired_ratio": statistics.median(p / i for p, i in zip(times["pcr"], times["inherent"])),
         "memory": memory,
         "parts": {name: statistics.median(values) for name, values in parts.items()},
         "inherent_parts": {name: statistics.median(values) for name, values in inherent_parts.items()},
@@ -472,6 +479,10 @@ def report(args, device, name, result):
           f"{1000 * (total - inherent_total):>10.1f}")
     print(f"  (the steps timed alone: PCR {1000 * times['pcr']:.1f} ms, inherent {1000 * inherent:.1f} ms;"
           f" 'extra' = PCR's cost beyond the network's work)")
+    machinery = sum(seconds for part, seconds in parts.items() if part not in INHERENT_COUNTERPART)
+    print(f"PCR / inherent: {times['pcr'] / inherent:.3f} (medians), {result['paired_ratio']:.3f} "
+          f"(median of the per-round ratios); PCR's own parts outside the network passes: "
+          f"{1000 * machinery:.1f} ms = {100 * machinery / inherent:.1f}% of the inherent step")
 
     dim = result["feature_dim"]
     upsampled = upsampled_head_bytes(images, dim, args.crop_size, args.amp)
@@ -506,7 +517,8 @@ def report(args, device, name, result):
         "iters": args.iters, "warmup": args.warmup,
         "pcr_step_s": pcr, "supervised_step_s": times["supervised"],
         "meanteacher_step_s": times["meanteacher"], "inherent_s": inherent,
-        "overhead_ratio": pcr / inherent,
+        "overhead_ratio": pcr / inherent, "overhead_ratio_paired": result["paired_ratio"],
+        "machinery_s": machinery,
         "peak_mem_bytes": memory["pcr"], "peak_mem_bytes_by_step": memory,
         "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss_running",
         "breakdown_s": parts, "inherent_breakdown_s": inherent_parts, "upsampled_head_bytes": upsampled,

@@ -33,6 +33,7 @@ def test_main_prints_table_then_json(capsys):
     for key in ("pcr_step_s", "supervised_step_s", "meanteacher_step_s", "inherent_s"):
         assert summary[key] > 0
     assert summary["overhead_ratio"] == pytest.approx(summary["pcr_step_s"] / summary["inherent_s"])
+    assert summary["overhead_ratio_paired"] == pytest.approx(summary["overhead_ratio"])  # one round
     assert summary["peak_mem_bytes"] >= summary["peak_mem_bytes_by_step"]["supervised"] > 0
     breakdown = summary["breakdown_s"]
     assert list(breakdown) == PARTS and all(v > 0 for v in breakdown.values())
@@ -42,6 +43,8 @@ def test_main_prints_table_then_json(capsys):
     inherent_parts = summary["inherent_breakdown_s"]  # with one repeat they sum to the step
     assert sum(inherent_parts.values()) == pytest.approx(summary["inherent_s"])
     assert set(bench.INHERENT_COUNTERPART) <= set(breakdown)
+    own = [part for part in PARTS if part not in bench.INHERENT_COUNTERPART]
+    assert len(own) == 8 and summary["machinery_s"] == pytest.approx(sum(breakdown[p] for p in own))
     # the same channel count and crop in the analytic formula as in the run (width 0.125)
     assert summary["upsampled_head_bytes"] == 2 * 4 * 64 * 33 * 33 * 4
     assert summary["flops_per_pcr_step"] > 0 and summary["mfu"] is None  # MFU: CUDA only
