@@ -294,11 +294,11 @@ def _shape_mask(shape, xx, yy, cx, cy, radius, angle):
         return dx * dx + dy * dy <= radius ** 2
     if shape == "square":
         return np.maximum(np.abs(u), np.abs(v)) <= 0.85 * radius
-    if shape == "triangle":  # equilateral: inside the 3 edges at distance radius/2 from the centre
+    if shape == "triangle":  # equilateral, edges at 0.65 radius from the centre: about a disc's area
         inside = np.ones_like(dx, dtype=bool)
         for k in range(3):
             normal = angle + 2 * np.pi * k / 3
-            inside &= np.cos(normal) * dx + np.sin(normal) * dy <= 0.5 * radius
+            inside &= np.cos(normal) * dx + np.sin(normal) * dy <= 0.65 * radius
         return inside
     if shape == "ring":
         distance2 = dx * dx + dy * dy
@@ -369,9 +369,15 @@ def toy_sample(split, index):
         image[mask] = colour
 
     # Objects, drawn in order: later ones occlude earlier ones.
+    # The classes of one image are distinct, and image i features class i mod 5 + 1 on top,
+    # so that every class is seen (not occluded) in any five consecutive images: a few
+    # dozen labeled images then cover every class, as the field's labeled lists are made to.
     label = np.zeros((size, size), np.uint8)
-    for _ in range(rng.integers(TOY_OBJECTS[0], TOY_OBJECTS[1] + 1)):
-        class_id = int(rng.integers(1, len(TOY_CLASSES)))
+    count = rng.integers(TOY_OBJECTS[0], TOY_OBJECTS[1] + 1)
+    featured = index % (len(TOY_CLASSES) - 1) + 1
+    others = [k for k in range(1, len(TOY_CLASSES)) if k != featured]
+    for class_id in [*rng.permutation(others)[:count - 1], featured]:
+        class_id = int(class_id)
         family, texture = TOY_APPEARANCES[class_id - 1][rng.integers(2)]
         radius = rng.uniform(*TOY_RADIUS)
         cx, cy = rng.uniform(0.2 * radius, size - 0.2 * radius, 2)  # may leave the frame a little

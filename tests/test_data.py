@@ -107,6 +107,19 @@ def test_toy_splits_share_no_images():
     assert not digests["unlabeled"] & digests["val"]
 
 
+def test_toy_featured_class_is_visible_and_classes_are_balanced():
+    """Image i shows class i mod 5 + 1 on top (so any 5 consecutive images cover every
+    class), and no class dominates the default 16 labeled images."""
+    num_fg = len(data.TOY_CLASSES) - 1
+    objects_with_class = np.zeros(num_fg + 1)
+    for index in range(16):
+        _, label = data.toy_sample("labeled", index)
+        counts = np.bincount(label.ravel(), minlength=num_fg + 1)
+        assert counts[index % num_fg + 1] >= 30, (index, counts)
+        objects_with_class += counts > 0
+    assert objects_with_class[1:].min() >= 5, objects_with_class
+
+
 def test_toy_each_class_has_two_appearances_and_colour_is_shared():
     """Measured from the pixels: each fg class shows >= 2 colour families and both solid and
     textured instances; some colour family is used by >= 2 classes."""
