@@ -102,6 +102,11 @@ def parse_args(argv=None):
     a("--conf-threshold", type=float, help="teacher confidence needed for an unlabeled pixel to "
       "train the prototype head (gamma)")
     a("--aux-weight", type=float, help="weight of the auxiliary layer3 loss (0 = no aux head)")
+    a("--cutmix-prob", type=float, help="probability that an iteration's unlabeled batch is CutMixed "
+      "(paper: 0.5)")
+    a("--unsup-weight", type=float, help="weight of the unsupervised loss L_u (paper: 1)")
+    a("--proto-weight", type=float, help="weight of the prototype consistency loss (paper: 1)")
+    a("--ema-decay", type=float, help="upper bound of the teacher's EMA momentum (paper: 0.99)")
     a("--eval-mode", choices=["whole", "sliding", "center"], help="evaluation protocol")
     a("--eval-every", type=int, help="evaluate every N iterations (default: once per epoch)")
     a("--save-every", type=int, default=0, help="write last.pt every N iterations (0: at every evaluation)")
@@ -598,6 +603,37 @@ def build_everything(cfg, ctx):
     return data, student, teacher, bank, optimizer, scaler
 
 
+# flag -> (config key, lowest allowed, highest allowed, whether the lowest itself is allowed)
+FLAG_RANGES = {
+    "--width": ("width", 0, math.inf, False), "--crop-size": ("crop_size", 16, math.inf, True),
+    "--batch-size": ("batch_size", 1, math.inf, True), "--epochs": ("epochs", 1, math.inf, True),
+    "--iters": ("iters", 1, math.inf, True), "--warmup-iters": ("warmup_iters", 0, math.inf, True),
+    "--lr": ("lr", 0, math.inf, False), "--head-lr-mult": ("head_lr_mult", 0, math.inf, False),
+    "--weight-decay": ("weight_decay", 0, math.inf, True),
+    "--num-prototypes": ("num_prototypes", 1, math.inf, True),
+    "--conf-threshold": ("conf_threshold", 0, 1, True), "--aux-weight": ("aux_weight", 0, math.inf, True),
+    "--cutmix-prob": ("cutmix_prob", 0, 1, True), "--unsup-weight": ("unsup_weight", 0, math.inf, True),
+    "--proto-weight": ("proto_weight", 0, math.inf, True), "--ema-decay": ("ema_decay", 0, 1, True),
+    "--eval-every": ("eval_every", 1, math.inf, True), "--save-every": ("save_every", 0, math.inf, True),
+    "--log-every": ("log_every", 1, math.inf, True), "--workers": ("workers", 0, math.inf, True),
+}
+
+
+def check_flags(cfg):
+    """Reject out-of-range numbers before anything is built (the flag is named)."""
+    for flag, (key, low, high, low_ok) in FLAG_RANGES.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if not (math.isfinite(value) and (value >= low if low_ok else value > low) and value <= high):
+            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high < math.inf else "")
+            raise SetupError(f"{flag} {value}: must be {bound}")
+    if (cfg["method"] != "supervised" and cfg["warmup_iters"] is not None and cfg["iters"]
+            and cfg["warmup_iters"] >= cfg["iters"]):
+        raise SetupError(f"--warmup-iters {cfg['warmup_iters']} leaves no semi-supervised iteration "
+                         f"of --iters {cfg['iters']}")
+
+
 def check_batches(cfg, ctx, data):
     if cfg["batch_size"] % ctx.world:
         raise SetupError(
@@ -727,6 +763,7 @@ def main(argv=None):
         print(json.dumps(cfg, indent=2))
         return 0
     try:
+        check_flags(cfg)
         ctx = Context(cfg["device"])
         if not cfg["resume"] and os.path.exists(os.path.join(cfg["out"], "last.pt")):
             raise SetupError(f"--out {cfg['out']} already holds a run (last.pt); continue it "

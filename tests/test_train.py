@@ -165,3 +165,25 @@ def test_bad_inputs_exit_nonzero_naming_the_culprit(tmp_path, capsys):
     assert code == 2 and "--num-classes" in err
     with pytest.raises(SystemExit):  # argparse: not a method
         train.parse_args(["--method", "fixmatch"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-0.01"], "--lr -0.01: must be > 0"),
+    (["--cutmix-prob", "1.5"], "--cutmix-prob 1.5: must be >= 0 and <= 1"),
+    (["--conf-threshold", "nan"], "--conf-threshold nan: must be >= 0 and <= 1"),
+    (["--num-prototypes", "0"], "--num-prototypes 0: must be >= 1"),
+    (["--iters", "4", "--warmup-iters", "4"], "--warmup-iters 4 leaves no semi-supervised iteration"),
+])
+def test_out_of_range_flags_stop_before_anything_is_built(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    code, _, err = run_main(TINY + flags + ["--out", str(out)], capsys)
+    assert code == 2 and message in err.strip().splitlines()[-1]
+    assert not out.exists()  # nothing written: the run stops before the run directory exists
+
+
+def test_loss_weight_and_cutmix_flags_reach_the_config(tmp_path, capsys):
+    code, out, _ = run_main(["--cutmix-prob", "1", "--unsup-weight", "2", "--proto-weight", "0.5",
+                             "--ema-decay", "0.999", "--print-config"], capsys)
+    config = json.loads(out)
+    assert code == 0 and (config["cutmix_prob"], config["unsup_weight"], config["proto_weight"],
+                          config["ema_decay"]) == (1.0, 2.0, 0.5, 0.999)
