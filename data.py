@@ -454,36 +454,22 @@ def _index_and_seed(item):
     return int(item), int(item)
 
 
-class LabeledDataset(Dataset):
-    """item (index, seed) -> image float32 (3, c, c), label int64 (c, c) (255 on padding)."""
+class TrainDataset(Dataset):
+    """Weakly augmented training crops (METHOD.md step 1), item (index, seed) ->
+    labeled:   image float32 (3, c, c), label int64 (c, c) (255 on padding);
+    unlabeled: image float32 (3, c, c), padding bool (c, c) (True = no image there)."""
 
-    def __init__(self, source, crop_size):
-        self.source, self.crop_size = source, crop_size
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, item):
-        index, seed = _index_and_seed(item)
-        image, label, _ = self.source.load(index)
-        image, label, _ = weak_augment(image, label, self.crop_size, np.random.default_rng(seed))
-        return image, label
-
-
-class UnlabeledDataset(Dataset):
-    """item (index, seed) -> image float32 (3, c, c), padding bool (c, c) (True = no image there)."""
-
-    def __init__(self, source, crop_size):
-        self.source, self.crop_size = source, crop_size
+    def __init__(self, source, crop_size, labeled):
+        self.source, self.crop_size, self.labeled = source, crop_size, labeled
 
     def __len__(self):
         return len(self.source)
 
     def __getitem__(self, item):
         index, seed = _index_and_seed(item)
-        image, _, _ = self.source.load(index, with_label=False)
-        image, _, padding = weak_augment(image, None, self.crop_size, np.random.default_rng(seed))
-        return image, padding
+        image, label, _ = self.source.load(index, with_label=self.labeled)
+        image, label, padding = weak_augment(image, label, self.crop_size, np.random.default_rng(seed))
+        return image, (label if self.labeled else padding)
 
 
 class ValDataset(Dataset):
@@ -895,8 +881,8 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
                 handle.write("".join(line + "\n" for line in lines))
     return Data(
         name=dataset, num_classes=num_classes, class_names=list(class_names), palette=palette,
-        labeled=LabeledDataset(make_source(splits["labeled"][0]), crop_size),
-        unlabeled=UnlabeledDataset(make_source(splits["unlabeled"][0]), crop_size),
+        labeled=TrainDataset(make_source(splits["labeled"][0]), crop_size, labeled=True),
+        unlabeled=TrainDataset(make_source(splits["unlabeled"][0]), crop_size, labeled=False),
         val=ValDataset(make_source(splits["val"][0])),
         lists=lists,
     )

@@ -716,6 +716,14 @@ def check_replicas_equal(teacher, bank, ctx):
     ctx.log(f"replicas: {what} identical on {ctx.world} processes")
 
 
+def reduce_log_sums(log_sums, world):
+    """In place over all processes: the loss sums (first 3) averaged, so the progress line
+    shows the global batch's losses; the non-finite step count (last) summed."""
+    dist.all_reduce(log_sums)
+    log_sums[:3] /= world
+    return log_sums
+
+
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
@@ -895,6 +903,7 @@ def main(argv=None):
         if done % cfg["log_every"] == 0 or done == total:
             if ctx.world > 1:  # a NaN on one process stops all of them together
                 dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+                reduce_log_sums(log_sums, ctx.world)
             sums = log_sums.tolist()
             if int(longest) >= 5:
                 bad = [n for n, b in zip(("sup", "unsup", "proto"), last_bad.tolist()) if b]

@@ -211,3 +211,25 @@ def test_check_replicas_equal_finds_swapped_values(monkeypatch):
     prototypes[[0, 1]] = prototypes[[1, 0]].clone()
     with pytest.raises(RuntimeError, match="different prototypes"):
         check_against(monkeypatch, mine, other)
+
+
+# ------------------------------------------------------------------ progress-line losses
+
+def log_sums_worker(rank, world, init_file, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world)
+    try:
+        # rank r: loss sums (1 + r, 10 (1 + r), 100 (1 + r)) and 2r non-finite steps
+        mine = torch.tensor([1.0, 10.0, 100.0, 0.0]) * (1 + rank) + torch.tensor([0, 0, 0, 2.0 * rank])
+        torch.save(train.reduce_log_sums(mine, world), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_progress_losses_are_averaged_over_processes(tmp_path):
+    torch.multiprocessing.spawn(log_sums_worker, args=(3, str(tmp_path / "init"), str(tmp_path)),
+                                nprocs=3, join=True)
+    for rank in range(3):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        # losses: the mean of 1, 2, 3 (x 1, 10, 100); non-finite steps: 0 + 2 + 4, summed
+        assert result.tolist() == [2.0, 20.0, 200.0, 6.0]
