@@ -656,6 +656,10 @@ def check_batches(cfg, ctx, data):
     cfg["epochs"] = math.ceil(cfg["total_iters"] / cfg["iters_per_epoch"])
     if cfg["warmup_iters"] is None:
         cfg["warmup_iters"] = min(cfg["iters_per_epoch"], cfg["total_iters"] // 2)
+    elif cfg["method"] != "supervised" and cfg["warmup_iters"] >= cfg["total_iters"]:
+        raise SetupError(f"--warmup-iters {cfg['warmup_iters']} leaves no semi-supervised iteration "
+                         f"of {cfg['total_iters']} (--epochs {cfg['epochs']} x "
+                         f"{cfg['iters_per_epoch']} per epoch)")
     cfg["eval_every"] = cfg["eval_every"] or cfg["iters_per_epoch"]
     cfg["save_every"] = cfg["save_every"] or cfg["eval_every"]
 

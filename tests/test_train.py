@@ -187,3 +187,11 @@ def test_loss_weight_and_cutmix_flags_reach_the_config(tmp_path, capsys):
     config = json.loads(out)
     assert code == 0 and (config["cutmix_prob"], config["unsup_weight"], config["proto_weight"],
                           config["ema_decay"]) == (1.0, 2.0, 0.5, 0.999)
+
+
+def test_warmup_longer_than_the_epochs_stops(tmp_path, capsys):
+    # 480 unlabeled / batch 2 = 240 iterations per epoch: one epoch cannot hold 240 warm-up ones
+    code, _, err = run_main(TINY + ["--epochs", "1", "--warmup-iters", "240", "--out", str(tmp_path)],
+                            capsys)
+    assert code == 2 and ("--warmup-iters 240 leaves no semi-supervised iteration of 240 "
+                          "(--epochs 1 x 240 per epoch)") in err.strip().splitlines()[-1]
