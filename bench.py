@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from cutmix import cutmix_mask, mix
-from model import build_model, param_groups
+from model import build_model
 from prototypes import PrototypeBank, sample_features, sample_points
 
 # Dense peak TFLOPS: (name fragment, bf16/fp16, tf32, fp32). The first matching fragment
@@ -209,13 +209,9 @@ def build_run(args, device):
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     bank = PrototypeBank(args.num_classes, cfg["num_prototypes"], student.feature_dim,
                          cfg["proto_momentum"], cfg["temperature"]).to(device)
-    groups = param_groups(student, cfg["lr"], cfg["lr"] * cfg["head_lr_mult"])
-    optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
-                                weight_decay=cfg["weight_decay"], fused=True)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if args.amp == "fp16" else 1.0,
-                                  growth_interval=2000 if args.amp == "fp16" else 2**30)
+    optimizer, scaler = train.make_optimizer(student, cfg, device)
     model = torch.compile(student, dynamic=False) if args.compile else student
-    return SimpleNamespace(cfg=cfg, ctx=SimpleNamespace(device=device), model=model, student=student,
+    return SimpleNamespace(cfg=cfg, ctx=SimpleNamespace(device=device, world=1), model=model, student=student,
                            teacher=teacher, bank=bank, optimizer=optimizer, scaler=scaler,
                            step_rng=torch.Generator().manual_seed(0), it=cfg["iters_per_epoch"])
 
@@ -239,25 +235,14 @@ def synthetic_batch(batch_size, crop, num_classes, device, channels_last, seed=0
 
 def loop_iteration(run, batch, method):
     """One iteration of train.py's loop (its lr schedule and log bookkeeping aside):
-    train_step, backward, SGD step, prototype update, EMA. Returns the loss terms."""
+    train.train_iteration. Returns the loss terms."""
     cfg = dict(run.cfg, method=method)
     semi = method != "supervised"
     if not semi:
         batch = {"labeled": batch["labeled"]}
-    terms, update = train.train_step(batch, (run.model, run.teacher if semi else None,
-                                             run.bank if method == "pcr" else None),
-                                     cfg, run.ctx, run.it, run.step_rng)
-    loss = sum(terms.values())
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    finite = torch.isfinite(loss)
-    if update is not None:
-        point_feature, target, nearest = update
-        run.bank.update(point_feature, target.masked_fill(~finite, train.IGNORE), nearest)
-    if semi:
-        train.ema_update(run.teacher, run.student, train.ema_alpha(run.it, cfg["ema_decay"]))
+    models = (run.model, run.teacher if semi else None, run.bank if method == "pcr" else None)
+    terms, _ = train.train_iteration(batch, models, run.optimizer, run.scaler, cfg, run.ctx, run.it,
+                                     run.step_rng, semi)
     return terms
 
 
@@ -279,7 +264,7 @@ def inherent_iteration(run, batch, clock):
     run.scaler.scale(loss).backward()
     clock.lap("backward (network)")
     run.scaler.step(run.optimizer)
-    run.scaler.update()
+    run.scaler.update(None if run.cfg["amp"] == "fp16" else 1.0)
     clock.lap("optimizer step")
 
 
@@ -293,14 +278,16 @@ INHERENT_COUNTERPART = {"teacher forward + pseudo-labels": "teacher forward",
 def pcr_iteration_parts(run, batch, clock):
     """loop_iteration(run, batch, "pcr") cut into parts, with clock.lap after each.
 
-    The calls and their order are train.train_step's (PCR branch) followed by the loop's
-    backward / step / prototype update / EMA; tests/test_bench.py checks that both give
-    identical results. Returns the loss terms.
+    The calls and their order are train.train_iteration's (PCR branch of train_step, then
+    backward / step / BN-statistics guard / prototype update / EMA); tests/test_bench.py
+    checks that both give identical results. Returns the loss terms.
     """
     cfg, ctx = run.cfg, run.ctx
     image_l, label_l = batch["labeled"]
     image_u, padding_u = batch["unlabeled"]
+    bn_stats = [b for b in run.student.buffers() if b.dtype.is_floating_point]
     clock.start()
+    saved_bn_stats = torch.cat([b.reshape(-1) for b in bn_stats])
     pseudo_label, confidence, entropy = train.teacher_predict(run.teacher, image_u, padding_u, cfg, ctx)
     clock.lap("teacher forward + pseudo-labels")
     height, width = image_u.shape[-2:]
@@ -336,9 +323,10 @@ def pcr_iteration_parts(run, batch, clock):
     run.scaler.scale(loss).backward()
     clock.lap("backward (network + losses)")
     run.scaler.step(run.optimizer)
-    run.scaler.update()
-    clock.lap("optimizer step")
+    run.scaler.update(None if cfg["amp"] == "fp16" else 1.0)
     finite = torch.isfinite(loss)
+    train.restore_buffers_if(~finite, bn_stats, saved_bn_stats)
+    clock.lap("optimizer step")
     run.bank.update(point_feature.detach(), target.masked_fill(~finite, train.IGNORE), nearest)
     clock.lap("prototype update")
     train.ema_update(run.teacher, run.student, train.ema_alpha(run.it, cfg["ema_decay"]))

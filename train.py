@@ -557,6 +557,35 @@ def train_step(batch, models, cfg, ctx, it, step_rng):
     return terms, (point_feature.detach(), target, nearest)
 
 
+def train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, step_rng, semi):
+    """train_step, then steps 8-10: backward, SGD step, prototype update, teacher EMA.
+    Returns the loss terms and `finite` (0-dim bool on the device). A non-finite loss
+    leaves no trace: the scaler skips the step, the BN statistics that the forward pass
+    updated are restored, and no pixel reaches the prototypes. No host sync."""
+    model, teacher, bank = models
+    student = unwrap(model)
+    bn_stats = [b for b in student.buffers() if b.dtype.is_floating_point]
+    saved_bn_stats = torch.cat([b.reshape(-1) for b in bn_stats])  # for a skipped step
+    terms, update = train_step(batch, models, cfg, ctx, it, step_rng)
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # skipped on the device when a gradient is not finite
+    scaler.update(None if cfg["amp"] == "fp16" else 1.0)  # 1 stays 1: no backoff to 0
+    finite = torch.isfinite(loss)
+    restore_buffers_if(~finite, bn_stats, saved_bn_stats)
+    # 9. prototype update with this iteration's features (pre-update nearest prototypes)
+    if update is not None:
+        point_feature, target, nearest = update
+        bank.update(point_feature, target.masked_fill(~finite, IGNORE), nearest)
+    if ctx.world > 1 and ctx.device.type != "cuda":  # plain BN: see average_buffers
+        average_buffers(student, ctx)
+    # 10. teacher follows the student
+    if semi:
+        ema_update(teacher, student, ema_alpha(it - cfg["warmup_iters"], cfg["ema_decay"]))
+    return terms, finite
+
+
 # ----------------------------------------------------------------------------------------
 
 def build_everything(cfg, ctx):
@@ -591,6 +620,13 @@ def build_everything(cfg, ctx):
             torch.manual_seed(cfg["seed"] + 1)
             bank = PrototypeBank(data.num_classes, cfg["num_prototypes"], student.feature_dim,
                                  cfg["proto_momentum"], cfg["temperature"]).to(ctx.device)
+    optimizer, scaler = make_optimizer(student, cfg, ctx.device)
+    return data, student, teacher, bank, optimizer, scaler
+
+
+def make_optimizer(student, cfg, device):
+    """SGD over the backbone / head parameter groups (each remembers its base_lr for the
+    poly schedule) and the GradScaler that guards every step."""
     groups = param_groups(student, cfg["lr"], cfg["lr"] * cfg["head_lr_mult"])
     for g in groups:
         g["base_lr"] = g["lr"]
@@ -598,9 +634,9 @@ def build_everything(cfg, ctx):
     optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"], fused=True)
     # fp16 needs loss scaling; for bf16/fp32 a scale of 1 just detects non-finite steps
-    scaler = torch.amp.GradScaler(ctx.device.type, init_scale=2.0**16 if cfg["amp"] == "fp16" else 1.0,
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if cfg["amp"] == "fp16" else 1.0,
                                   growth_interval=2000 if cfg["amp"] == "fp16" else 2**30)
-    return data, student, teacher, bank, optimizer, scaler
+    return optimizer, scaler
 
 
 # flag -> (config key, lowest allowed, highest allowed, whether the lowest itself is allowed)
@@ -825,8 +861,8 @@ def main(argv=None):
             states = [rng_state(step_rng)]
         if not ctx.main:
             return
-        weights = unwrap(student).state_dict().values()
-        if not all(bool(torch.isfinite(v).all()) for v in weights if v.is_floating_point()):
+        weights = [v for v in unwrap(student).state_dict().values() if v.is_floating_point()]
+        if not bool(torch.stack([torch.isfinite(v).all() for v in weights]).all()):  # one sync
             ctx.log(f"warning: the student holds non-finite values at iteration {it}; {name} "
                     "not written, so the last good checkpoint stays")
             return
@@ -851,7 +887,6 @@ def main(argv=None):
     last_bad = torch.zeros(3, device=ctx.device)
     timer, last_metrics = time.time(), None
     images_per_iter = cfg["batch_size"] * (1 if cfg["method"] == "supervised" else 2)
-    bn_stats = [b for b in unwrap(student).buffers() if b.dtype.is_floating_point]
 
     for it in range(start_iter, total):
         semi = cfg["method"] != "supervised" and it >= cfg["warmup_iters"]
@@ -870,27 +905,11 @@ def main(argv=None):
             for x in batch.values():
                 x[0] = x[0].contiguous(memory_format=torch.channels_last)
 
-        # 8. learning rate, loss, SGD step
+        # 8. poly learning rate; then steps 2-10 (train_step, SGD, prototype update, EMA)
         for g in optimizer.param_groups:
             g["lr"] = poly_lr(g["base_lr"], it, total, cfg["poly_power"])
-        saved_bn_stats = torch.cat([b.reshape(-1) for b in bn_stats])  # for a skipped step
-        terms, update = train_step(batch, (model, teacher, bank), cfg, ctx, it, step_rng)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)  # skipped on the device when a gradient is not finite
-        scaler.update(None if cfg["amp"] == "fp16" else 1.0)  # 1 stays 1: no backoff to 0
-        finite = torch.isfinite(loss)
-        restore_buffers_if(~finite, bn_stats, saved_bn_stats)
-        # 9. prototype update with this iteration's features (pre-update nearest prototypes)
-        if update is not None:
-            point_feature, target, nearest = update
-            bank.update(point_feature, target.masked_fill(~finite, IGNORE), nearest)
-        if ctx.world > 1 and ctx.device.type != "cuda":  # plain BN: see average_buffers
-            average_buffers(unwrap(student), ctx)
-        # 10. teacher follows the student
-        if semi:
-            ema_update(teacher, unwrap(student), ema_alpha(it - cfg["warmup_iters"], cfg["ema_decay"]))
+        terms, finite = train_iteration(batch, (model, teacher, bank), optimizer, scaler, cfg, ctx,
+                                        it, step_rng, semi)
 
         # bookkeeping on the device; read back only at the logging interval
         values = torch.stack([terms.get(k, torch.zeros((), device=ctx.device)).detach().float()

@@ -59,7 +59,7 @@ def _state(run):
 def test_breakdown_is_train_step_and_the_loop_body():
     """pcr_iteration_parts re-sequences train.py's calls with timers between them: from the
     same state it must give the same losses, weights, teacher, prototypes and RNG state
-    as train.train_step followed by the loop's backward/step/update/EMA (loop_iteration)."""
+    as train.train_iteration (loop_iteration): train_step, backward, step, updates, EMA."""
     args = bench.parse_args(TINY)
     device = torch.device("cpu")
     reference, timed = bench.build_run(args, device), bench.build_run(args, device)
