@@ -22,6 +22,10 @@ One GPU, the paper's VOC setting per GPU (4 + 4 images of 513 x 513, OS 8):
     python bench.py --device cuda --backbone resnet101 --crop-size 513 --batch-size 4  # fp32 / TF32
     add --sync-check to prove that the PCR step never waits for the GPU
 
+The prototype update alone, against the per-class, per-prototype loop it replaces
+(issue 2's comparison: N = 16384, 21 classes x 4 prototypes, 512-d):
+    python bench.py --device cpu --prototype-update
+
 The last line printed is one JSON object (for scripts); the table above it is for people.
 """
 import argparse
@@ -74,12 +78,18 @@ def parse_args(argv=None):
     a("--warmup", type=int, default=1, help="untimed rounds first (cuDNN autotuning, compilation, caches)")
     a("--peak-tflops", type=float, help="peak dense TFLOPS of the device for the MFU "
       "(default: from a table of known GPUs, by name and precision)")
+    a("--prototype-update", action="store_true", help="time only PrototypeBank.update (given "
+      "`nearest`) against a per-class, per-prototype loop and one read of the features, at "
+      "--points x 512-d features and --num-classes x --prototypes; 10 x --iters repeats")
+    a("--points", type=int, default=16384, help="--prototype-update: sampled pixels N")
+    a("--prototypes", type=int, default=4, help="--prototype-update: prototypes per class")
     a("--sync-check", action="store_true", help="CUDA: run one PCR step under "
       "torch.cuda.set_sync_debug_mode('error'); fails if the step waits for the GPU")
     args = p.parse_args(argv)
     for flag, value, low in (("--crop-size", args.crop_size, 33), ("--batch-size", args.batch_size, 1),
                              ("--num-classes", args.num_classes, 2), ("--iters", args.iters, 1),
-                             ("--warmup", args.warmup, 0)):
+                             ("--warmup", args.warmup, 0), ("--points", args.points, 1),
+                             ("--prototypes", args.prototypes, 1)):
         if value < low:
             p.error(f"{flag} must be >= {low}, got {value}")
     if args.threads is not None and args.threads < 1:
@@ -423,6 +433,72 @@ def measure(args, device):
     return result
 
 
+# ----------------------------------------------------------------------------------------
+# --prototype-update: the update alone against the loop it replaces
+
+def loop_prototype_update(prototypes, features, targets, nearest, momentum):
+    """The per-class, per-prototype loop with boolean masks (how the original did it):
+    the baseline of --prototype-update and the reference of tests/test_prototypes.py."""
+    prototypes = prototypes.clone()
+    num_classes, num_prototypes, _ = prototypes.shape
+    for k in range(num_classes):
+        for m in range(num_prototypes):
+            assigned = (targets == k) & (nearest[:, k] == m)
+            if assigned.sum().item() > 0:
+                prototypes[k, m] = (momentum * prototypes[k, m]
+                                    + (1 - momentum) * features[assigned].mean(dim=0))
+    return prototypes
+
+
+def measure_prototype_update(args, device, dim=512):
+    """Medians of the loop, bank.update and features.sum(0) (one read of the features,
+    the floor for anything that reads them), timed in turns; and the largest difference
+    between the loop's and the update's prototypes."""
+    generator = torch.Generator().manual_seed(0)
+    bank = PrototypeBank(args.num_classes, args.prototypes, dim).to(device)
+    features = torch.randn(args.points, dim, generator=generator).to(device)
+    targets = torch.randint(0, args.num_classes, (args.points,), generator=generator).to(device)
+    targets[::10] = train.IGNORE
+    _, nearest = bank(features)
+    start = bank.prototypes.clone()
+    expected = loop_prototype_update(start, features, targets, nearest, bank.momentum)
+    bank.update(features, targets, nearest)
+    max_abs_diff = (bank.prototypes - expected).abs().max().item()
+    kinds = {"loop": lambda: loop_prototype_update(start, features, targets, nearest, bank.momentum),
+             "update": lambda: bank.update(features, targets, nearest),
+             "read": lambda: features.sum(dim=0)}
+    times = {kind: [] for kind in kinds}
+    clock = Clock(device)
+    for round_ in range(args.warmup + 10 * args.iters):
+        for kind, run in kinds.items():
+            clock.start()
+            run()
+            clock.lap(kind)
+            if round_ >= args.warmup:
+                times[kind].append(clock.seconds()[kind])
+    return {kind: statistics.median(values) for kind, values in times.items()}, max_abs_diff
+
+
+def report_prototype_update(args, name, times, max_abs_diff):
+    print(f"prototype update: N = {args.points} points x 512-d, {args.num_classes} classes x "
+          f"{args.prototypes} prototypes, 10% ignored")
+    print(f"device: {name} | load average {os.getloadavg()[0]:.2f} (1 min)")
+    print(f"median of {10 * args.iters} repeats after {args.warmup} warm-up round(s)\n")
+    print(f"{'':<40}{'ms':>8}{'loop / this':>14}")
+    labels = {"loop": "per-class, per-prototype loop", "update": "PrototypeBank.update",
+              "read": "one read of the features (sum(0))"}
+    for kind, label in labels.items():
+        print(f"{label:<40}{1000 * times[kind]:>8.2f}{times['loop'] / times[kind]:>14.2f}")
+    print(f"largest |update - loop| over the prototypes: {max_abs_diff:.2e}")
+    summary = {"device": name, "points": args.points, "num_classes": args.num_classes,
+               "prototypes": args.prototypes, "threads": torch.get_num_threads(),
+               "loop_s": times["loop"], "update_s": times["update"], "read_s": times["read"],
+               "speedup": times["loop"] / times["update"], "update_over_read": times["update"] / times["read"],
+               "max_abs_diff": max_abs_diff}
+    print(json.dumps(summary))
+    return summary
+
+
 def human_bytes(n):
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -538,6 +614,9 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     name = device_name(device)
+    if args.prototype_update:
+        report_prototype_update(args, name, *measure_prototype_update(args, device))
+        return 0
     result = measure(args, device)
     summary = report(args, device, name, result)
     return 1 if args.sync_check and summary["sync_check"] != "passed" else 0

@@ -93,14 +93,17 @@ class PrototypeBank(nn.Module):
         num_slots = num_classes * num_prototypes
         valid = (targets >= 0) & (targets < num_classes)                           # (N,)
         safe_target = targets.clamp(0, num_classes - 1)
-        nearest_in_target = nearest.gather(1, safe_target[:, None]).squeeze(1)    # (N,)
-        # Skipped pixels go to an extra slot K*M that is dropped afterwards: no
-        # data-dependent mask indexing (a host sync on GPU), no masked copy of the features.
+        # nearest[n, target[n]]; advanced indexing, as gather is ~2x slower on CPU when
+        # `nearest` has left the cache (it has, after the backward pass).
+        rows = torch.arange(features.shape[0], device=targets.device)
+        nearest_in_target = nearest[rows, safe_target]                              # (N,)
+        # Skipped pixels go to slot K*M, which sum_rows_by_index drops: no data-dependent
+        # mask indexing (a host sync on GPU), no masked copy of the features.
         slot = torch.where(valid, safe_target * num_prototypes + nearest_in_target, num_slots)
         features = features.to(self.prototypes.dtype)
         with torch.autocast(device_type=features.device.type, enabled=False):   # float32 sums
-            sums, counts = sum_rows_by_index(features, slot, num_slots + 1)
-        stats = torch.cat([sums[:num_slots], counts[:num_slots, None]], dim=1)    # (K*M, D+1)
+            sums, counts = sum_rows_by_index(features, slot, num_slots)
+        stats = torch.cat([sums, counts[:, None]], dim=1)                       # (K*M, D+1)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)     # one collective for both
         sums, counts = stats[:, :dim], stats[:, dim:]                            # (K*M, D), (K*M, 1)
@@ -144,29 +147,33 @@ class PrototypeBank(nn.Module):
         return initialised.to(self.prototypes.device)
 
 
-def sum_rows_by_index(values, index, num_rows, sparse=None):
-    """Per-row sums and counts of a scatter, without a host sync.
+def sum_rows_by_index(values, index, num_rows, grouped=None):
+    """Per-row sums and counts of a scatter, without a host-device sync.
 
-    values (N, D), index (N,) int64 in [0, num_rows) -> sums (num_rows, D) with
-    sums[r] = sum of values[n] over the n with index[n] == r, and counts (num_rows,)
-    of those n, in values' dtype. On CPU (sparse=None -> not CUDA) the sums are a sparse
-    (num_rows, N) 0/1 matrix times `values`; measured at N = 16k, D = 512 on 2 cores,
-    that is ~2x faster than index_add_ on one thread and ~3x on two threads sharing the
-    cores with another process (index_add_ wins by ~1.3x on two idle threads). On CUDA
-    index_add_ (atomics): sparse.mm coalesces the matrix there, and bincount sizes its
-    output from the data, both of which sync with the host.
+    values (N, D), index (N,) int64 in [0, num_rows]; index == num_rows drops the row.
+    Returns sums (num_rows, D) with sums[r] = sum of values[n] over the n with
+    index[n] == r, and counts (num_rows,) of those n, in values' dtype.
+    grouped=None picks by device. CPU (grouped): sort the rows by index, then one
+    embedding_bag sums each contiguous group, reading only the kept rows once and in
+    parallel over groups. Measured at N = 16k, D = 512, 85 rows, on a 2-core EPYC, as
+    multiples of one plain read of `values` (values.sum(0)), 2 threads / 1 thread:
+    grouped 1.3x / 1.2x, index_add_ 1.3-1.5x / 1.5x, sparse (num_rows, N) matmul
+    1.6-1.8x / 1.0x (single-threaded). CUDA: index_add_ (atomics) for sums and counts,
+    since the grouped path and bincount both read a number on the host.
     """
-    if sparse is None:
-        sparse = not values.is_cuda
-    if not sparse:
-        sums = values.new_zeros(num_rows, values.shape[1]).index_add_(0, index, values)
-        counts = values.new_zeros(num_rows).index_add_(0, index, values.new_ones(values.shape[0]))
-        return sums, counts
-    column = torch.arange(values.shape[0], device=values.device)
-    matrix = torch.sparse_coo_tensor(torch.stack([index, column]), values.new_ones(values.shape[0]),
-                                     (num_rows, values.shape[0]), check_invariants=False)
-    counts = torch.bincount(index, minlength=num_rows).to(values.dtype)
-    return torch.sparse.mm(matrix, values), counts
+    if grouped is None:
+        grouped = not values.is_cuda
+    if not grouped:  # no bincount here: on CUDA it reads the largest index on the host
+        sums = values.new_zeros(num_rows + 1, values.shape[1]).index_add_(0, index, values)
+        counts = values.new_zeros(num_rows + 1).index_add_(0, index, values.new_ones(index.shape[0]))
+        return sums[:num_rows], counts[:num_rows]
+    counts = torch.bincount(index, minlength=num_rows + 1)[:num_rows]             # (num_rows,)
+    order = torch.sort(index).indices          # kept rows first, grouped by index
+    ends = counts.cumsum(0)                                                       # (num_rows,)
+    kept = order[:int(ends[-1])]               # a host read, free on CPU
+    offsets = torch.cat([ends.new_zeros(1), ends])                                # (num_rows + 1,)
+    sums = F.embedding_bag(kept, values.contiguous(), offsets, mode="sum", include_last_offset=True)
+    return sums, counts.to(values.dtype)
 
 
 def _draw(weights, count, generator):

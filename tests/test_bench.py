@@ -151,6 +151,30 @@ def test_clock_laps_partition_the_time():
     assert parts["a"] >= 0.03 and parts["b"] >= 0.01 and sum(parts.values()) <= total
 
 
+def test_prototype_update_mode_matches_the_loop(capsys):
+    argv = ["--device", "cpu", "--prototype-update", "--points", "3000", "--num-classes", "6",
+            "--prototypes", "3", "--iters", "1", "--warmup", "0"]
+    assert bench.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert "PrototypeBank.update" in "\n".join(lines[:-1])
+    assert (summary["points"], summary["num_classes"], summary["prototypes"]) == (3000, 6, 3)
+    assert 0 <= summary["max_abs_diff"] <= 1e-6
+    assert min(summary["loop_s"], summary["update_s"], summary["read_s"]) > 0
+    assert summary["speedup"] == pytest.approx(summary["loop_s"] / summary["update_s"])
+
+
+def test_loop_prototype_update_by_hand():
+    # 2 classes x 2 prototypes of 2-d; pixel 2 is ignored, prototype (1, 0) gets nothing.
+    prototypes = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[2.0, 2.0], [-1.0, 0.0]]])
+    features = torch.tensor([[3.0, 1.0], [5.0, 3.0], [9.0, 9.0], [0.0, 4.0]])
+    targets = torch.tensor([0, 0, 255, 1])
+    nearest = torch.tensor([[0, 1], [0, 0], [1, 1], [1, 1]])
+    out = bench.loop_prototype_update(prototypes, features, targets, nearest, 0.5)
+    expected = torch.tensor([[[2.5, 1.0], [0.0, 1.0]], [[2.0, 2.0], [-0.5, 2.0]]])
+    torch.testing.assert_close(out, expected)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--crop-size", "16"], "--crop-size must be >= 33"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
@@ -158,6 +182,7 @@ def test_clock_laps_partition_the_time():
     (["--device", "cpu", "--sync-check"], "--sync-check needs a CUDA device"),
     (["--device", "cpu", "--amp", "fp16"], "--amp fp16 needs a CUDA device"),
     (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--prototype-update", "--points", "0"], "--points must be >= 1"),
 ])
 def test_bad_flags_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

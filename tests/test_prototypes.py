@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from bench import loop_prototype_update
 from prototypes import PrototypeBank, sample_features, sample_points, sum_rows_by_index
 
 
@@ -195,44 +196,42 @@ def test_update_accepts_bf16_features():
     torch.testing.assert_close(bank.prototypes.double(), expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("sparse", [True, False])
-def test_sum_rows_by_index_both_paths(sparse):
+@pytest.mark.parametrize("grouped", [True, False])
+def test_sum_rows_by_index_both_paths(grouped):
     torch.manual_seed(0)
     values = torch.randn(50, 4)
-    index = torch.randint(0, 6, (50,))
+    index = torch.randint(0, 8, (50,))                        # 7 = dropped
     index[index == 2] = 3                                     # row 2 gets nothing
-    expected = torch.zeros(7, 4, dtype=torch.float64)         # row 6 gets nothing either
+    index[index == 6] = 7                                     # row 6 gets nothing either
+    expected = torch.zeros(8, 4, dtype=torch.float64)
     for n in range(50):
         expected[index[n]] += values[n].double()
-    sums, counts = sum_rows_by_index(values, index, 7, sparse=sparse)
+    sums, counts = sum_rows_by_index(values, index, 7, grouped=grouped)
     assert sums.shape == (7, 4) and sums.dtype == torch.float32 and sums.layout == torch.strided
-    torch.testing.assert_close(sums.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sums.double(), expected[:7], rtol=0, atol=1e-5)
     assert counts.dtype == torch.float32
     assert counts.tolist() == [float((index == r).sum()) for r in range(7)]
+    assert (index == 7).sum() > 0 and counts.sum() < 50
 
 
-def loop_update(prototypes, features, targets, nearest, momentum):
-    """The per-class, per-prototype loop with boolean masks (how the original did it)."""
-    prototypes = prototypes.clone()
-    num_classes, num_prototypes, _ = prototypes.shape
-    for k in range(num_classes):
-        for m in range(num_prototypes):
-            assigned = (targets == k) & (nearest[:, k] == m)
-            if assigned.sum().item() > 0:
-                prototypes[k, m] = (momentum * prototypes[k, m]
-                                    + (1 - momentum) * features[assigned].mean(dim=0))
-    return prototypes
+@pytest.mark.parametrize("grouped", [True, False])
+def test_sum_rows_by_index_nothing_kept(grouped):
+    all_dropped = (torch.randn(5, 3), torch.full((5,), 4))
+    empty = (torch.randn(0, 3), torch.zeros(0, dtype=torch.long))
+    for values, index in (all_dropped, empty):
+        sums, counts = sum_rows_by_index(values, index, 4, grouped=grouped)
+        assert sums.shape == (4, 3) and not sums.any() and not counts.any()
 
 
 def test_update_speed_vs_loop_and_memory_floor():
     # Issue 2 asks for >= 8x over this loop at N = 16384, K = 21, M = 4, D = 512 on CPU.
-    # On the 2-vCPU VM this project is developed on, that is below the memory floor:
-    # one read of the 32 MB of features (features.sum(0)) already costs 1/6.6 to 1/7.4 of
-    # the loop on the idle machine (4.3-4.8 ms vs 31.6 ms), so 8x cannot be reached by any
-    # update that reads the features; ours measures 4.7-7x. So this test asserts the two
-    # things that hold on any machine: >= 4x over the loop, and within 2.5x of one read.
-    # One thread and per-thread CPU time, interleaved: on a 2-core machine shared with
-    # other processes, wall-clock timings of multi-threaded small ops swing by 10x.
+    # `python bench.py --device cpu --prototype-update` measures that on the 2-core VM this
+    # project is developed on: 5.3-7.6x. The update is memory-bound: one read of the 32 MB
+    # of features (features.sum(0)) costs 1/7 of the loop on one thread and 1/13 on two,
+    # and the update spends 1.3-1.8x of that read (sorting the pixels by prototype plus one
+    # embedding_bag). Timings on a shared 2-core machine swing too much for a speed target
+    # in a test, so this asserts what holds on any machine: >= 4x over the loop, and within
+    # 2.5x of one read. One thread and per-thread CPU time, interleaved, for the same reason.
     torch.manual_seed(0)
     bank = PrototypeBank(21, 4, 512)
     features = torch.randn(16384, 512)
@@ -246,7 +245,7 @@ def test_update_speed_vs_loop_and_memory_floor():
         loop_times, update_times, read_times = [], [], []
         for _ in range(7):
             tic = time.thread_time()
-            expected = loop_update(start, features, targets, nearest, bank.momentum)
+            expected = loop_prototype_update(start, features, targets, nearest, bank.momentum)
             loop_times.append(time.thread_time() - tic)
             bank.prototypes.copy_(start)
             tic = time.thread_time()
