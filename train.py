@@ -180,7 +180,9 @@ def entropy_filtered_cross_entropy(logits, pseudo_label, entropy, drop_fraction)
     ordered = flat.sort().values
     num_keep = torch.floor(num_valid * (1.0 - drop_fraction)).long()
     first_dropped = (flat.numel() - num_valid + num_keep).clamp(max=flat.numel() - 1)
-    threshold = torch.where(num_keep >= num_valid, math.inf, ordered[first_dropped])
+    # gather, not ordered[first_dropped]: indexing by a 0-dim tensor reads it on the host
+    first_dropped_value = ordered.gather(0, first_dropped.reshape(1)).squeeze(0)
+    threshold = torch.where(num_keep >= num_valid, math.inf, first_dropped_value)
     kept = valid & (entropy < threshold)
     nll = F.cross_entropy(logits.float(), torch.where(kept, pseudo_label, 0), reduction="none")
     return (nll * kept).sum() / kept.sum().clamp(min=1)
@@ -633,6 +635,13 @@ def make_optimizer(student, cfg, device):
     # fused SGD skips a step with non-finite gradients on the device, without a host sync
     optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"], fused=True)
+    # Zero momentum buffers up front. Fused SGD otherwise allocates them uninitialised on
+    # its first step and fills them in the kernel, which a non-finite first step (the rule
+    # under fp16, whose loss scale starts high) skips: the garbage then enters every later
+    # step. From zero, the first real step gives buf = grad, as a fresh buffer would.
+    for group in groups:
+        for param in group["params"]:
+            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
     # fp16 needs loss scaling; for bf16/fp32 a scale of 1 just detects non-finite steps
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if cfg["amp"] == "fp16" else 1.0,
                                   growth_interval=2000 if cfg["amp"] == "fp16" else 2**30)

@@ -1,6 +1,7 @@
 """train.py end to end: a training step learns, a toy run writes its run directory, the real
 dataset layouts train through the documented flags, presets, and loud failures."""
 import json
+import math
 import os
 import sys
 
@@ -195,3 +196,39 @@ def test_warmup_longer_than_the_epochs_stops(tmp_path, capsys):
                             capsys)
     assert code == 2 and ("--warmup-iters 240 leaves no semi-supervised iteration of 240 "
                           "(--epochs 1 x 240 per epoch)") in err.strip().splitlines()[-1]
+
+
+def test_a_skipped_first_step_leaves_the_optimizer_clean():
+    """fp16 training skips its first steps (the loss scale starts at 2^16 and the
+    gradients overflow). Fused SGD must come out of that with defined momentum buffers:
+    the next finite step equals one plain SGD step from a fresh state."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Linear(64, 64)
+            self.head = torch.nn.Linear(64, 3)
+
+    torch.manual_seed(0)
+    net = Net()
+    cfg = dict(lr=0.1, head_lr_mult=10.0, momentum=0.9, weight_decay=1e-4, amp="fp16")
+    optimizer, scaler = train.make_optimizer(net, cfg, torch.device("cpu"))
+    assert scaler.get_scale() == 2.0**16
+    params = list(net.parameters())
+    assert all(torch.equal(optimizer.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in params)
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    plain = torch.optim.SGD([{"params": reference[:2], "lr": 0.1}, {"params": reference[2:], "lr": 1.0}],
+                            momentum=0.9, weight_decay=1e-4)
+    scaler.scale(torch.ones(()))  # the scaler starts its scale lazily, as in a real step
+    for p in params:  # an overflowing step: skipped, scale halved
+        p.grad = torch.full_like(p, math.inf)
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**15
+    grads = [torch.randn_like(p) for p in params]
+    for p, r, g in zip(params, reference, grads):
+        p.grad = g * scaler.get_scale()  # as scaler.scale(loss).backward() would give
+        r.grad = g.clone()
+    scaler.step(optimizer)
+    plain.step()
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p.detach(), r.detach())
