@@ -105,8 +105,10 @@ def parse_args(argv=None):
 # Device, clock, memory
 
 def resolve_device(flag, parser_error):
+    """--device -> a torch.device; a CUDA device always carries its index (set_device
+    refuses a bare "cuda")."""
     if flag == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(flag)
     except RuntimeError:
@@ -115,6 +117,10 @@ def resolve_device(flag, parser_error):
         parser_error(f"--device {flag}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser_error(f"--device {flag}: no CUDA device is visible")
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
+        if device.index >= torch.cuda.device_count():
+            parser_error(f"--device {flag}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 
