@@ -917,8 +917,20 @@ def main(argv=None):
         # 8. poly learning rate; then steps 2-10 (train_step, SGD, prototype update, EMA)
         for g in optimizer.param_groups:
             g["lr"] = poly_lr(g["base_lr"], it, total, cfg["poly_power"])
-        terms, finite = train_iteration(batch, (model, teacher, bank), optimizer, scaler, cfg, ctx,
-                                        it, step_rng, semi)
+        try:
+            terms, finite = train_iteration(batch, (model, teacher, bank), optimizer, scaler, cfg,
+                                            ctx, it, step_rng, semi)
+        except torch.OutOfMemoryError:
+            # the first semi-supervised iteration (the teacher pass, twice the student batch)
+            # is where a setting that fit the warm-up runs out
+            print(f"error: out of {ctx.device.type.upper()} memory at iteration {it} on process "
+                  f"{ctx.rank} ({'semi-supervised' if semi else 'supervised'} step, "
+                  f"{cfg['local_batch']} + {cfg['local_batch'] if semi else 0} images of "
+                  f"{cfg['crop_size']} px per process, --amp {cfg['amp']}). Use --amp bf16, more "
+                  f"processes (torchrun; --batch-size is global) or a smaller --batch-size / "
+                  f"--crop-size; {cfg['out']}/last.pt, if any, resumes with --resume auto.",
+                  file=sys.stderr, flush=True)
+            return 4
 
         # bookkeeping on the device; read back only at the logging interval
         values = torch.stack([terms.get(k, torch.zeros((), device=ctx.device)).detach().float()

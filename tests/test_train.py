@@ -232,3 +232,22 @@ def test_a_skipped_first_step_leaves_the_optimizer_clean():
     plain.step()
     for p, r in zip(params, reference):
         torch.testing.assert_close(p.detach(), r.detach())
+
+
+def test_out_of_memory_stops_with_the_settings_and_what_to_change(tmp_path, capsys, monkeypatch):
+    """Running out of memory at the first semi-supervised step (twice the batch of the
+    warm-up) ends the run with exit code 4 and a message naming the batch, crop and amp."""
+    real = train.train_iteration
+
+    def fail_when_semi(*args):
+        if args[-1]:  # semi
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args)
+
+    monkeypatch.setattr(train, "train_iteration", fail_when_semi)
+    code, _, err = run_main(TINY + ["--iters", "4", "--warmup-iters", "2", "--save-every", "2",
+                                    "--out", str(tmp_path / "oom")], capsys)
+    assert code == 4
+    assert ("out of CPU memory at iteration 2 on process 0 (semi-supervised step, 2 + 2 images "
+            "of 32 px per process, --amp none). Use --amp bf16") in err
+    assert torch.load(tmp_path / "oom" / "last.pt", weights_only=True)["iter"] == 2
