@@ -1,5 +1,6 @@
 """train.py end to end: a training step learns, a toy run writes its run directory, the real
 dataset layouts train through the documented flags, presets, and loud failures."""
+import functools
 import json
 import math
 import os
@@ -7,9 +8,12 @@ import sys
 
 import pytest
 import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import prototypes  # noqa: E402
 import train  # noqa: E402
 from test_data import make_cityscapes_root, make_folder_root, make_voc_root  # noqa: E402
 
@@ -251,3 +255,59 @@ def test_out_of_memory_stops_with_the_settings_and_what_to_change(tmp_path, caps
     assert ("out of CPU memory at iteration 2 on process 0 (semi-supervised step, 2 + 2 images "
             "of 32 px per process, --amp none). Use --amp bf16") in err
     assert torch.load(tmp_path / "oom" / "last.pt", weights_only=True)["iter"] == 2
+
+
+class HostReads(TorchFunctionMode):
+    """Fails on every read of a tensor's value by the host (item, bool, int, tolist,
+    nonzero, boolean-mask or 0-dim-tensor indexing, ...): on a GPU each of them makes the
+    host wait for the device. Lets CI, which has no GPU, guard the CUDA promise that a
+    training iteration never synchronises (tests/test_cuda.py checks it on a real GPU)."""
+    READS = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__int__, Tensor.__float__,
+             Tensor.__index__, Tensor.nonzero, torch.nonzero, Tensor.masked_select,
+             torch.masked_select, Tensor.unique, torch.unique, torch.bincount, Tensor.bincount}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            raise AssertionError(f"host read: {func.__name__}")
+        if func in (Tensor.__getitem__, Tensor.__setitem__):
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            for part in index:
+                if isinstance(part, Tensor) and (part.dtype == torch.bool or part.dim() == 0):
+                    raise AssertionError(f"host read: {func.__name__} with a "
+                                         f"{'boolean mask' if part.dtype == torch.bool else '0-dim tensor'}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_reads_are_caught():
+    x = torch.arange(6.0)
+    for read in (lambda: x.sum().item(), lambda: bool(x[0] > 1), lambda: x[x > 2],
+                 lambda: x[torch.tensor(1)], lambda: int(x[3]), lambda: torch.nonzero(x)):
+        with pytest.raises(AssertionError, match="host read"), HostReads():
+            read()
+    with HostReads():
+        x[torch.tensor([1, 2])], torch.where(x > 2, x, 0)  # index arrays and where are fine
+
+
+@pytest.mark.parametrize("method", ["pcr", "supervised"])
+def test_training_iteration_reads_nothing_on_the_host(method, monkeypatch):
+    """train_iteration along its CUDA code paths (strided point gather, index_add_ row
+    sums) under HostReads: no value goes to the host, so nothing waits for a GPU."""
+    monkeypatch.setattr(train, "sample_features", functools.partial(prototypes.sample_features, rows=False))
+    monkeypatch.setattr(prototypes, "sum_rows_by_index",
+                        functools.partial(prototypes.sum_rows_by_index, grouped=False))
+    torch.manual_seed(0)
+    cfg = train.resolve_config(train.parse_args(TINY + ["--method", method]))
+    cfg.update(iters_per_epoch=10, epochs=10, warmup_iters=1, local_batch=2)
+    ctx = train.Context("cpu")
+    data, student, teacher, bank, optimizer, scaler = train.build_everything(cfg, ctx)
+    batch = {"labeled": [torch.stack(x) for x in zip(*(data.labeled[(i, i)] for i in range(2)))],
+             "unlabeled": [torch.stack(x) for x in zip(*(data.unlabeled[(i, i)] for i in range(2)))]}
+    if bank is not None:
+        train.init_prototypes(bank, student, data.labeled, cfg, ctx)
+    rng = torch.Generator().manual_seed(0)
+    models = (student, teacher, bank)
+    for it in range(3):  # warm-up step, then semi-supervised steps
+        semi = method != "supervised" and it >= 1
+        with HostReads():
+            terms, finite = train.train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, rng, semi)
+        assert bool(finite) and set(terms) == ({"sup", "unsup", "proto"} if semi else {"sup"})
