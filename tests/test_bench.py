@@ -189,3 +189,18 @@ def test_bad_flags_are_named(argv, message, capsys):
         bench.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_bare_cuda_device_gets_its_index(monkeypatch):
+    """torch.cuda.set_device refuses torch.device("cuda"); bench must pass cuda:0."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def parser_error(message):
+        raise SystemExit(message)
+
+    assert bench.resolve_device("cuda", parser_error) == torch.device("cuda", 0)
+    assert bench.resolve_device("auto", parser_error) == torch.device("cuda", 0)
+    assert bench.resolve_device("cuda:1", parser_error) == torch.device("cuda", 1)
+    with pytest.raises(SystemExit, match="only 2 CUDA device"):
+        bench.resolve_device("cuda:2", parser_error)
