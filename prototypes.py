@@ -91,23 +91,27 @@ class PrototypeBank(nn.Module):
             raise ValueError(f"PrototypeBank.update: nearest must have shape "
                              f"({features.shape[0]}, {num_classes}), got {tuple(nearest.shape)}")
         num_slots = num_classes * num_prototypes
+        num_points = features.shape[0]
         valid = (targets >= 0) & (targets < num_classes)                           # (N,)
         safe_target = targets.clamp(0, num_classes - 1)
-        # nearest[n, target[n]]; advanced indexing, as gather is ~2x slower on CPU when
-        # `nearest` has left the cache (it has, after the backward pass).
-        rows = torch.arange(features.shape[0], device=targets.device)
-        nearest_in_target = nearest[rows, safe_target]                              # (N,)
+        # nearest[n, target[n]] as one gather from the flat (N*K,) view: on CPU ~2x faster
+        # than advanced indexing or gather once `nearest` has left the cache (it has, after
+        # the backward pass).
+        flat_index = torch.arange(0, num_points * num_classes, num_classes,
+                                  device=targets.device).add_(safe_target)         # (N,)
+        nearest_in_target = nearest.reshape(-1).index_select(0, flat_index)        # (N,)
         # Skipped pixels go to slot K*M, which sum_rows_by_index drops: no data-dependent
         # mask indexing (a host sync on GPU), no masked copy of the features.
         slot = torch.where(valid, safe_target * num_prototypes + nearest_in_target, num_slots)
         features = features.to(self.prototypes.dtype)
         with torch.autocast(device_type=features.device.type, enabled=False):   # float32 sums
             sums, counts = sum_rows_by_index(features, slot, num_slots)
-        stats = torch.cat([sums, counts[:, None]], dim=1)                       # (K*M, D+1)
+        counts = counts[:, None]                                                    # (K*M, 1)
         if dist.is_available() and dist.is_initialized():
+            stats = torch.cat([sums, counts], dim=1)                                # (K*M, D+1)
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)     # one collective for both
-        sums, counts = stats[:, :dim], stats[:, dim:]                            # (K*M, D), (K*M, 1)
-        mean = sums / counts.clamp_min(1.0)
+            sums, counts = stats[:, :dim], stats[:, dim:]
+        mean = sums.div_(counts.clamp_min(1.0))                                     # (K*M, D)
         # p + w (mean - p) = momentum p + (1 - momentum) mean for w = 1 - momentum, and
         # exactly p for w = 0, which is what prototypes without pixels get.
         weight = (counts > 0) * (1.0 - self.momentum)
