@@ -94,7 +94,7 @@ class PrototypeBank(nn.Module):
         num_points = features.shape[0]
         valid = (targets >= 0) & (targets < num_classes)                           # (N,)
         safe_target = targets.clamp(0, num_classes - 1)
-        # nearest[n, target[n]] as one gather from the flat (N*K,) view: on CPU ~2x faster
+        # nearest[n, target[n]] as one gather from the flat (N*K,) view: on CPU 1.5-2x faster
         # than advanced indexing or gather once `nearest` has left the cache (it has, after
         # the backward pass).
         flat_index = torch.arange(0, num_points * num_classes, num_classes,
