@@ -97,7 +97,7 @@ def test_cutmix_on_the_gpu_equals_the_cpu():
                            device="cuda")
         images = mix(torch.arange(4.0, device="cuda").view(4, 1, 1, 1).expand(4, 3, 20, 30), mask)
     assert torch.equal(mask.cpu(), mask_cpu)
-    expected = torch.where(mask_cpu[:, None], (torch.arange(4.0).roll(-1) + 0).view(4, 1, 1, 1),
+    expected = torch.where(mask_cpu[:, None], torch.arange(4.0).roll(-1).view(4, 1, 1, 1),
                            torch.arange(4.0).view(4, 1, 1, 1)).expand(4, 3, 20, 30)
     assert torch.equal(images.cpu(), expected)
 
