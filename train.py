@@ -920,7 +920,7 @@ def main(argv=None):
         try:
             terms, finite = train_iteration(batch, (model, teacher, bank), optimizer, scaler, cfg,
                                             ctx, it, step_rng, semi)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # this name exists in every torch requirements.txt allows
             # the first semi-supervised iteration (the teacher pass, twice the student batch)
             # is where a setting that fit the warm-up runs out
             print(f"error: out of {ctx.device.type.upper()} memory at iteration {it} on process "

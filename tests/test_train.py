@@ -245,7 +245,7 @@ def test_out_of_memory_stops_with_the_settings_and_what_to_change(tmp_path, caps
 
     def fail_when_semi(*args):
         if args[-1]:  # semi
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args)
 
     monkeypatch.setattr(train, "train_iteration", fail_when_semi)
