@@ -345,7 +345,7 @@ def pcr_iteration_parts(run, batch, clock):
     clock.lap("optimizer step")
     run.bank.update(point_feature.detach(), target.masked_fill(~finite, train.IGNORE), nearest)
     clock.lap("prototype update")
-    train.ema_update(run.teacher, run.student, train.ema_alpha(run.it, cfg["ema_decay"]))
+    train.teacher_update(run.teacher, run.student, run.it, cfg)
     clock.lap("EMA teacher")
     return terms
 

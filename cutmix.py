@@ -1,4 +1,4 @@
-"""CutMix for the unlabeled stream (METHOD.md section 3 step 3).
+"""CutMix for the unlabeled stream (docs/METHOD.md section 3 step 3).
 
 Imports only torch, so the file can be copied into another project on its own.
 """

@@ -1,7 +1,7 @@
 """Evaluation for PCR: confusion-matrix mIoU, the field's evaluation protocols, offline
 evaluation of a checkpoint, inference on new images, and pictures of predictions.
 
-METHOD.md section 5. train.py calls `evaluate`; the command line below runs the same
+docs/METHOD.md section 5. train.py calls `evaluate`; the command line below runs the same
 code path on a saved checkpoint:
 
     python evaluate.py --checkpoint RUN/best.pt                  # settings of the run

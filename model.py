@@ -1,4 +1,4 @@
-"""DeepLabV3+ with a deep-stem ResNet backbone, as used by PCR (METHOD.md section 2).
+"""DeepLabV3+ with a deep-stem ResNet backbone, as used by PCR (docs/METHOD.md section 2).
 
     x (B,3,H,W) -> backbone -> layer1 (stride 4), layer3, layer4 (stride 8 or 16)
     ASPP(layer4) -> 3x3 conv 256 -> upsample to layer1 size ----+

@@ -1,7 +1,7 @@
 """PCR's prototype predictor: micro-prototypes per class, their momentum update,
 their k-means initialisation, and reading the decoder feature at sampled pixels.
 
-METHOD.md section 3 steps 7 and 9, section 4. Imports only torch, so the file can be
+docs/METHOD.md section 3 steps 7 and 9, section 4. Imports only torch, so the file can be
 copied into another project on its own.
 """
 
@@ -70,7 +70,7 @@ class PrototypeBank(nn.Module):
 
     @torch.no_grad()
     def update(self, features, targets, nearest=None):
-        """Momentum update of METHOD.md step 9, in place.
+        """Momentum update of docs/METHOD.md step 9, in place.
 
         features (N, D) detached raw features; targets (N,) int64, values outside [0, K)
         (255) are skipped; nearest (N, K) from `forward` on the pre-update prototypes

@@ -1,7 +1,7 @@
 """PCR: semi-supervised semantic segmentation with prototype-based consistency regularization.
 
 Xu, Liu, Bian, Yang, NeurIPS 2022 (arXiv 2210.04388). The algorithm, step by step, is in
-METHOD.md; this file follows its section 3 from top to bottom.
+docs/METHOD.md; this file follows its section 3 from top to bottom.
 
 Toy run on the CPU (embedded data, no download, a few minutes):
     python train.py
@@ -42,7 +42,7 @@ from prototypes import PrototypeBank, sample_features, sample_points
 
 IGNORE = 255
 
-# Paper settings (METHOD.md section 5) plus the toy default. Flags override any entry.
+# Paper settings (docs/METHOD.md section 5) plus the toy default. Flags override any entry.
 # batch_size is the GLOBAL labeled batch; the unlabeled batch has the same size.
 PRESETS = {
     "toy": dict(backbone="resnet18", width=0.25, pretrained="none", output_stride=8, crop_size=64,
@@ -65,8 +65,8 @@ PRESETS = {
                    conf_threshold=0.8, aux_weight=0.0, labeled=None, eval_mode="whole",
                    eval_every=None),
 }
-# Settings shared by every dataset (METHOD.md section 3).
-COMMON = dict(width=1.0, momentum=0.9, poly_power=0.9, ohem_thresh=0.7, ohem_min_kept=100000,
+# Settings shared by every dataset (docs/METHOD.md section 3).
+COMMON = dict(width=1.0, momentum=0.9, poly_power=0.9, ohem_thresh=0.7, ohem_min_kept_per_image=50000,
               drop_start=0.2, cutmix_prob=0.5, unsup_weight=1.0, proto_weight=1.0,
               temperature=0.1, proto_momentum=0.99, grid=32, ema_decay=0.99)
 
@@ -107,6 +107,8 @@ def parse_args(argv=None):
     a("--unsup-weight", type=float, help="weight of the unsupervised loss L_u (paper: 1)")
     a("--proto-weight", type=float, help="weight of the prototype consistency loss (paper: 1)")
     a("--ema-decay", type=float, help="upper bound of the teacher's EMA momentum (paper: 0.99)")
+    a("--ohem-min-kept-per-image", type=int, help="OHEM keeps at least this many pixels per labeled "
+      "image of a process (50000: the reference's 100000 for its 2 images per GPU)")
     a("--eval-mode", choices=["whole", "sliding", "center"], help="evaluation protocol")
     a("--eval-every", type=int, help="evaluate every N iterations (default: once per epoch)")
     a("--save-every", type=int, default=0, help="write last.pt every N iterations (0: at every evaluation)")
@@ -139,7 +141,7 @@ def resolve_config(args):
 
 
 # ----------------------------------------------------------------------------------------
-# Losses (METHOD.md section 3, steps 5-7). Each returns a scalar float32 tensor and never
+# Losses (docs/METHOD.md section 3, steps 5-7). Each returns a scalar float32 tensor and never
 # syncs with the host: counts stay tensors, empty selections give 0, not NaN.
 
 def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000):
@@ -169,7 +171,9 @@ def entropy_filtered_cross_entropy(logits, pseudo_label, entropy, drop_fraction)
     """Unsupervised CE against the teacher's pseudo-labels (step 6).
 
     Among valid pixels (pseudo_label != 255), the drop_fraction with the highest teacher
-    entropy H = -sum_k q_k log q_k are ignored; L = mean over kept pixels of -log p[y_u].
+    entropy H = -sum_k q_k log q_k are ignored. As U2PL's compute_unsupervised_loss:
+        L = (N / #kept) * mean_{kept} -log p[y_u],   N = B * H * W (all pixels, padding too)
+    so L is 1 / (1 - drop) times the plain mean when nothing is padded.
     logits (B, K, H, W), pseudo_label / entropy (B, H, W).
     """
     valid = pseudo_label != IGNORE
@@ -185,7 +189,8 @@ def entropy_filtered_cross_entropy(logits, pseudo_label, entropy, drop_fraction)
     threshold = torch.where(num_keep >= num_valid, math.inf, first_dropped_value)
     kept = valid & (entropy < threshold)
     nll = F.cross_entropy(logits.float(), torch.where(kept, pseudo_label, 0), reduction="none")
-    return (nll * kept).sum() / kept.sum().clamp(min=1)
+    num_kept = kept.sum().clamp(min=1)
+    return (nll * kept).sum() / num_kept * (kept.numel() / num_kept)
 
 
 def prototype_loss(prototype_logits, target):
@@ -223,6 +228,18 @@ def ema_update(teacher, student, alpha):
     for k, v in t_state.items():
         if not v.dtype.is_floating_point:  # BN's num_batches_tracked
             v.copy_(s_state[k])
+
+
+@torch.no_grad()
+def teacher_update(teacher, student, t, cfg):
+    """Step 10 after t semi-supervised iterations (0 = the first one). During the first
+    semi-supervised epoch (t < iters_per_epoch) the teacher IS the student: its state is
+    copied, as the reference copies the student's parameters into the teacher at every
+    iteration of that epoch. Afterwards: EMA with alpha = min(1 - 1/(t + 1), ema_decay)."""
+    if t < cfg["iters_per_epoch"]:
+        torch._foreach_copy_(list(teacher.state_dict().values()), list(student.state_dict().values()))
+    else:
+        ema_update(teacher, student, ema_alpha(t, cfg["ema_decay"]))
 
 
 @torch.no_grad()
@@ -409,7 +426,7 @@ def set_rng_state(state, step_rng):
 
 
 # ----------------------------------------------------------------------------------------
-# Prototype initialisation (METHOD.md section 4)
+# Prototype initialisation (docs/METHOD.md section 4)
 
 @torch.no_grad()
 def labeled_features(model, dataset, cfg, ctx, max_per_class=3000):
@@ -501,18 +518,26 @@ def teacher_predict(teacher, image_u, padding, cfg, ctx):
     return pseudo_label, confidence, entropy
 
 
+def ohem_min_kept(cfg, num_labeled):
+    """OHEM's min_kept for a process holding num_labeled labeled images: 50000 per image.
+    The reference ran min_kept = 100000 per process with 2 labeled images per GPU; scaling
+    with the images keeps its kept share (~19% at crop 513) on any number of processes."""
+    return cfg["ohem_min_kept_per_image"] * num_labeled
+
+
 def supervised_losses(logits, aux_logits, label, cfg):
     """L_sup = OHEM CE of the linear head (+ aux_weight * OHEM CE of the aux head)."""
     size = label.shape[-2:]
-    loss = ohem_cross_entropy(upsample(logits, size), label, cfg["ohem_thresh"], cfg["ohem_min_kept"])
+    min_kept = ohem_min_kept(cfg, len(label))
+    loss = ohem_cross_entropy(upsample(logits, size), label, cfg["ohem_thresh"], min_kept)
     if aux_logits is not None:
         loss = loss + cfg["aux_weight"] * ohem_cross_entropy(
-            upsample(aux_logits, size), label, cfg["ohem_thresh"], cfg["ohem_min_kept"])
+            upsample(aux_logits, size), label, cfg["ohem_thresh"], min_kept)
     return loss
 
 
 def train_step(batch, models, cfg, ctx, it, step_rng):
-    """One iteration of METHOD.md section 3. Returns the loss terms (device tensors) and
+    """One iteration of docs/METHOD.md section 3. Returns the loss terms (device tensors) and
     the prototype-update inputs; no host-device synchronisation happens here."""
     student, teacher, bank = models
     image_l, label_l = batch["labeled"]
@@ -584,7 +609,7 @@ def train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, step_rng, se
         average_buffers(student, ctx)
     # 10. teacher follows the student
     if semi:
-        ema_update(teacher, student, ema_alpha(it - cfg["warmup_iters"], cfg["ema_decay"]))
+        teacher_update(teacher, student, it - cfg["warmup_iters"], cfg)
     return terms, finite
 
 
@@ -659,6 +684,7 @@ FLAG_RANGES = {
     "--conf-threshold": ("conf_threshold", 0, 1, True), "--aux-weight": ("aux_weight", 0, math.inf, True),
     "--cutmix-prob": ("cutmix_prob", 0, 1, True), "--unsup-weight": ("unsup_weight", 0, math.inf, True),
     "--proto-weight": ("proto_weight", 0, math.inf, True), "--ema-decay": ("ema_decay", 0, 1, True),
+    "--ohem-min-kept-per-image": ("ohem_min_kept_per_image", 1, math.inf, True),
     "--eval-every": ("eval_every", 1, math.inf, True), "--save-every": ("save_every", 0, math.inf, True),
     "--log-every": ("log_every", 1, math.inf, True), "--workers": ("workers", 0, math.inf, True),
 }
@@ -850,6 +876,8 @@ def main(argv=None):
             f"{cfg['iters_per_epoch']}), supervised warm-up {cfg['warmup_iters']} | global batch "
             f"{cfg['batch_size']} + {cfg['batch_size'] if cfg['method'] != 'supervised' else 0} "
             f"on {ctx.world} process(es), {ctx.device}")
+    ctx.log(f"OHEM min_kept {ohem_min_kept(cfg, cfg['local_batch'])} per process "
+            f"({cfg['ohem_min_kept_per_image']} x {cfg['local_batch']} labeled images)")
 
     model = student
     if ctx.world > 1:

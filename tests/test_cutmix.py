@@ -1,4 +1,4 @@
-"""Tests for cutmix.py against Python loops and the box rules of METHOD.md step 3."""
+"""Tests for cutmix.py against Python loops and the box rules of docs/METHOD.md step 3."""
 
 import math
 

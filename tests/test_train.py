@@ -144,7 +144,7 @@ def test_paper_presets():
                     head_lr_mult=10.0, weight_decay=1e-4, num_prototypes=4, conf_threshold=0.8,
                     aux=False, batch_size=16, num_classes=21, width=1.0, temperature=0.1,
                     proto_momentum=0.99, ema_decay=0.99, grid=32, ohem_thresh=0.7,
-                    ohem_min_kept=100000, drop_start=0.2, cutmix_prob=0.5, momentum=0.9)
+                    ohem_min_kept_per_image=50000, drop_start=0.2, cutmix_prob=0.5, momentum=0.9)
     assert {k: cfg[k] for k in expected} == expected
     cfg = train.resolve_config(train.parse_args(["--dataset", "cityscapes", "--lr", "0.02"]))
     expected = dict(crop_size=769, epochs=200, lr=0.02, head_lr_mult=1.0, weight_decay=5e-4,
@@ -311,3 +311,37 @@ def test_training_iteration_reads_nothing_on_the_host(method, monkeypatch):
         with HostReads():
             terms, finite = train.train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, rng, semi)
         assert bool(finite) and set(terms) == ({"sup", "unsup", "proto"} if semi else {"sup"})
+
+
+def test_teacher_is_the_student_in_the_first_semi_supervised_epoch_then_an_ema():
+    """docs/METHOD.md step 10: during the first semi-supervised epoch (here iterations 1-3 of
+    3 per epoch after 1 warm-up iteration) the teacher equals the student bit for bit
+    after every iteration; afterwards teacher = a teacher + (1 - a) student with
+    a = min(1 - 1/(t + 1), 0.99), t = iterations since the semi-supervised phase began."""
+    torch.manual_seed(0)
+    cfg = train.resolve_config(train.parse_args(TINY))
+    cfg.update(iters_per_epoch=3, epochs=4, warmup_iters=1, local_batch=2)
+    ctx = train.Context("cpu")
+    data, student, teacher, bank, optimizer, scaler = train.build_everything(cfg, ctx)
+    batch = {"labeled": [torch.stack(x) for x in zip(*(data.labeled[(i, i)] for i in range(2)))],
+             "unlabeled": [torch.stack(x) for x in zip(*(data.unlabeled[(i, i)] for i in range(2)))]}
+    rng = torch.Generator().manual_seed(0)
+    models = (student, teacher, bank)
+    train.train_iteration(batch, models, optimizer, scaler, cfg, ctx, 0, rng, semi=False)
+    train.init_prototypes(bank, student, data.labeled, cfg, ctx)
+    teacher.load_state_dict(student.state_dict())  # as main does when the warm-up ends
+    for it in range(1, 7):
+        before = {k: v.double().clone() for k, v in teacher.state_dict().items()}
+        train.train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, rng, semi=True)
+        t = it - cfg["warmup_iters"]
+        for name, value in teacher.state_dict().items():
+            own = student.state_dict()[name]
+            if t < cfg["iters_per_epoch"] or not value.dtype.is_floating_point:
+                assert torch.equal(value, own), (it, name)
+            else:
+                alpha = min(1 - 1 / (t + 1), 0.99)  # 0.75, 0.8, 0.833
+                expected = alpha * before[name] + (1 - alpha) * own.double()
+                assert torch.allclose(value.double(), expected, rtol=0, atol=1e-6), (it, name)
+        if t >= cfg["iters_per_epoch"]:
+            params = [(teacher.state_dict()[k], v) for k, v in student.named_parameters()]
+            assert any(not torch.equal(a, b) for a, b in params), it  # the EMA lags
