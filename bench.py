@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import train
 from cutmix import cutmix_mask, mix
 from model import build_model
-from prototypes import PrototypeBank, sample_features, sample_points
+from prototypes import PrototypeBank, prototype_loss, sample_features, sample_points
 
 # Dense peak TFLOPS: (name fragment, bf16/fp16, tf32, fp32). The first matching fragment
 # wins, so the more specific names come first.
@@ -332,7 +332,7 @@ def pcr_iteration_parts(run, batch, clock):
     clock.lap("pixel sampling + targets")
     prototype_logits, nearest = run.bank(point_feature)
     clock.lap("prototype logits")
-    terms["proto"] = cfg["proto_weight"] * train.prototype_loss(prototype_logits, target)
+    terms["proto"] = cfg["proto_weight"] * prototype_loss(prototype_logits, target)
     clock.lap("prototype loss")
     loss = sum(terms.values())
     run.optimizer.zero_grad(set_to_none=True)

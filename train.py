@@ -38,7 +38,7 @@ import data as data_lib
 import evaluate as evaluate_lib
 from cutmix import cutmix_mask, mix
 from model import build_model, param_groups
-from prototypes import PrototypeBank, sample_features, sample_points
+from prototypes import PrototypeBank, prototype_loss, sample_features, sample_points
 
 IGNORE = 255
 
@@ -191,17 +191,6 @@ def entropy_filtered_cross_entropy(logits, pseudo_label, entropy, drop_fraction)
     nll = F.cross_entropy(logits.float(), torch.where(kept, pseudo_label, 0), reduction="none")
     num_kept = kept.sum().clamp(min=1)
     return (nll * kept).sum() / num_kept * (kept.numel() / num_kept)
-
-
-def prototype_loss(prototype_logits, target):
-    """Prototype consistency loss (step 7): CE over sampled pixels with a valid target.
-
-    prototype_logits (N, K) = max_m cos(f, p_km) / T; target (N,) with 255 = ignore.
-    L = sum_{valid} -log softmax(prototype_logits)[target] / #valid.
-    """
-    valid = target != IGNORE
-    nll = F.cross_entropy(prototype_logits, torch.where(valid, target, 0), reduction="none")
-    return (nll * valid).sum() / valid.sum().clamp(min=1)
 
 
 def drop_fraction_at(epoch, epochs, start=0.2):

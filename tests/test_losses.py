@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import prototypes
 import train
 
 
@@ -171,8 +172,8 @@ def test_prototype_loss_ignores_255():
     target = torch.randint(0, 4, (20,))
     target[::3] = 255
     expected = F.cross_entropy(logits.double(), target, ignore_index=255)
-    assert train.prototype_loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert train.prototype_loss(logits, torch.full((20,), 255)).item() == 0.0
+    assert prototypes.prototype_loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert prototypes.prototype_loss(logits, torch.full((20,), 255)).item() == 0.0
 
 
 def test_poly_lr():
