@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from cutmix import cutmix_mask, mix
-from model import build_model
+from model import BACKBONES, build_model
 from prototypes import PrototypeBank, prototype_loss, sample_features, sample_points
 
 # Dense peak TFLOPS: (name fragment, bf16/fp16, tf32, fp32). The first matching fragment
@@ -64,7 +64,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    a("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    a("--backbone", default="resnet18", choices=sorted(BACKBONES))
     a("--output-stride", type=int, default=8, choices=[8, 16])
     a("--crop-size", type=int, default=129, help="square training crop")
     a("--batch-size", type=int, default=4, help="labeled images per process; the unlabeled batch is equal")

@@ -13,6 +13,18 @@ gradient would be zero, which looks like a dead parameter to DDP). Dropout is ch
 The backbone's state_dict keys follow the deep-stem ImageNet checkpoints distributed with
 prior semi-supervised segmentation work (`resnet101.pth`); with deep_stem=False they
 follow torchvision's resnet so that torchvision's ImageNet weights load.
+
+The interface the trainer, the evaluator and the prototype bank rely on (a new backbone
+or decoder must keep it):
+    model(x) -> (logits, feature, aux_logits), each at its native stride (the callers
+                upsample, bilinear with align_corners=True); aux_logits is None without
+                an aux head
+    model.feature_dim  channels of `feature`, the dimension of the prototypes (512)
+    model.backbone     the ImageNet-initialised part: param_groups gives it the base lr
+                       and everything else the head lr
+    model.num_classes  K
+A new ResNet depth is one entry in BACKBONES; train.py and bench.py take their
+--backbone choices from it.
 """
 
 import os
