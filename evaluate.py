@@ -541,7 +541,7 @@ def legend(entries, width, swatch=14, pad=4):
             x, y = pad, y + line_height
         placed.append((x, y, colours, text))
         x += entry_width + 3 * pad
-    strip = Image.new("RGB", (max(width, x), y + line_height + pad), "white")
+    strip = Image.new("RGB", (width, y + line_height + pad), "white")
     draw = ImageDraw.Draw(strip)
     for x, y, colours, text in placed:
         for i, colour in enumerate(colours):
@@ -551,7 +551,7 @@ def legend(entries, width, swatch=14, pad=4):
         draw.rectangle([x, y, x + len(colours) * swatch - 1, y + swatch - 1],
                        outline=(96, 96, 96))
         draw.text((x + len(colours) * swatch + pad, y + 1), text, fill=(0, 0, 0), font=font)
-    return np.asarray(strip)[:, :max(width, 1)]
+    return np.asarray(strip)
 
 
 def _class_name(class_id, class_names):
