@@ -4,11 +4,18 @@ evaluation of a checkpoint, inference on new images, and pictures of predictions
 METHOD.md section 5. train.py calls `evaluate`; the command line below runs the same
 code path on a saved checkpoint:
 
-    python evaluate.py --checkpoint RUN/best.pt                  # settings of the run
+    python evaluate.py --checkpoint RUN                          # RUN/best.pt, the run's settings
     python evaluate.py --checkpoint RUN/best.pt --mode sliding --crop-size 769 --head both
-    python evaluate.py --checkpoint RUN/best.pt --save-dir pictures/
-    python evaluate.py --checkpoint RUN/best.pt --images my_photos/ --save-dir masks/
+    python evaluate.py --checkpoint RUN --head both --save-dir pictures/ --prototype-map
+    python evaluate.py --checkpoint RUN --images my_photos/ --save-dir masks/
     torchrun --nproc_per_node 4 evaluate.py --checkpoint RUN/best.pt
+
+Pictures (--save-dir): predicted masks are palette PNGs (pixel value = class id, colours
+from the dataset's palette: VOC's own format, so they can serve as masks of
+--dataset folder); comparisons and overlays carry captions and a legend, are enlarged
+(nearest neighbour) when small, and overlays leave the background (class 0) transparent.
+--prototype-map draws which micro-prototype of its predicted class each pixel is nearest
+to, in shades of the class colour (nearest_prototype_map).
 
 Protocols (`mode`):
   whole    one forward pass at the image's own size (Pascal VOC);
@@ -697,7 +704,7 @@ def parse_args(argv=None):
                            "PNG (VOC's mask format, readable as a mask by --dataset folder), and "
                            "NAME_compare.png, image | truth | prediction | errors per head, with "
                            "a legend (with --images: NAME_mask.png and NAME_overlay.png); "
-                           "the prototype head's files end in _proto")
+                           "the prototype head's files carry _proto after NAME")
     add("--prototype-map", action="store_true",
         help="with --save-dir: also write NAME_prototypes.png, each pixel drawn in one of M "
              "shades of its predicted class's colour, the shade of the micro-prototype of that "
@@ -761,11 +768,11 @@ def build_network(config, state_dict, which, path):
     return network
 
 
-def build_bank(checkpoint, config, path):
+def build_bank(checkpoint, config, path, flag="--head proto/both"):
     from prototypes import PrototypeBank
     state = checkpoint.get("prototypes")
     if state is None or "prototypes" not in state:
-        raise EvalError(f"--head proto/both: --checkpoint {path} holds no prototypes "
+        raise EvalError(f"{flag}: --checkpoint {path} holds no prototypes "
                         f"(method {config.get('method', '?')!r})")
     num_classes, num_prototypes, dim = state["prototypes"].shape
     bank = PrototypeBank(num_classes, num_prototypes, dim,
@@ -914,8 +921,10 @@ def run(args):
 
     # Every setting is checked before the (large) model is built.
     heads = ("linear", "proto") if args.head == "both" else (args.head,)
-    needs_bank = "proto" in heads or args.prototype_map
-    bank = build_bank(checkpoint, config, args.checkpoint).to(device) if needs_bank else None
+    bank = None
+    if "proto" in heads or args.prototype_map:
+        flag = "--head proto/both" if "proto" in heads else "--prototype-map"
+        bank = build_bank(checkpoint, config, args.checkpoint, flag).to(device)
     mode = args.mode or config.get("eval_mode", "whole")
     crop_size = args.crop_size or config["crop_size"]
     amp = args.amp or config.get("amp", "none")

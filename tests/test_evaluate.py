@@ -625,6 +625,11 @@ def test_cli_errors_are_one_clear_message(toy_run, tmp_path, capsys):
     no_bank = _save_toy_checkpoint(tmp_path, iteration=7, prototypes=None)
     assert "holds no prototypes" in error_of("--checkpoint", str(no_bank), "--head", "proto",
                                              "--device", "cpu")
+    assert "--prototype-map: --checkpoint" in error_of(
+        "--checkpoint", str(no_bank), "--prototype-map", "--save-dir", str(tmp_path / "p"),
+        "--device", "cpu")
+    assert "--prototype-map needs --save-dir" in error_of("--checkpoint", str(checkpoint),
+                                                          "--prototype-map", "--device", "cpu")
     assert "--images needs --save-dir" in error_of("--checkpoint", str(checkpoint), "--images",
                                                    str(tmp_path), "--device", "cpu")
     assert "--scales" in error_of("--checkpoint", str(checkpoint), "--scales", "1,x",
