@@ -606,6 +606,21 @@ def test_cli_images_writes_palette_masks_that_read_back_as_the_predicted_ids(
         blend = ev.overlay_picture(rgb, palette[pred])
         expected = np.where((pred == 0)[..., None], rgb, blend)
         assert np.array_equal(top_left, expected)
+    # the masks serve as labels of a --dataset folder as they are
+    import shutil
+    root = tmp_path / "folder"
+    for sub in ("JPEGImages", "SegmentationClass"):
+        (root / sub).mkdir(parents=True)
+    for name in sizes:
+        shutil.copy(folder / name, root / "JPEGImages" / name)
+        shutil.copy(out / f"{Path(name).stem}_mask.png",
+                    root / "SegmentationClass" / f"{Path(name).stem}.png")
+    for which, stem in (("labeled", "wide"), ("unlabeled", "tall"), ("val", "tall")):
+        (root / f"{which}.txt").write_text(stem + "\n")
+    folder_data = data.build_data("folder", str(root), num_classes=TOY_CLASSES,
+                                  log=lambda *a: None)
+    _, label, _ = folder_data.val[0]
+    assert np.array_equal(label.numpy(), np.asarray(Image.open(out / "tall_mask.png")))
 
 
 def test_cli_errors_are_one_clear_message(toy_run, tmp_path, capsys):
