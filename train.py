@@ -86,8 +86,10 @@ def parse_args(argv=None):
     a("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"], help="ResNet depth (preset)")
     a("--width", type=float, help="channel multiplier of the whole network (1.0 = the paper's; "
       "the toy preset uses a thin network to train in minutes on a CPU)")
-    a("--pretrained", help="'none', 'torchvision' (7x7 stem, torchvision ImageNet weights) or the path "
-      "of a deep-stem ImageNet checkpoint (preset: pretrained/resnet101.pth for the paper settings)")
+    a("--pretrained", help="'none', 'torchvision' (7x7 stem, torchvision ImageNet weights), "
+      "'hub:resnet101s' / 'hub:resnet50s' (deep stem, timm's ImageNet weights from the Hugging Face "
+      "hub, downloaded once into torch's hub cache) or the path of a deep-stem ImageNet checkpoint "
+      "(preset: pretrained/resnet101.pth for the paper settings)")
     a("--output-stride", type=int, choices=[8, 16], help="backbone output stride (paper: 8)")
     a("--crop-size", type=int, help="training crop (square)")
     a("--batch-size", type=int, help="GLOBAL labeled batch over all processes; the unlabeled batch is equal")
@@ -607,12 +609,16 @@ def train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, step_rng, se
 def build_everything(cfg, ctx):
     """Data, student, teacher, prototype bank, optimizer, scaler."""
     pretrained = cfg["pretrained"]
-    if pretrained not in ("none", "torchvision") and not os.path.exists(pretrained):
+    named = pretrained in ("none", "torchvision") or pretrained.startswith("hub:")
+    if not named and not os.path.exists(pretrained):
         raise SetupError(
             f"--pretrained: ImageNet weights not found at {pretrained}. The paper settings "
             "start from the deep-stem ResNet checkpoints (resnet50.pth / resnet101.pth) that "
             "U2PL, UniMatch and CPS publish (links in their READMEs); put the file there or pass "
-            "--pretrained PATH. Alternatives: --pretrained torchvision (7x7 stem, torchvision's "
+            "--pretrained PATH. Alternatives: --pretrained hub:resnet101s or hub:resnet50s (the "
+            "same deep-stem layout, timm's ImageNet weights from the Hugging Face hub, downloaded "
+            "once; results may differ a little from the paper's), --pretrained torchvision (7x7 "
+            "stem, torchvision's "
             "ImageNet weights; results differ from the paper) or --pretrained none (from "
             "scratch; far below the paper).")
     data = data_lib.build_data(cfg["dataset"], cfg["data_root"], cfg["num_classes"], cfg["labeled"],
