@@ -125,7 +125,7 @@ def test_two_nodes_over_loopback(tmp_path):
     assert [agent.returncode for agent in agents] == [0, 0], both
     assert count_lines(both, REPLICAS) == 1
     assert count_lines(both, "final: ") == 1
-    assert "on 2 process(es)" in both
+    assert "2 processes on cpu" in both
     assert (out / "final.json").exists()
 
 

@@ -119,7 +119,9 @@ def test_voc_layout_with_published_split_lists_trains(tmp_path, capsys):
                                  capsys)
     assert code == 0, err
     assert "20 labeled / 80 unlabeled / 4 val" in stdout
-    assert '"head_lr_mult": 10.0' in stdout and '"num_classes": 21' in stdout
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["head_lr_mult"] == 10.0 and config["num_classes"] == 21
+    assert "heads x10.0" in stdout and "21 classes" in stdout  # the few lines of the preset
 
 
 def test_cityscapes_layout_trains_with_aux_head(tmp_path, capsys):
@@ -135,7 +137,9 @@ def test_cityscapes_layout_trains_with_aux_head(tmp_path, capsys):
                                  capsys)
     assert code == 0, err
     assert "4 labeled / 8 unlabeled / 2 val" in stdout
-    assert '"aux": true' in stdout and '"eval_mode": "sliding"' in stdout
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["aux"] is True and config["eval_mode"] == "sliding"
+    assert "aux head x0.4" in stdout and "evaluation: sliding" in stdout
 
 
 def test_paper_presets():
