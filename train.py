@@ -973,9 +973,11 @@ class Progress:
     remaining semi-supervised ones and the remaining evaluations, each at its own measured
     duration. Until a semi-supervised iteration has been measured it is guessed at
     SEMI_COST_GUESS warm-up iterations: it runs the student on twice the images (labeled
-    and unlabeled) plus the teacher's forward pass on the unlabeled half, ~2.3x the work;
-    the toy run on a CPU measures 2.3x for PCR. Until an evaluation has been measured the
-    ETA is training only, and says how many evaluations it leaves out.
+    and unlabeled) plus the teacher's forward pass on the unlabeled half, ~2.3x the work
+    (the toy preset on a busy 2-core CPU measured 2.0-2.4x for PCR); erring long is kinder
+    than a late finish. (The one-off prototype k-means is in neither.) Until an
+    evaluation has been measured the ETA is training only, and says how many evaluations
+    it leaves out.
     """
     SEMI_COST_GUESS = 2.5
 
@@ -1236,7 +1238,7 @@ def setup(argv):
         if stored:
             cfg, conflicts = resumed_config(cfg, given, stored, origin, ctx.log)
             errors += conflicts
-    else:
+    elif not cfg["print_config"]:  # (printing writes nothing)
         errors += occupied_out_error(cfg)
     errors += flag_errors(cfg)
     errors += process_errors(cfg, ctx)
