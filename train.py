@@ -764,9 +764,15 @@ def process_errors(cfg, ctx):
 
 
 def file_errors(cfg, resuming):
-    """Missing data root, split folder and ImageNet weights, all at once (data.py checks
-    the contents once the run directory exists)."""
+    """An --out that cannot be written, a missing data root, split folder or ImageNet
+    weights, all at once (data.py checks the contents once the run directory exists)."""
     errors = []
+    existing = os.path.abspath(cfg["out"])
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
+        errors.append(f"--out {cfg['out']}: cannot write there ({existing} is "
+                      f"{'not writable' if os.path.isdir(existing) else 'a file'})")
     if cfg["dataset"] != "toy":
         if cfg["data_root"] is None:
             errors.append(f"--data-root is required for --dataset {cfg['dataset']}")
@@ -1253,11 +1259,15 @@ def main(argv=None):
         return 0
     if errors:
         return report_errors(errors, ctx, cfg["out"])
-    try:
-        ctx.connect()
-        if ctx.main:
+    if ctx.main:  # before joining the other processes: a failure here stops the job at once
+        try:
             os.makedirs(cfg["out"], exist_ok=True)
             ctx.open_log(os.path.join(cfg["out"], "log.txt"))
+        except OSError as e:
+            return report_errors([f"--out {cfg['out']}: cannot write the run directory: {e}"], ctx,
+                                 cfg["out"])
+    try:
+        ctx.connect()
         data, student, teacher, bank, optimizer, scaler = build_everything(cfg, ctx, ckpt is not None)
         check_batches(cfg, ctx, data)
         step_rng = torch.Generator().manual_seed(cfg["seed"] * 1000 + ctx.rank)
@@ -1265,6 +1275,11 @@ def main(argv=None):
                                   step_rng)
     except (SetupError, CheckpointError, data_lib.DataError, ValueError) as e:
         return report_errors([last_line(e)], ctx, cfg["out"])
+    except Exception as e:  # a bug or a system error: its traceback follows, the log says why
+        if ctx.log_file is not None:
+            ctx.log_file.write(f"error: {type(e).__name__}: {last_line(e)}\n")
+            ctx.log_file.flush()
+        raise
     del ckpt  # its tensors are in the models now
     if start_iter >= cfg["total_iters"]:
         ctx.log(f"resume: the run already finished ({start_iter}/{cfg['total_iters']} "
