@@ -16,7 +16,10 @@ Two nodes with 4 GPUs each (run on every node; the endpoint is node 0's address)
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
         --rdzv-id=pcr train.py --dataset cityscapes --data-root data/cityscapes --labeled 744
 
-An interrupted run continues with `--resume auto` (same --out).
+Each run lives in --out (default runs/DATASET_LABELED_METHOD_sSEED, e.g. runs/toy_16_pcr_s0).
+An interrupted run continues with `--resume auto` (same --out, or the same flags that named
+it): every setting comes from the checkpoint, and a flag that would change training stops
+the resume, naming the flag and both values.
 """
 import argparse
 import copy
@@ -843,7 +846,9 @@ def resumed_config(cfg, given, stored, origin, log):
     resumed.update({key: value for key, value in stored.items() if key not in DERIVED})
     errors = []
     for key, value in given.items():
-        if key not in stored or same_setting(key, value, stored[key]) or key in ("resume", "out"):
+        if (key not in stored or same_setting(key, value, stored[key])
+                or key in ("resume", "out", "print_config")
+                or (key == "epochs" and stored.get("iters"))):  # (--iters overrides it)
             resumed[key] = value
         elif key in RESUME_MAY_CHANGE:
             resumed[key] = value
