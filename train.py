@@ -857,8 +857,9 @@ def resumed_config(cfg, given, stored, origin, log):
             errors.append(f"{flag_name(key)} {value} differs from the run's {flag_name(key)} "
                           f"{stored[key]} ({origin}); a resumed run keeps its settings: drop the "
                           f"flag, or start a new run with another --out")
-    if "out" not in given and cfg["resume"] != "auto":
-        resumed["out"] = default_out(resumed)  # --resume PATH: the run's own directory name
+    # the run continues where it was found (--resume auto: --out, else the checkpoint's folder)
+    if "out" not in given:
+        resumed["out"] = cfg["out"] if cfg["resume"] == "auto" else os.path.dirname(origin) or "."
     return resumed, errors
 
 

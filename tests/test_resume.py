@@ -46,7 +46,7 @@ def train_here(out, *extra, base=RUN):
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     torch.set_num_threads(1)
     try:
-        return train.main(base + ["--out", str(out), *extra])
+        return train.main(base + (["--out", str(out)] if out is not None else []) + list(extra))
     finally:
         torch.set_num_threads(threads)
         for sig, handler in handlers.items():
@@ -186,6 +186,21 @@ def test_resume_without_flags_continues_the_stored_run(uninterrupted, tmp_path):
     assert "k-means" not in log
     assert (out / "config.json").read_bytes() == config_before
     assert_same_training_state(load(out / "last.pt"), load(uninterrupted / "last.pt"))
+
+
+def test_plain_resume_auto_continues_the_default_run_directory(uninterrupted, tmp_path, monkeypatch):
+    """`python train.py --resume auto` finds the quick start's runs/toy_16_pcr_s0, even
+    when the run was written elsewhere and moved there, and continues it in place."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "runs" / "toy_16_pcr_s0"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "final.json").unlink()
+    shutil.copy(run_dir / "last.prev.pt", run_dir / "last.pt")
+    stamp = (uninterrupted / "last.pt").stat().st_mtime_ns
+    assert train_here(None, "--resume", "auto", base=[]) == 0  # no --out
+    assert (run_dir / "final.json").exists()
+    assert "at iteration 12" in (run_dir / "log.txt").read_text()
+    assert (uninterrupted / "last.pt").stat().st_mtime_ns == stamp  # not written to
 
 
 def test_resume_with_a_conflicting_flag_stops_naming_both_values(uninterrupted, tmp_path, capsys):
