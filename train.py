@@ -1147,12 +1147,14 @@ def describe_config(cfg, ctx):
         f"model: {cfg['backbone']}" + (f" x{cfg['width']}" if cfg["width"] != 1.0 else "")
         + f", output stride {cfg['output_stride']}, {plural(cfg['num_classes'], 'class')}, "
         f"pretrained {cfg['pretrained']}" + (f", aux head x{cfg['aux_weight']}" if cfg["aux"] else "")
-        + f" | {plural(ctx.world, 'process')} on {ctx.device}, amp {cfg['amp']}",
+        + f" | {plural(ctx.world, 'process')} on {ctx.device if ctx.world == 1 else ctx.device.type}, "
+        f"amp {cfg['amp']}",
         f"schedule: {plural(cfg['total_iters'], 'iteration')} = {plural(cfg['epochs'], 'epoch')} of "
         f"{cfg['iters_per_epoch']}" + (f", the first {cfg['warmup_iters']} supervised" if semi else "")
         + f" | global batch {cfg['batch_size']}" + (f" + {cfg['batch_size']} unlabeled" if semi else "")
-        + f", crop {cfg['crop_size']} | SGD lr {cfg['lr']} (heads x{cfg['head_lr_mult']}), poly "
-        f"{cfg['poly_power']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}",
+        + f", crop {cfg['crop_size']}",
+        f"optimizer: SGD lr {cfg['lr']} (heads x{cfg['head_lr_mult']}), poly {cfg['poly_power']}, "
+        f"momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}",
         f"losses: OHEM CE (p <= {cfg['ohem_thresh']}, min kept {cfg['ohem_min_kept']})"
         + (f" | unlabeled x{cfg['unsup_weight']}, highest-entropy {cfg['drop_start']:.0%} -> 0% "
            f"dropped, CutMix p {cfg['cutmix_prob']}, teacher EMA {cfg['ema_decay']}" if semi else "")
