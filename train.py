@@ -985,9 +985,10 @@ class Progress:
     remaining semi-supervised ones and the remaining evaluations, each at its own measured
     duration. Until a semi-supervised iteration has been measured it is guessed at
     SEMI_COST_GUESS warm-up iterations: it runs the student on twice the images (labeled
-    and unlabeled) plus the teacher's forward pass on the unlabeled half, ~2.3x the work
-    (the toy preset on a busy 2-core CPU measured 2.0-2.4x for PCR); erring long is kinder
-    than a late finish. (The one-off prototype k-means is in neither.) Until an
+    and unlabeled) plus the teacher's forward pass on the unlabeled half, ~2.3x the work.
+    Measured PCR / supervised step: 1.8x (bench.py, resnet18, crop 129, CPU), 1.8x / 2.1x
+    (resnet101, crop 513, H100, bf16 / fp32), 2.0-3.1x for the small toy steps on a 2-core
+    CPU. (The one-off prototype k-means is in neither phase.) Until an
     evaluation has been measured the ETA is training only, and says how many evaluations
     it leaves out.
     """
