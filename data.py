@@ -58,7 +58,6 @@ CITYSCAPES_COLOURS = [
     (0, 80, 100), (0, 0, 230), (119, 11, 32),
 ]
 
-DATASETS = ("toy", "voc", "cityscapes", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
 
 
@@ -519,7 +518,7 @@ def _stem(path):
 
 
 def _voc_resolver(root, mask_folder="SegmentationClass", use_aug=True):
-    """Line -> Sample for VOC layouts: 'id', 'JPEGImages/id.jpg' or 'image label'.
+    """Line -> Sample for VOC layouts: 'id', 'id.jpg', 'JPEGImages/id.jpg' or 'image label'.
 
     The mask of an id is SegmentationClassAug/<id>.png when that exists, else
     <mask_folder>/<id>.png; images are JPEGImages/<id>.jpg (or .png/.jpeg for folders).
@@ -545,8 +544,10 @@ def _voc_resolver(root, mask_folder="SegmentationClass", use_aug=True):
         if len(fields) != 1:
             raise ValueError("expected 'id', 'image_path' or 'image_path label_path'")
         token = fields[0]
-        if "/" in token or token.lower().endswith(IMAGE_EXTENSIONS):
+        if "/" in token:  # a path from the root, as in published lists: JPEGImages/<id>.jpg
             image, image_id = _relative(root, token), _stem(token)
+        elif token.lower().endswith(IMAGE_EXTENSIONS):  # a file name in JPEGImages: <id>.jpg
+            image, image_id = os.path.join(root, "JPEGImages", token), _stem(token)
         else:
             image, image_id = image_of(token), token
         return Sample(image, mask_of(image_id) if need_label else None, image_id, False)
@@ -747,7 +748,7 @@ def _cityscapes_splits(root, labeled, split_dir, seed, log):
             "val": own_val()}
 
 
-def _folder_splits(root, labeled, split_dir, log):
+def _folder_splits(root, labeled, split_dir, seed, log):
     resolve = _voc_resolver(root, use_aug=False)
     list_dir = root if split_dir is None else split_dir
     splits = _split_dir_lists(list_dir, resolve, os.path.join(root, "val.txt"), log)
@@ -757,15 +758,59 @@ def _folder_splits(root, labeled, split_dir, log):
     return splits
 
 
-def _folder_class_names(root, num_classes):
+def _folder_classes(root, num_classes):
+    """Class names of a folder dataset: DIR/classes.txt (one name per line) sets the count;
+    without it --num-classes does, and the names are class0, class1, ..."""
     path = os.path.join(root, "classes.txt")
     if not os.path.isfile(path):
+        if num_classes is None:
+            raise DataError(f"--dataset folder needs the number of classes: list their names in {path} "
+                            "(one per line, class id 0 first) or pass --num-classes")
+        if not 1 <= num_classes <= IGNORE_INDEX:
+            raise DataError(f"--num-classes {num_classes}: must be 1..{IGNORE_INDEX}")
         return [f"class{i}" for i in range(num_classes)]
     with open(path, encoding="utf-8") as handle:
         names = [line.strip() for line in handle.read().splitlines() if line.strip()]
-    if len(names) != num_classes:
-        raise DataError(f"{path} names {len(names)} classes but --num-classes is {num_classes}")
+    if not 1 <= len(names) <= IGNORE_INDEX:
+        raise DataError(f"{path} names {len(names)} classes; a dataset has 1..{IGNORE_INDEX}")
+    if num_classes is not None and len(names) != num_classes:
+        raise DataError(f"{path} names {len(names)} classes but --num-classes is {num_classes}; "
+                        "drop --num-classes or fix one of the two")
     return names
+
+
+# --------------------------------------------------------------------------- the dataset table
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset as build_data sees it. A new dataset is one entry in DATASETS, plus one
+    resolver (list line -> Sample, like _voc_resolver) when its files are laid out otherwise."""
+    layout: str  # what --data-root holds, for --help and error messages
+    classes: tuple  # class names, id 0 first; empty: from the data root (see _folder_classes)
+    palette: object  # () -> (256, 3) uint8 colours of the class ids, for pictures
+    # split rules: (root, labeled, split_dir, seed, log) -> {"labeled"/"unlabeled"/"val":
+    # (samples, lines, origin)}, the lists of split_dir or the dataset's own split for --labeled
+    splits: object
+    generated: bool = False  # images made in code: no data root, no files to check
+
+
+DATASETS = {
+    "toy": DatasetSpec(
+        layout="none: generated in code", classes=tuple(TOY_CLASSES), palette=voc_palette,
+        generated=True,
+        splits=lambda root, labeled, split_dir, seed, log: _toy_splits(labeled, split_dir, log)),
+    "voc": DatasetSpec(
+        layout="the VOC2012 folder: JPEGImages/, SegmentationClass/ (and SegmentationClassAug/), "
+               "ImageSets/Segmentation/",
+        classes=tuple(VOC_CLASSES), palette=voc_palette, splits=_voc_splits),
+    "cityscapes": DatasetSpec(
+        layout="leftImg8bit/{train,val}/<city>/ and gtFine/{train,val}/<city>/",
+        classes=tuple(CITYSCAPES_CLASSES), palette=cityscapes_palette, splits=_cityscapes_splits),
+    "folder": DatasetSpec(
+        layout="JPEGImages/<id>.jpg, SegmentationClass/<id>.png, labeled.txt, unlabeled.txt, "
+               "val.txt (optional classes.txt)",
+        classes=(), palette=voc_palette, splits=_folder_splits),
+}
 
 
 # --------------------------------------------------------------------------- pre-flight checks
@@ -817,47 +862,36 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
 
     toy: generated in code (no files). voc / cityscapes: the paper's splits drawn from `seed`
     (labeled in VOC_CLASSIC_LABELED + VOC_BLENDED_LABELED or CITYSCAPES_LABELED), or any lists
-    from split_dir. folder: VOC layout with lists in data_root (or split_dir), needs num_classes.
+    from split_dir. folder: VOC layout with lists in data_root (or split_dir); its classes come
+    from data_root/classes.txt or num_classes. What each dataset is: the DATASETS table.
     The lists are written to out_dir/{labeled,unlabeled,val}.txt when out_dir is given, so
     `--split-dir out_dir` repeats the run on the same images.
     """
-    if dataset not in DATASETS:
+    spec = DATASETS.get(dataset)
+    if spec is None:
         raise DataError(f"--dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     if not isinstance(crop_size, int) or crop_size < 1:
         raise DataError(f"--crop-size {crop_size}: must be a positive integer")
     if labeled is not None and labeled < 1:
         raise DataError(f"--labeled {labeled}: must be at least 1")
-    if dataset != "toy":
+    if not spec.generated:
         if data_root is None:
-            raise DataError(f"--data-root is required for --dataset {dataset}")
+            raise DataError(f"--data-root is required for --dataset {dataset} ({spec.layout})")
         if not os.path.isdir(data_root):
             raise DataError(f"--data-root {data_root} does not exist")
 
-    fixed = {"toy": (len(TOY_CLASSES), TOY_CLASSES), "voc": (len(VOC_CLASSES), VOC_CLASSES),
-             "cityscapes": (len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES)}
-    if dataset in fixed:
-        if num_classes is not None and num_classes != fixed[dataset][0]:
+    if spec.classes:
+        if num_classes is not None and num_classes != len(spec.classes):
             raise DataError(f"--num-classes {num_classes}: the {dataset} dataset has "
-                            f"{fixed[dataset][0]} classes")
-        num_classes, class_names = fixed[dataset]
+                            f"{len(spec.classes)} classes")
+        class_names = list(spec.classes)
     else:
-        if num_classes is None or num_classes < 1 or num_classes > IGNORE_INDEX:
-            raise DataError(f"--num-classes is required for --dataset folder (1..{IGNORE_INDEX}), "
-                            f"got {num_classes}")
-        class_names = _folder_class_names(data_root, num_classes)
-    palette = cityscapes_palette() if dataset == "cityscapes" else voc_palette()
-
-    if dataset == "toy":
-        splits = _toy_splits(labeled, split_dir, log)
-    elif dataset == "voc":
-        splits = _voc_splits(data_root, labeled, split_dir, seed, log)
-    elif dataset == "cityscapes":
-        splits = _cityscapes_splits(data_root, labeled, split_dir, seed, log)
-    else:
-        splits = _folder_splits(data_root, labeled, split_dir, log)
+        class_names = _folder_classes(data_root, num_classes)
+    num_classes = len(class_names)
+    splits = spec.splits(data_root, labeled, split_dir, seed, log)
 
     _check_overlaps(splits, log)
-    if dataset == "toy":
+    if spec.generated:
         make_source = lambda samples: ToySource(s.name for s in samples)  # noqa: E731
     else:
         for which in ("labeled", "val"):
@@ -880,7 +914,7 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
             with open(os.path.join(out_dir, which + ".txt"), "w", encoding="utf-8") as handle:
                 handle.write("".join(line + "\n" for line in lines))
     return Data(
-        name=dataset, num_classes=num_classes, class_names=list(class_names), palette=palette,
+        name=dataset, num_classes=num_classes, class_names=class_names, palette=spec.palette(),
         labeled=TrainDataset(make_source(splits["labeled"][0]), crop_size, labeled=True),
         unlabeled=TrainDataset(make_source(splits["unlabeled"][0]), crop_size, labeled=False),
         val=ValDataset(make_source(splits["val"][0])),

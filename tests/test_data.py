@@ -391,12 +391,30 @@ def test_folder_dataset(tmp_path):
     expected = np.array(Image.open(os.path.join(root, "SegmentationClass", "v1.png")))
     assert np.array_equal(label.numpy(), expected)
     assert folder.lists == ids
-    write_lines(os.path.join(root, "classes.txt"), ["sky", "road", "car"])
-    assert build_data("folder", root, num_classes=3, log=Log()).class_names == ["sky", "road", "car"]
-    with pytest.raises(DataError, match="classes.txt"):
-        build_data("folder", root, num_classes=4, log=Log())
-    with pytest.raises(DataError, match="--num-classes"):
+    with pytest.raises(DataError, match="classes.txt.*--num-classes"):  # neither given: both named
         build_data("folder", root, log=Log())
+    write_lines(os.path.join(root, "classes.txt"), ["sky", "road", "car", ""])
+    assert build_data("folder", root, num_classes=3, log=Log()).class_names == ["sky", "road", "car"]
+    alone = build_data("folder", root, log=Log())  # classes.txt alone sets the count
+    assert alone.num_classes == 3 and alone.class_names == ["sky", "road", "car"]
+    with pytest.raises(DataError, match="classes.txt names 3 classes but --num-classes is 4"):
+        build_data("folder", root, num_classes=4, log=Log())
+
+
+def test_folder_ids_with_or_without_extension(tmp_path):
+    root = str(tmp_path / "mine")
+    make_folder_root(root)  # l0.jpg l1.png l2.jpg l3.png
+    write_lines(os.path.join(root, "labeled.txt"), ["l0.jpg", "JPEGImages/l1.png", "l2", "/JPEGImages/l3.png"])
+    folder = build_data("folder", root, num_classes=3, crop_size=16, log=Log())
+    samples = folder.labeled.source.samples
+    assert [s.name for s in samples] == ["l0", "l1", "l2", "l3"]
+    assert [os.path.relpath(s.image, root) for s in samples] == [
+        os.path.join("JPEGImages", n) for n in ("l0.jpg", "l1.png", "l2.jpg", "l3.png")]
+    assert [os.path.relpath(s.label, root) for s in samples] == [
+        os.path.join("SegmentationClass", f"l{i}.png") for i in range(4)]
+    write_lines(os.path.join(root, "labeled.txt"), ["l1.jpg"])  # the file is l1.png: named as listed
+    with pytest.raises(DataError, match=r"JPEGImages/l1\.jpg"):
+        build_data("folder", root, num_classes=3, log=Log())
 
 
 def test_folder_bad_inputs(tmp_path):
