@@ -14,8 +14,13 @@ normalisation, label 255), horizontal flip with p = 0.5. Normalisation: (x / 255
 Bad input raises DataError with a one-line message naming the file or flag at fault.
 """
 import functools
+import datetime
 import glob
+import hashlib
+import json
+import multiprocessing
 import os
+import time
 from collections import namedtuple
 from dataclasses import dataclass, field
 
@@ -58,7 +63,6 @@ CITYSCAPES_COLOURS = [
     (0, 80, 100), (0, 0, 230), (119, 11, 32),
 ]
 
-DATASETS = ("toy", "voc", "cityscapes", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
 
 
@@ -112,13 +116,15 @@ def _to_rgb(image):
     return image.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr, ...
 
 
-def read_label(path, num_classes, raw_to_train=None):
+def read_label(path, num_classes, raw_to_train=None, palette=None):
     """Read a mask of class ids as uint8 (H, W); 255 = ignore.
 
     Palette PNGs are read by index (never converted to RGB); single-channel 8/16-bit PNGs by
     value; an RGB mask is accepted only when it is gray (r = g = b). raw_to_train, a (256,)
     lookup table, maps raw ids (Cityscapes labelIds) to train ids. Any value that is neither in
-    0..num_classes-1 nor 255 is a DataError naming the file and the values.
+    0..num_classes-1 nor 255 is a DataError naming the file and the values. A colour-coded
+    mask is a DataError saying how to convert it (which class colours it holds, when the
+    dataset's (256, 3) palette is given).
     """
     try:
         with Image.open(path) as mask:
@@ -133,9 +139,7 @@ def read_label(path, num_classes, raw_to_train=None):
         elif (values[..., :3] == values[..., :1]).all():
             values = values[..., 0]
         else:
-            raise DataError(
-                f"mask {path} is a colour ({mode}) image; masks must hold class ids "
-                "(single-channel or palette PNG) - a palette mask saved as RGB?")
+            raise DataError(_colour_mask_message(path, mode, values[..., :3], num_classes, palette))
     if values.dtype != np.uint8:  # 16/32-bit masks: any id above 255 is an error
         too_big = np.unique(values[(values > 255) | (values < 0)])
         if too_big.size:
@@ -151,6 +155,44 @@ def read_label(path, num_classes, raw_to_train=None):
                         f"0..{num_classes - 1} nor {IGNORE_INDEX}: a palette mask read as RGB, "
                         "or a wrong --num-classes?")
     return values
+
+
+def _pack(rgb):
+    """uint8 (..., 3) -> int32 (...) 0xRRGGBB, to compare colours as numbers."""
+    return (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+
+
+def _palette_ids(packed, palette):
+    """(ids, found) for packed colours: the first palette row holding each colour."""
+    entries = _pack(palette)
+    order = np.argsort(entries, kind="stable")  # a colour repeated in the palette: its first row
+    at = np.minimum(np.searchsorted(entries[order], packed), len(entries) - 1)
+    return order[at], entries[order][at] == packed
+
+
+def colours_to_ids(rgb, palette):
+    """Colour-coded mask uint8 (H, W, 3) -> class ids uint8 (H, W) through a (256, 3) palette
+    (row = class id); a colour not in the palette becomes 255 (ignore). Save the result as a
+    single-channel or palette PNG to use a colour-coded mask as a mask of class ids."""
+    ids, found = _palette_ids(_pack(rgb), palette)
+    return np.where(found, ids, IGNORE_INDEX).astype(np.uint8)
+
+
+def _colour_mask_message(path, mode, rgb, num_classes, palette=None):
+    """Why a colour mask is refused and how to convert it; names the palette classes it shows."""
+    colours = np.unique(_pack(rgb))
+    text = (f"mask {path} is a colour-coded {mode} image ({colours.size} colours); masks must hold "
+            f"class ids (pixel value = class id 0..{num_classes - 1}, {IGNORE_INDEX} = ignore)")
+    how = ("convert it: map each colour to its class id and save the ids as a single-channel or "
+           "palette PNG (data.colours_to_ids; the README's 'Your own data' shows how)")
+    if palette is None:
+        return f"{text}; {how}"
+    ids, found = _palette_ids(colours, palette)
+    if not found.all():
+        return (f"{text}; {int((~found).sum())} of its colours are not in the dataset's palette "
+                f"(a lossy JPEG mask, or other colours?); {how}")
+    return (f"{text}; its colours are the palette colours of ids {_some(sorted(ids.tolist()))}: a "
+            f"palette mask saved as RGB. {how[0].upper() + how[1:]}")
 
 
 def _header_size(path):
@@ -519,7 +561,7 @@ def _stem(path):
 
 
 def _voc_resolver(root, mask_folder="SegmentationClass", use_aug=True):
-    """Line -> Sample for VOC layouts: 'id', 'JPEGImages/id.jpg' or 'image label'.
+    """Line -> Sample for VOC layouts: 'id', 'id.jpg', 'JPEGImages/id.jpg' or 'image label'.
 
     The mask of an id is SegmentationClassAug/<id>.png when that exists, else
     <mask_folder>/<id>.png; images are JPEGImages/<id>.jpg (or .png/.jpeg for folders).
@@ -545,8 +587,10 @@ def _voc_resolver(root, mask_folder="SegmentationClass", use_aug=True):
         if len(fields) != 1:
             raise ValueError("expected 'id', 'image_path' or 'image_path label_path'")
         token = fields[0]
-        if "/" in token or token.lower().endswith(IMAGE_EXTENSIONS):
+        if "/" in token:  # a path from the root, as in published lists: JPEGImages/<id>.jpg
             image, image_id = _relative(root, token), _stem(token)
+        elif token.lower().endswith(IMAGE_EXTENSIONS):  # a file name in JPEGImages: <id>.jpg
+            image, image_id = os.path.join(root, "JPEGImages", token), _stem(token)
         else:
             image, image_id = image_of(token), token
         return Sample(image, mask_of(image_id) if need_label else None, image_id, False)
@@ -747,7 +791,7 @@ def _cityscapes_splits(root, labeled, split_dir, seed, log):
             "val": own_val()}
 
 
-def _folder_splits(root, labeled, split_dir, log):
+def _folder_splits(root, labeled, split_dir, seed, log):
     resolve = _voc_resolver(root, use_aug=False)
     list_dir = root if split_dir is None else split_dir
     splits = _split_dir_lists(list_dir, resolve, os.path.join(root, "val.txt"), log)
@@ -757,15 +801,59 @@ def _folder_splits(root, labeled, split_dir, log):
     return splits
 
 
-def _folder_class_names(root, num_classes):
+def _folder_classes(root, num_classes):
+    """Class names of a folder dataset: DIR/classes.txt (one name per line) sets the count;
+    without it --num-classes does, and the names are class0, class1, ..."""
     path = os.path.join(root, "classes.txt")
     if not os.path.isfile(path):
+        if num_classes is None:
+            raise DataError(f"--dataset folder needs the number of classes: list their names in {path} "
+                            "(one per line, class id 0 first) or pass --num-classes")
+        if not 1 <= num_classes <= IGNORE_INDEX:
+            raise DataError(f"--num-classes {num_classes}: must be 1..{IGNORE_INDEX}")
         return [f"class{i}" for i in range(num_classes)]
     with open(path, encoding="utf-8") as handle:
         names = [line.strip() for line in handle.read().splitlines() if line.strip()]
-    if len(names) != num_classes:
-        raise DataError(f"{path} names {len(names)} classes but --num-classes is {num_classes}")
+    if not 1 <= len(names) <= IGNORE_INDEX:
+        raise DataError(f"{path} names {len(names)} classes; a dataset has 1..{IGNORE_INDEX}")
+    if num_classes is not None and len(names) != num_classes:
+        raise DataError(f"{path} names {len(names)} classes but --num-classes is {num_classes}; "
+                        "drop --num-classes or fix one of the two")
     return names
+
+
+# --------------------------------------------------------------------------- the dataset table
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset as build_data sees it. A new dataset is one entry in DATASETS, plus one
+    resolver (list line -> Sample, like _voc_resolver) when its files are laid out otherwise."""
+    layout: str  # what --data-root holds, for --help and error messages
+    classes: tuple  # class names, id 0 first; empty: from the data root (see _folder_classes)
+    palette: object  # () -> (256, 3) uint8 colours of the class ids, for pictures
+    # split rules: (root, labeled, split_dir, seed, log) -> {"labeled"/"unlabeled"/"val":
+    # (samples, lines, origin)}, the lists of split_dir or the dataset's own split for --labeled
+    splits: object
+    generated: bool = False  # images made in code: no data root, no files to check
+
+
+DATASETS = {
+    "toy": DatasetSpec(
+        layout="none: generated in code", classes=tuple(TOY_CLASSES), palette=voc_palette,
+        generated=True,
+        splits=lambda root, labeled, split_dir, seed, log: _toy_splits(labeled, split_dir, log)),
+    "voc": DatasetSpec(
+        layout="the VOC2012 folder: JPEGImages/, SegmentationClass/ (and SegmentationClassAug/), "
+               "ImageSets/Segmentation/",
+        classes=tuple(VOC_CLASSES), palette=voc_palette, splits=_voc_splits),
+    "cityscapes": DatasetSpec(
+        layout="leftImg8bit/{train,val}/<city>/ and gtFine/{train,val}/<city>/",
+        classes=tuple(CITYSCAPES_CLASSES), palette=cityscapes_palette, splits=_cityscapes_splits),
+    "folder": DatasetSpec(
+        layout="JPEGImages/<id>.jpg, SegmentationClass/<id>.png, labeled.txt, unlabeled.txt, "
+               "val.txt (optional classes.txt)",
+        classes=(), palette=voc_palette, splits=_folder_splits),
+}
 
 
 # --------------------------------------------------------------------------- pre-flight checks
@@ -809,6 +897,143 @@ def _check_overlaps(splits, log):
                                [line for line, k in zip(lines, keep) if k], origin)
 
 
+# --------------------------------------------------------------------------- the full data check
+# build_data's checks read file headers only. check_data decodes every listed file before the
+# first iteration: a few minutes on VOC, against a crash hours into a run.
+
+CHECK_VERSION = 1  # bump when check_data checks more, so that old records are not trusted
+CHECK_CHUNK = 16  # samples per task handed to a worker
+CHECK_PROGRESS_SECONDS = 10.0  # at most one progress line this often
+
+
+def _check_chunk(task):
+    """(pairs read, [(split, path, message)] for the bad files) for a chunk of (split, Sample) pairs."""
+    chunk, num_classes, palette = task
+    problems = []
+    for which, sample in chunk:
+        try:
+            size = read_image(sample.image).size
+        except DataError as error:
+            problems.append((which, sample.image, str(error)))
+            size = None
+        if sample.label is None:
+            continue
+        try:
+            lookup = CITYSCAPES_ID_TO_TRAIN if sample.map_ids else None
+            label = read_label(sample.label, num_classes, lookup, palette)
+        except DataError as error:
+            problems.append((which, sample.label, str(error)))
+            continue
+        if size is not None and label.shape != (size[1], size[0]):
+            problems.append((which, sample.label, f"mask {sample.label} is {label.shape[1]}x{label.shape[0]} but "
+                                    f"its image {sample.image} is {size[0]}x{size[1]}"))
+    return len(chunk), problems
+
+
+def _fingerprint(items, num_classes):
+    """sha256 over the check's version, the class count and every file's path, size and mtime:
+    equal fingerprints mean the same files, unchanged since they were checked."""
+    digest = hashlib.sha256(f"{CHECK_VERSION} {num_classes}\n".encode())
+    for which, sample in items:
+        for path in (sample.image, sample.label):
+            if path is None:
+                continue
+            try:
+                stat = os.stat(path)
+                facts = f"{stat.st_size} {stat.st_mtime_ns}"
+            except OSError:
+                facts = "missing"
+            digest.update(f"{which} {int(sample.map_ids)} {os.path.abspath(path)} {facts}\n".encode())
+    return digest.hexdigest()
+
+
+def _write_json(record, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1)
+    os.replace(tmp, path)
+
+
+def check_data(data, workers=0, log=print, record_path=None, clock=time.monotonic):
+    """Decode every listed image and mask of `data` (labeled, unlabeled, val), in parallel.
+
+    Checks that each image and mask decodes in full, that a mask has its image's size, and
+    that mask values are class ids or 255 (Cityscapes: after the raw-id mapping). Every bad
+    file is collected, then one DataError names the first few and their count; the log gets
+    one line per bad file. `workers` processes read the files (0: this process), with a
+    progress line at most every CHECK_PROGRESS_SECONDS.
+
+    record_path (a JSON file in the run directory) remembers a passed check with a
+    fingerprint of the file list, sizes and modification times: a later call with the same
+    fingerprint (a resumed run) skips the reading. A failed check is recorded there too,
+    with every problem. Generated data (the toy set) needs no check. Returns the record
+    (None for generated data).
+    """
+    items = [(which, sample) for which in ("labeled", "unlabeled", "val")
+             for sample in getattr(getattr(data, which).source, "samples", ())]
+    if not items:
+        return None
+    fingerprint = _fingerprint(items, data.num_classes)
+    if record_path is not None and os.path.isfile(record_path):
+        try:
+            with open(record_path, encoding="utf-8") as handle:
+                previous = json.load(handle)
+        except (OSError, ValueError):
+            previous = {}
+        if previous.get("ok") and previous.get("fingerprint") == fingerprint:
+            log(f"data check: skipped, the {len(items)} listed images and their masks are unchanged "
+                f"since the check recorded in {record_path}")
+            return previous
+
+    masks = sum(sample.label is not None for _, sample in items)
+    tasks = [(items[i:i + CHECK_CHUNK], data.num_classes, data.palette)
+             for i in range(0, len(items), CHECK_CHUNK)]
+    workers = max(0, min(int(workers), len(tasks)))
+    log(f"data check: reading {len(items)} images and {masks} masks with "
+        f"{workers or 'no'} worker process(es) (--skip-data-check skips this)")
+    start = last_report = clock()
+    problems, done = [], 0
+    pool = multiprocessing.Pool(workers) if workers > 0 else None
+    try:
+        results = pool.imap_unordered(_check_chunk, tasks) if pool else map(_check_chunk, tasks)
+        for count, chunk_problems in results:
+            problems += chunk_problems
+            done += count
+            now = clock()
+            if now - last_report >= CHECK_PROGRESS_SECONDS and done < len(items):
+                last_report = now
+                rate = done / (now - start)
+                log(f"data check: {done}/{len(items)} images ({100 * done // len(items)}%), "
+                    f"{len(problems)} bad file(s) so far, "
+                    f"eta {datetime.timedelta(seconds=int((len(items) - done) / rate))}")
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    seconds = clock() - start
+    problems.sort()
+    record = {"version": CHECK_VERSION, "ok": not problems, "fingerprint": fingerprint,
+              "num_classes": data.num_classes, "images": len(items), "masks": masks,
+              "seconds": round(seconds, 1), "workers": workers,
+              "problems": [f"{which}: {message}" for which, _, message in problems]}
+    if record_path is not None:
+        _write_json(record, record_path)
+    if not problems:
+        log(f"data check: {len(items)} images and {masks} masks decode, sizes match, mask values "
+            f"are class ids or {IGNORE_INDEX} ({seconds:.1f} s)")
+        return record
+    shown = 20
+    for line in record["problems"][:shown]:
+        log(f"data check: {line}")
+    where = f" (all in {record_path})" if record_path is not None else ""
+    if len(problems) > shown:
+        log(f"data check: ... and {len(problems) - shown} more{where}")
+    others = [path for _, path, _ in problems[1:]]
+    raise DataError(f"the data check found {len(problems)} bad file(s) among {len(items)} listed "
+                    f"images and {masks} masks, each named above{where}; first, {record['problems'][0]}"
+                    + (f"; the others: {_some(others, 4)}" if others else ""))
+
+
 # --------------------------------------------------------------------------- entry point
 
 def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_dir=None,
@@ -817,47 +1042,36 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
 
     toy: generated in code (no files). voc / cityscapes: the paper's splits drawn from `seed`
     (labeled in VOC_CLASSIC_LABELED + VOC_BLENDED_LABELED or CITYSCAPES_LABELED), or any lists
-    from split_dir. folder: VOC layout with lists in data_root (or split_dir), needs num_classes.
+    from split_dir. folder: VOC layout with lists in data_root (or split_dir); its classes come
+    from data_root/classes.txt or num_classes. What each dataset is: the DATASETS table.
     The lists are written to out_dir/{labeled,unlabeled,val}.txt when out_dir is given, so
     `--split-dir out_dir` repeats the run on the same images.
     """
-    if dataset not in DATASETS:
+    spec = DATASETS.get(dataset)
+    if spec is None:
         raise DataError(f"--dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     if not isinstance(crop_size, int) or crop_size < 1:
         raise DataError(f"--crop-size {crop_size}: must be a positive integer")
     if labeled is not None and labeled < 1:
         raise DataError(f"--labeled {labeled}: must be at least 1")
-    if dataset != "toy":
+    if not spec.generated:
         if data_root is None:
-            raise DataError(f"--data-root is required for --dataset {dataset}")
+            raise DataError(f"--data-root is required for --dataset {dataset} ({spec.layout})")
         if not os.path.isdir(data_root):
             raise DataError(f"--data-root {data_root} does not exist")
 
-    fixed = {"toy": (len(TOY_CLASSES), TOY_CLASSES), "voc": (len(VOC_CLASSES), VOC_CLASSES),
-             "cityscapes": (len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES)}
-    if dataset in fixed:
-        if num_classes is not None and num_classes != fixed[dataset][0]:
+    if spec.classes:
+        if num_classes is not None and num_classes != len(spec.classes):
             raise DataError(f"--num-classes {num_classes}: the {dataset} dataset has "
-                            f"{fixed[dataset][0]} classes")
-        num_classes, class_names = fixed[dataset]
+                            f"{len(spec.classes)} classes")
+        class_names = list(spec.classes)
     else:
-        if num_classes is None or num_classes < 1 or num_classes > IGNORE_INDEX:
-            raise DataError(f"--num-classes is required for --dataset folder (1..{IGNORE_INDEX}), "
-                            f"got {num_classes}")
-        class_names = _folder_class_names(data_root, num_classes)
-    palette = cityscapes_palette() if dataset == "cityscapes" else voc_palette()
-
-    if dataset == "toy":
-        splits = _toy_splits(labeled, split_dir, log)
-    elif dataset == "voc":
-        splits = _voc_splits(data_root, labeled, split_dir, seed, log)
-    elif dataset == "cityscapes":
-        splits = _cityscapes_splits(data_root, labeled, split_dir, seed, log)
-    else:
-        splits = _folder_splits(data_root, labeled, split_dir, log)
+        class_names = _folder_classes(data_root, num_classes)
+    num_classes = len(class_names)
+    splits = spec.splits(data_root, labeled, split_dir, seed, log)
 
     _check_overlaps(splits, log)
-    if dataset == "toy":
+    if spec.generated:
         make_source = lambda samples: ToySource(s.name for s in samples)  # noqa: E731
     else:
         for which in ("labeled", "val"):
@@ -880,7 +1094,7 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
             with open(os.path.join(out_dir, which + ".txt"), "w", encoding="utf-8") as handle:
                 handle.write("".join(line + "\n" for line in lines))
     return Data(
-        name=dataset, num_classes=num_classes, class_names=list(class_names), palette=palette,
+        name=dataset, num_classes=num_classes, class_names=class_names, palette=spec.palette(),
         labeled=TrainDataset(make_source(splits["labeled"][0]), crop_size, labeled=True),
         unlabeled=TrainDataset(make_source(splits["unlabeled"][0]), crop_size, labeled=False),
         val=ValDataset(make_source(splits["val"][0])),

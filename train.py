@@ -61,9 +61,13 @@ PRESETS = {
                        head_lr_mult=1.0, weight_decay=5e-4, num_prototypes=3,
                        conf_threshold=0.65, aux_weight=0.4, labeled=744,
                        eval_mode="sliding", eval_every=None),
-    # users' own data in VOC layout: VOC's recipe is the sensible starting point
-    "folder": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth",
-                   output_stride=8, crop_size=513, batch_size=16, epochs=80, lr=0.001,
+    # users' own data in VOC layout, usually tens to thousands of images: VOC's optimiser
+    # recipe on a lighter network whose ImageNet weights torchvision downloads by itself
+    # (resnet50, 7x7 stem, output stride 16, crop 321, batch 8 + 8). For the paper's network,
+    # pass VOC's settings (--backbone resnet101 --pretrained pretrained/resnet101.pth
+    # --output-stride 8 --crop-size 513 --batch-size 16).
+    "folder": dict(backbone="resnet50", pretrained="torchvision",
+                   output_stride=16, crop_size=321, batch_size=8, epochs=80, lr=0.001,
                    head_lr_mult=10.0, weight_decay=1e-4, num_prototypes=4,
                    conf_threshold=0.8, aux_weight=0.0, labeled=None, eval_mode="whole",
                    eval_every=None),
@@ -77,7 +81,7 @@ COMMON = dict(width=1.0, momentum=0.9, poly_power=0.9, ohem_thresh=0.7, ohem_min
 # Flags whose default is neither a preset entry nor derived from the run.
 FLAG_DEFAULTS = dict(dataset="toy", method="pcr", save_every=0, log_every=20, seed=0,
                      workers=min(4, os.cpu_count() or 1), device="auto", amp="none",
-                     channels_last=False, print_config=False)
+                     channels_last=False, print_config=False, skip_data_check=False)
 
 
 def preset_help(key):
@@ -109,7 +113,8 @@ def parse_args(argv=None):
 
     a("--dataset", choices=sorted(PRESETS), help="dataset and its preset")
     a("--data-root", help="dataset root (VOC: the VOC2012 folder; Cityscapes: holds leftImg8bit/ and gtFine/)")
-    a("--num-classes", type=int, help="number of classes (required for --dataset folder)",
+    a("--num-classes", type=int, help="number of classes (--dataset folder: needed only without "
+      "DATA_ROOT/classes.txt, which names one class per line)",
       help_default=" (voc 21, cityscapes 19, toy 6)")
     a("--labeled", type=int, help="number of labeled images: VOC 92/183/366/732/1464 (classic) or "
       "662/1323/2646/5291 (blended), Cityscapes 186/372/744/1488; folder: all of labeled.txt",
@@ -160,6 +165,10 @@ def parse_args(argv=None):
     a("--resume", help="'auto' (OUT/last.pt if present) or a checkpoint path; the run's settings "
       "come from the checkpoint", help_default="")
     a("--print-config", action="store_true", help="print the resolved settings and exit", help_default="")
+    a("--skip-data-check", action="store_true", help="do not read every listed image and mask "
+      "before training (the check decodes them all, in parallel over --workers: about half a minute "
+      "of one core for VOC; a passed check is recorded in OUT/data_check.json and not repeated "
+      "on resume while the files are unchanged)", help_default="")
     return p.parse_args(argv)
 
 
@@ -843,7 +852,7 @@ def check_batches(cfg, ctx, data):
 # processes, how often to log / save / evaluate, where the run lives, the device and
 # memory layout; the last two change the order of float sums, as another GPU would).
 RESUME_MAY_CHANGE = {"workers", "log_every", "save_every", "eval_every", "device",
-                     "channels_last", "out", "resume", "print_config"}
+                     "channels_last", "out", "resume", "print_config", "skip_data_check"}
 # Worked out from the data and the number of processes at every start.
 DERIVED = {"local_batch", "iters_per_epoch", "total_iters"}
 
@@ -1246,6 +1255,47 @@ def report_errors(errors, ctx, out):
     return 2
 
 
+def check_data_before_training(data, cfg, ctx):
+    """Rank 0 decodes every listed file (data.check_data, recorded in OUT/data_check.json);
+    the other processes wait for its verdict. A bad file is one DataError, printed by rank 0
+    alone: the others exit quietly with the same code."""
+    if data_lib.DATASETS[data.name].generated:
+        return
+    if cfg["skip_data_check"]:
+        ctx.log("data check: skipped (--skip-data-check)")
+        return
+    error = None
+    if ctx.main:
+        try:
+            data_lib.check_data(data, cfg["workers"], ctx.log, os.path.join(cfg["out"], "data_check.json"))
+        except data_lib.DataError as e:
+            error = str(e)
+    if ctx.world > 1:
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error is not None:
+        if not ctx.main:
+            raise SystemExit(2)
+        raise data_lib.DataError(error)
+
+
+def stop_on_bad_file(error, it, cfg, ctx, save):
+    """A listed file that fails during training (changed on disk since the check): write
+    last.pt (one process: saving needs every process), name the file, return exit code 2."""
+    # a DataError raised in a loader worker arrives re-raised with the worker's traceback,
+    # whose last line is "data.DataError: <message>"
+    message = str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]
+    if ctx.world == 1:
+        save(it)
+        saved = f"saved {cfg['out']}/last.pt at iteration {it}"
+    else:
+        saved = f"{cfg['out']}/last.pt from the last save is kept"
+    print(f"error: {message} (iteration {it}, process {ctx.rank}); {saved}: replace the file or "
+          "drop it from the lists, then continue with --resume auto", file=sys.stderr, flush=True)
+    return 2
+
+
 def setup(argv):
     """Flags, stored settings of a resumed run, and every check that needs no file written.
     Returns (cfg, ctx, checkpoint, its path, errors); nothing is written here."""
@@ -1302,6 +1352,7 @@ def main(argv=None):
         step_rng = torch.Generator().manual_seed(cfg["seed"] * 1000 + ctx.rank)
         start_iter, best = resume(ckpt, ckpt_path, ctx, student, teacher, bank, optimizer, scaler,
                                   step_rng)
+        check_data_before_training(data, cfg, ctx)
     except (SetupError, CheckpointError, data_lib.DataError, ValueError) as e:
         return report_errors([last_line(e)], ctx, cfg["out"])
     except Exception as e:  # a bug or a system error: its traceback follows, the log says why
@@ -1377,9 +1428,12 @@ def main(argv=None):
         if semi and unlabeled_loader is None:
             unlabeled_loader = make_loader(data.unlabeled, cfg, ctx, cfg["local_batch"],
                                            cfg["batch_size"], stream=1, start_iter=it)
-        batch = {"labeled": [x.to(ctx.device, non_blocking=True) for x in next(labeled_loader)]}
-        if semi:
-            batch["unlabeled"] = [x.to(ctx.device, non_blocking=True) for x in next(unlabeled_loader)]
+        try:
+            batch = {"labeled": [x.to(ctx.device, non_blocking=True) for x in next(labeled_loader)]}
+            if semi:
+                batch["unlabeled"] = [x.to(ctx.device, non_blocking=True) for x in next(unlabeled_loader)]
+        except data_lib.DataError as e:  # a file changed on disk since the data check
+            return stop_on_bad_file(e, it, cfg, ctx, save)
         if cfg["channels_last"]:
             for x in batch.values():
                 x[0] = x[0].contiguous(memory_format=torch.channels_last)
@@ -1427,7 +1481,10 @@ def main(argv=None):
 
         if done % cfg["eval_every"] == 0 or done == total:
             with progress.pause(done, evaluation=True):  # evaluation time is not training speed
-                results = run_evaluation(student, teacher, bank, data, cfg, ctx, semi)
+                try:
+                    results = run_evaluation(student, teacher, bank, data, cfg, ctx, semi)
+                except data_lib.DataError as e:  # a val file changed on disk since the check
+                    return stop_on_bad_file(e, done, cfg, ctx, save)
                 check_replicas_equal(teacher, bank, ctx)
             linear = results["linear"]
             last_metrics = {"iter": done, "epoch": it // cfg["iters_per_epoch"],

@@ -1,8 +1,10 @@
 """Tests for data.py: toy generator, weak augmentation, file readers, split lists, pre-flight checks."""
 import hashlib
 import io
+import json
 import math
 import os
+import re
 import sys
 from fractions import Fraction
 
@@ -391,12 +393,30 @@ def test_folder_dataset(tmp_path):
     expected = np.array(Image.open(os.path.join(root, "SegmentationClass", "v1.png")))
     assert np.array_equal(label.numpy(), expected)
     assert folder.lists == ids
-    write_lines(os.path.join(root, "classes.txt"), ["sky", "road", "car"])
-    assert build_data("folder", root, num_classes=3, log=Log()).class_names == ["sky", "road", "car"]
-    with pytest.raises(DataError, match="classes.txt"):
-        build_data("folder", root, num_classes=4, log=Log())
-    with pytest.raises(DataError, match="--num-classes"):
+    with pytest.raises(DataError, match="classes.txt.*--num-classes"):  # neither given: both named
         build_data("folder", root, log=Log())
+    write_lines(os.path.join(root, "classes.txt"), ["sky", "road", "car", ""])
+    assert build_data("folder", root, num_classes=3, log=Log()).class_names == ["sky", "road", "car"]
+    alone = build_data("folder", root, log=Log())  # classes.txt alone sets the count
+    assert alone.num_classes == 3 and alone.class_names == ["sky", "road", "car"]
+    with pytest.raises(DataError, match="classes.txt names 3 classes but --num-classes is 4"):
+        build_data("folder", root, num_classes=4, log=Log())
+
+
+def test_folder_ids_with_or_without_extension(tmp_path):
+    root = str(tmp_path / "mine")
+    make_folder_root(root)  # l0.jpg l1.png l2.jpg l3.png
+    write_lines(os.path.join(root, "labeled.txt"), ["l0.jpg", "JPEGImages/l1.png", "l2", "/JPEGImages/l3.png"])
+    folder = build_data("folder", root, num_classes=3, crop_size=16, log=Log())
+    samples = folder.labeled.source.samples
+    assert [s.name for s in samples] == ["l0", "l1", "l2", "l3"]
+    assert [os.path.relpath(s.image, root) for s in samples] == [
+        os.path.join("JPEGImages", n) for n in ("l0.jpg", "l1.png", "l2.jpg", "l3.png")]
+    assert [os.path.relpath(s.label, root) for s in samples] == [
+        os.path.join("SegmentationClass", f"l{i}.png") for i in range(4)]
+    write_lines(os.path.join(root, "labeled.txt"), ["l1.jpg"])  # the file is l1.png: named as listed
+    with pytest.raises(DataError, match=r"JPEGImages/l1\.jpg"):
+        build_data("folder", root, num_classes=3, log=Log())
 
 
 def test_folder_bad_inputs(tmp_path):
@@ -697,3 +717,108 @@ def test_cityscapes_split_dir_formats(tmp_path):
     write_lines(str(lists / "paths" / "labeled.txt"), ["leftImg8bit/train/aachen/oops.png"])
     with pytest.raises(DataError, match=r"labeled.txt line 1.*oops.png"):
         build_data("cityscapes", str(root), split_dir=str(lists / "paths"), log=Log())
+
+
+# --------------------------------------------------------------------------- the full data check
+
+def test_colours_to_ids_inverts_the_palette():
+    label = (np.arange(H * W).reshape(H, W) % 23).astype(np.uint8)
+    label[0] = 255
+    rgb = data.voc_palette()[label]
+    assert np.array_equal(data.colours_to_ids(rgb, data.voc_palette()), label)
+    rgb[1, :3] = (1, 2, 3)  # not a palette colour: ignored
+    expected = label.copy()
+    expected[1, :3] = 255
+    assert np.array_equal(data.colours_to_ids(rgb, data.voc_palette()), expected)
+
+
+def break_folder_root(root):
+    """Three problems that build_data's header checks let through: a colour-coded RGB mask
+    (labeled), a value that is not a class id (val mask), a JPEG cut after its header (unlabeled)."""
+    label = np.random.default_rng(0).integers(0, 3, (H, W))
+    write_image(os.path.join(root, "SegmentationClass", "l1.png"), data.voc_palette()[label])
+    write_palette_mask(os.path.join(root, "SegmentationClass", "v2.png"), np.full((H, W), 9))
+    payload = encoded(np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8), "JPEG")
+    put(os.path.join(root, "JPEGImages", "u2.jpg"), payload[: len(payload) * 8 // 10])
+    return ["l1.png", "v2.png", "u2.jpg"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_check_data_reports_every_bad_file_at_once(tmp_path, workers):
+    root = str(tmp_path / "mine")
+    make_folder_root(root, n_labeled=4, n_unlabeled=5, n_val=3)
+    bad = break_folder_root(root)
+    folder = build_data("folder", root, num_classes=3, crop_size=16, log=Log())  # headers are fine
+    log, record_path = Log(), str(tmp_path / "data_check.json")
+    with pytest.raises(DataError) as error:
+        data.check_data(folder, workers, log, record_path)
+    message = str(error.value)
+    assert "3 bad file(s) among 12 listed images and 7 masks" in message and "\n" not in message
+    assert all(name in message for name in bad)
+    logged = "\n".join(log)
+    assert "labeled: mask" in logged and "l1.png is a colour-coded RGB image" in logged
+    assert "palette colours of ids 0, 1, 2" in logged and "colours_to_ids" in logged
+    assert re.search(r"val: mask \S*v2\.png has values 9", logged)
+    assert re.search(r"unlabeled: cannot decode image \S*u2\.jpg", logged)
+    record = json.load(open(record_path))
+    assert record["ok"] is False and len(record["problems"]) == 3
+    # a failed check is never taken as passed: the next call reads the files again
+    with pytest.raises(DataError):
+        data.check_data(folder, 0, Log(), record_path)
+
+
+def test_check_data_sizes_colours_off_palette_and_cityscapes_ids(tmp_path):
+    root = str(tmp_path / "mine")
+    make_folder_root(root, n_labeled=2, n_unlabeled=2, n_val=2)
+    folder = build_data("folder", root, num_classes=3, crop_size=16, log=Log())
+    # a mask whose header agrees with its image but whose pixels do not (header made to lie)
+    folder.val.source.samples[0] = folder.val.source.samples[0]._replace(
+        label=write_palette_mask(str(tmp_path / "wide.png"), np.zeros((H, W + 3), int)))
+    speckled = data.voc_palette()[np.zeros((H, W), int)]
+    speckled[0, 0] = (7, 7, 9)  # a colour of no class
+    folder.val.source.samples[1] = folder.val.source.samples[1]._replace(
+        label=write_image(str(tmp_path / "speckled.png"), speckled))
+    log = Log()
+    with pytest.raises(DataError, match="2 bad file"):
+        data.check_data(folder, 0, log)
+    logged = "\n".join(log)
+    assert re.search(r"wide\.png is 35x24 but its image \S*v0\.jpg is 32x24", logged)
+    assert "speckled.png is a colour-coded RGB image (2 colours)" in logged
+    assert "1 of its colours are not in the dataset's palette" in logged
+    # Cityscapes: raw ids are mapped first, so ids above 18 are fine
+    city_root = tmp_path / "cityscapes"
+    make_cityscapes_root(city_root, train_cities=(("aachen", 3), ("bremen", 3)), val_cities=(("lindau", 2),))
+    split = tmp_path / "split"
+    write_lines(str(split / "labeled.txt"), ["aachen_000000_000019", "bremen_000000_000019"])
+    write_lines(str(split / "unlabeled.txt"), ["aachen_000001_000019"])
+    city = build_data("cityscapes", str(city_root), split_dir=str(split), crop_size=16, log=Log())
+    record = data.check_data(city, 0, Log())
+    assert record["ok"] and (record["images"], record["masks"]) == (5, 4)
+
+
+def test_check_data_is_recorded_skipped_when_unchanged_and_shows_progress(tmp_path):
+    root = str(tmp_path / "mine")
+    make_folder_root(root, n_labeled=2, n_unlabeled=40, n_val=2)
+    folder = build_data("folder", root, num_classes=3, crop_size=16, log=Log())
+    record_path = str(tmp_path / "data_check.json")
+    ticks = iter(range(0, 10_000, 6))  # a fake clock: 6 s per reading
+    log = Log()
+    record = data.check_data(folder, 0, log, record_path, clock=lambda: next(ticks))
+    assert record["ok"] and (record["images"], record["masks"]) == (44, 4)
+    assert json.load(open(record_path))["fingerprint"] == record["fingerprint"]
+    progress = [line for line in log if "%)" in line]
+    # 3 chunks of 16 read at 6, 12, 18 s: one line once 10 s have passed, none at the end
+    assert len(progress) == 1 and progress[0].startswith("data check: 32/44 images (72%)")
+    assert "eta" in progress[0] and "all" not in progress[0]
+    assert "44 images and 4 masks decode" in log[-1]
+    log = Log()
+    assert data.check_data(folder, 0, log, record_path)["fingerprint"] == record["fingerprint"]
+    assert len(log) == 1 and "skipped" in log[0] and record_path in log[0]
+    # a listed file rewritten since: read again (and found bad)
+    put(os.path.join(root, "JPEGImages", "u3.png"), b"not a png")
+    log = Log()
+    with pytest.raises(DataError, match=r"u3\.png"):
+        data.check_data(folder, 0, log, record_path)
+    assert not any("skipped" in line for line in log)
+    # the toy set is generated: nothing to read
+    assert data.check_data(build_data("toy", log=Log()), 0, Log(), record_path) is None

@@ -4,6 +4,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import types
 
@@ -16,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import prototypes  # noqa: E402
 import train  # noqa: E402
-from test_data import make_cityscapes_root, make_folder_root, make_voc_root  # noqa: E402
+import data as data_lib  # noqa: E402
+from test_data import break_folder_root, make_cityscapes_root, make_folder_root, make_voc_root  # noqa: E402
 
 TINY = ["--backbone", "resnet18", "--width", "0.125", "--crop-size", "32", "--batch-size", "2",
         "--workers", "0", "--log-every", "2"]
@@ -266,6 +268,106 @@ def test_out_of_memory_stops_with_the_settings_and_what_to_change(tmp_path, caps
     assert torch.load(tmp_path / "oom" / "last.pt", weights_only=True)["iter"] == 2
 
 
+FOLDER = ["--dataset", "folder", "--pretrained", "none", "--crop-size", "24", "--num-classes", "3"]
+
+
+def test_bad_files_are_all_reported_before_the_first_iteration(tmp_path, capsys, monkeypatch):
+    """An RGB colour mask, a bad value in a val mask and a corrupt unlabeled JPEG: one error
+    naming the three files, exit code 2, and no training iteration ran."""
+    root = tmp_path / "mine"
+    make_folder_root(str(root), n_labeled=4, n_unlabeled=6, n_val=3)
+    bad = break_folder_root(str(root))
+    iterations = []
+    monkeypatch.setattr(train, "train_iteration", lambda *args: iterations.append(args))
+    out = tmp_path / "run"
+    code, stdout, err = run_main(TINY + FOLDER + ["--data-root", str(root), "--iters", "4",
+                                                  "--warmup-iters", "2", "--out", str(out)], capsys)
+    assert code == 2 and not iterations and not (out / "last.pt").exists()
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: the data check found 3 bad file(s)") and all(n in line for n in bad)
+    assert "colour-coded RGB image" in stdout and "data check: val: mask" in stdout
+    assert json.loads((out / "data_check.json").read_text())["ok"] is False
+
+
+def test_data_check_is_recorded_and_a_file_failing_during_training_saves_and_names_it(
+        tmp_path, capsys, monkeypatch):
+    """The check passes and is recorded; then the unlabeled images break (changed on disk):
+    the semi-supervised phase stops at its first batch, read by a loader worker, with
+    last.pt written and the file named. With the files restored as they were, --resume auto
+    skips the check and finishes."""
+    root = tmp_path / "mine"
+    make_folder_root(str(root), n_labeled=4, n_unlabeled=6, n_val=2)
+    unlabeled = sorted((root / "JPEGImages").glob("u*"))
+    saved = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in unlabeled}
+    real_check = data_lib.check_data
+
+    def check_then_break(*args, **kwargs):
+        record = real_check(*args, **kwargs)
+        for path in unlabeled:
+            path.write_bytes(saved[path][0][:60])
+        return record
+
+    monkeypatch.setattr(data_lib, "check_data", check_then_break)
+    out = tmp_path / "run"
+    args = TINY + FOLDER + ["--data-root", str(root), "--iters", "4", "--warmup-iters", "2",
+                            "--workers", "1", "--out", str(out)]
+    code, stdout, err = run_main(args, capsys)
+    assert "data check: 12 images and 6 masks decode" in stdout
+    assert json.loads((out / "data_check.json").read_text())["ok"] is True
+    assert code == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: cannot decode image ") and "JPEGImages/u" in line
+    assert f"saved {out}/last.pt at iteration 2" in line and "Traceback" not in line
+    assert torch.load(out / "last.pt", weights_only=True)["iter"] == 2
+    monkeypatch.setattr(data_lib, "check_data", real_check)
+    for path, (payload, mtime) in saved.items():
+        path.write_bytes(payload)
+        os.utime(path, ns=(mtime, mtime))
+    code, stdout, err = run_main(args + ["--resume", "auto"], capsys)
+    assert code == 0, err
+    assert "data check: skipped" in stdout and "resume:" in stdout
+
+
+def test_skip_data_check_and_a_val_file_failing_at_evaluation(tmp_path, capsys):
+    """--skip-data-check trains on a bad val mask; the evaluation then stops the run with
+    last.pt written at that iteration and the mask named."""
+    root = tmp_path / "mine"
+    make_folder_root(str(root), n_labeled=4, n_unlabeled=4, n_val=3)
+    break_folder_root(str(root))  # l1.png and u2.jpg are not listed here
+    (root / "labeled.txt").write_text("l0\nl2\nl3\n")
+    (root / "unlabeled.txt").write_text("u0\nu1\nu3\n")
+    (root / "val.txt").write_text("v0\nv2\n")
+    out = tmp_path / "run"
+    code, stdout, err = run_main(TINY + FOLDER + ["--data-root", str(root), "--iters", "4",
+                                                  "--warmup-iters", "2", "--eval-every", "2",
+                                                  "--skip-data-check", "--out", str(out)], capsys)
+    assert code == 2 and "data check: skipped (--skip-data-check)" in stdout
+    assert not (out / "data_check.json").exists() and "it 2/4" in stdout
+    line = err.strip().splitlines()[-1]
+    assert re.search(r"^error: mask \S*v2\.png has values 9 .* saved \S*last\.pt at iteration 2", line)
+    assert torch.load(out / "last.pt", weights_only=True)["iter"] == 2
+
+
+def test_folder_preset_and_classes_txt(tmp_path, capsys):
+    """The folder preset is the small-data one; classes.txt alone sets the class count."""
+    cfg = train.resolve_config(train.parse_args(["--dataset", "folder"]))
+    assert (cfg["backbone"], cfg["pretrained"], cfg["output_stride"], cfg["crop_size"],
+            cfg["batch_size"]) == ("resnet50", "torchvision", 16, 321, 8)
+    root = tmp_path / "mine"
+    make_folder_root(str(root), n_labeled=2, n_unlabeled=2, n_val=1)
+    (root / "classes.txt").write_text("sky\nroad\ncar\n")
+    folder = [a for a in FOLDER if a not in ("--num-classes", "3")]
+    code, stdout, err = run_main(TINY + folder + ["--data-root", str(root), "--iters", "2",
+                                                  "--warmup-iters", "1", "--out", str(tmp_path / "r")],
+                                 capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["num_classes"] == 3
+    assert "sky" in stdout and "car" in stdout  # the IoU table names the classes
+    code, _, err = run_main(TINY + FOLDER + ["--data-root", str(root), "--num-classes", "4",
+                                             "--out", str(tmp_path / "r2")], capsys)
+    assert code == 2 and "classes.txt names 3 classes but --num-classes is 4" in err
+
+
 class HostReads(TorchFunctionMode):
     """Fails on every read of a tensor's value by the host (item, bool, int, tolist,
     nonzero, boolean-mask or 0-dim-tensor indexing, ...): on a GPU each of them makes the
@@ -397,7 +499,7 @@ def test_help_shows_preset_values_instead_of_none(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: None)" not in text
     assert "(preset: toy, cityscapes 0.01; voc, folder 0.001)" in text  # --lr
-    assert "(preset: toy 64; voc, folder 513; cityscapes 769)" in text  # --crop-size
+    assert "(preset: toy 64; voc 513; cityscapes 769; folder 321)" in text  # --crop-size
     assert "(default: 0.99)" in text and "(default: pcr)" in text
     assert "runs/DATASET_LABELED_METHOD_sSEED" in text
 
