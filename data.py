@@ -432,7 +432,7 @@ def toy_sample(split, index):
 
 @functools.lru_cache(maxsize=None)
 def _toy_sample_cached(split, index):
-    """toy_sample, kept per process (all toy splits together are ~17 MB); arrays are read-only."""
+    """toy_sample, kept per process (all toy splits together are ~18 MB); arrays are read-only."""
     image, label = toy_sample(split, index)
     image.flags.writeable = label.flags.writeable = False
     return image, label
