@@ -44,8 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from cutmix import cutmix_mask, mix
-from model import build_model
-from prototypes import PrototypeBank, sample_features, sample_points
+from model import BACKBONES, build_model
+from prototypes import PrototypeBank, prototype_loss, sample_features, sample_points
 
 # Dense peak TFLOPS: (name fragment, bf16/fp16, tf32, fp32). The first matching fragment
 # wins, so the more specific names come first.
@@ -64,7 +64,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    a("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    a("--backbone", default="resnet18", choices=sorted(BACKBONES))
     a("--output-stride", type=int, default=8, choices=[8, 16])
     a("--crop-size", type=int, default=129, help="square training crop")
     a("--batch-size", type=int, default=4, help="labeled images per process; the unlabeled batch is equal")
@@ -332,7 +332,7 @@ def pcr_iteration_parts(run, batch, clock):
     clock.lap("pixel sampling + targets")
     prototype_logits, nearest = run.bank(point_feature)
     clock.lap("prototype logits")
-    terms["proto"] = cfg["proto_weight"] * train.prototype_loss(prototype_logits, target)
+    terms["proto"] = cfg["proto_weight"] * prototype_loss(prototype_logits, target)
     clock.lap("prototype loss")
     loss = sum(terms.values())
     run.optimizer.zero_grad(set_to_none=True)
@@ -345,7 +345,7 @@ def pcr_iteration_parts(run, batch, clock):
     clock.lap("optimizer step")
     run.bank.update(point_feature.detach(), target.masked_fill(~finite, train.IGNORE), nearest)
     clock.lap("prototype update")
-    train.ema_update(run.teacher, run.student, train.ema_alpha(run.it, cfg["ema_decay"]))
+    train.teacher_update(run.teacher, run.student, run.it, cfg)
     clock.lap("EMA teacher")
     return terms
 

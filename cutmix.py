@@ -1,4 +1,4 @@
-"""CutMix for the unlabeled stream (METHOD.md section 3 step 3).
+"""CutMix for the unlabeled stream (docs/METHOD.md section 3 step 3).
 
 Imports only torch, so the file can be copied into another project on its own.
 """
@@ -20,9 +20,11 @@ def cutmix_mask(batch_size, height, width, p=0.5, generator=None, device=None):
     """Boxes covering half of each image, for the whole batch with probability p.
 
     One coin flip per call: with probability 1 - p the mask is all False. Otherwise
-    image i gets its own box: width w uniform on the integers in (W/2, W], height
-    h = round(H W / (2 w)) (so w h ~ H W / 2, and h <= H), top-left corner uniform over
-    the positions that keep the box inside the image.
+    image i gets its own box, drawn as U2PL's generate_cutout_mask draws it: width w
+    uniform on the integers [floor(W/2) + 1, W - 1] (never the full width; for W < 3,
+    where that range is empty, w = W), height h = round(H W / (2 w)) with ties to even
+    as numpy rounds (so w h ~ H W / 2, and h < H), top-left corner uniform over the
+    positions that keep the box inside the image.
     Returns bool (B, H, W), True inside the box, on `device` (default: the generator's
     device, else CPU). Random numbers come from `generator`; the same number of them is
     drawn whether or not the coin succeeds, so a seeded run stays reproducible.
@@ -40,9 +42,11 @@ def cutmix_mask(batch_size, height, width, p=0.5, generator=None, device=None):
         return low + (u * count).long().clamp_max(count - 1)
 
     apply = torch.rand((), generator=generator, device=rng_device) < p          # coin, ()
-    box_w = uniform_int(width // 2 + 1, width - width // 2)                     # (B,) in (W/2, W]
-    # round(H W / (2 w)) in integers: floor((H W + w) / (2 w)).
-    box_h = ((height * width + box_w) // (2 * box_w)).clamp(1, height)          # (B,)
+    narrowest = min(width // 2 + 1, width)
+    box_w = uniform_int(narrowest, max(width - narrowest, 1))                   # (B,) [W/2+1, W-1]
+    # float64 holds H W / (2 w) exactly when it is a tie (n + 0.5), so torch.round's
+    # ties-to-even matches np.round, which the reference uses (W = 513, w = 361: 364).
+    box_h = torch.round(height * width / (2.0 * box_w.double())).long().clamp(1, height)  # (B,)
     top = uniform_int(0, height - box_h + 1)
     left = uniform_int(0, width - box_w + 1)
     box = torch.stack([top, top + box_h, left, left + box_w, apply.long().expand(batch_size)])

@@ -7,7 +7,7 @@ Every dataset yields three torch Datasets:
 All augmentation randomness comes from np.random.default_rng(seed), so a training sample is
 a pure function of (index, seed) whatever the number of DataLoader workers.
 
-Weak augmentation (METHOD.md section 3 step 1): rescale by s ~ U[0.5, 2.0] (image bilinear,
+Weak augmentation (docs/METHOD.md section 3 step 1): rescale by s ~ U[0.5, 2.0] (image bilinear,
 label nearest), random crop c x c, pad where the rescaled image is smaller (image 0 after
 normalisation, label 255), horizontal flip with p = 0.5. Normalisation: (x / 255 - MEAN) / STD.
 
@@ -493,7 +493,7 @@ def _index_and_seed(item):
 
 
 class TrainDataset(Dataset):
-    """Weakly augmented training crops (METHOD.md step 1), item (index, seed) ->
+    """Weakly augmented training crops (docs/METHOD.md step 1), item (index, seed) ->
     labeled:   image float32 (3, c, c), label int64 (c, c) (255 on padding);
     unlabeled: image float32 (3, c, c), padding bool (c, c) (True = no image there)."""
 

@@ -1,14 +1,21 @@
 """Evaluation for PCR: confusion-matrix mIoU, the field's evaluation protocols, offline
 evaluation of a checkpoint, inference on new images, and pictures of predictions.
 
-METHOD.md section 5. train.py calls `evaluate`; the command line below runs the same
+docs/METHOD.md section 5. train.py calls `evaluate`; the command line below runs the same
 code path on a saved checkpoint:
 
-    python evaluate.py --checkpoint RUN/best.pt                  # settings of the run
+    python evaluate.py --checkpoint RUN                          # RUN/best.pt, the run's settings
     python evaluate.py --checkpoint RUN/best.pt --mode sliding --crop-size 769 --head both
-    python evaluate.py --checkpoint RUN/best.pt --save-dir pictures/
-    python evaluate.py --checkpoint RUN/best.pt --images my_photos/ --save-dir masks/
+    python evaluate.py --checkpoint RUN --head both --save-dir pictures/ --prototype-map
+    python evaluate.py --checkpoint RUN --images my_photos/ --save-dir masks/
     torchrun --nproc_per_node 4 evaluate.py --checkpoint RUN/best.pt
+
+Pictures (--save-dir): predicted masks are palette PNGs (pixel value = class id, colours
+from the dataset's palette: VOC's own format, so they can serve as masks of
+--dataset folder); comparisons and overlays carry captions and a legend, are enlarged
+(nearest neighbour) when small, and overlays leave the background (class 0) transparent.
+--prototype-map draws which micro-prototype of its predicted class each pixel is nearest
+to, in shades of the class colour (nearest_prototype_map).
 
 Protocols (`mode`):
   whole    one forward pass at the image's own size (Pascal VOC);
@@ -32,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 IGNORE_INDEX = 255
 MODES = ("whole", "sliding", "center")
@@ -40,6 +47,8 @@ HEADS = ("linear", "proto")
 # Budget for one chunk of full-resolution features in the prototype head:
 # chunk_pixels x D float32 values <= 64 MB (16 rows of a 2048-wide image at D = 512).
 PROTO_CHUNK_BYTES = 64 * 2 ** 20
+VIEW_MIN_SIDE = 256  # pictures with a shorter side are enlarged (nearest neighbour)
+PROGRESS_SECONDS = 10.0  # at most one progress line this often (plus the last one)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -167,15 +176,12 @@ def center_box(height, width, crop):
     return (height - box_height) // 2, (width - box_width) // 2, box_height, box_width
 
 
-def prototype_logits_map(feature, bank, size, chunk_pixels=None):
-    """Prototype-head logits for every pixel of an image of `size` (H, W).
-
-    feature (B, D, h, w) at native stride -> (B, K, H, W) float32 with
-        out[:, :, y, x] = bank(f(y, x)), f(y, x) = feature bilinearly interpolated
-    (align_corners=True, as F.interpolate) at pixel (y, x). Computed in chunks of whole
-    rows of at most `chunk_pixels` pixels (default: PROTO_CHUNK_BYTES of float32
-    D-vectors), so the (B, D, H, W) full-resolution feature never exists at once.
-    """
+def _bank_rows(feature, bank, size, chunk_pixels=None):
+    """Yield (top, rows, logits (B, rows, W, K), nearest (B, rows, W, K)): `bank` applied to
+    f(y, x), the feature bilinearly interpolated (align_corners=True, as F.interpolate) at
+    every pixel of an image of `size` (H, W), in chunks of whole rows of at most
+    `chunk_pixels` pixels (default: PROTO_CHUNK_BYTES of float32 D-vectors), so the
+    (B, D, H, W) full-resolution feature never exists at once."""
     batch, dim = feature.shape[:2]
     height, width = size
     if chunk_pixels is None:
@@ -186,18 +192,57 @@ def prototype_logits_map(feature, bank, size, chunk_pixels=None):
     # centre, which is exactly F.interpolate(align_corners=True)'s sampling.
     grid_y = torch.linspace(-1, 1, height, device=feature.device)
     grid_x = torch.linspace(-1, 1, width, device=feature.device)
-    out = None
     for top in range(0, height, rows_per_chunk):
         rows = grid_y[top:top + rows_per_chunk]
         grid = torch.stack(torch.meshgrid(grid_x, rows, indexing="xy"), dim=-1)  # (r, W, 2)
         grid = grid.unsqueeze(0).expand(batch, -1, -1, -1)
         sampled = F.grid_sample(feature, grid, mode="bilinear", align_corners=True)  # (B,D,r,W)
-        logits, _ = bank(sampled.permute(0, 2, 3, 1).reshape(-1, dim))  # (B*r*W, K)
+        logits, nearest = bank(sampled.permute(0, 2, 3, 1).reshape(-1, dim))  # (B*r*W, K)
+        shape = (batch, len(rows), width, -1)
+        yield top, len(rows), logits.view(shape), nearest.view(shape)
+
+
+def prototype_logits_map(feature, bank, size, chunk_pixels=None):
+    """Prototype-head logits for every pixel of an image of `size` (H, W).
+
+    feature (B, D, h, w) at native stride -> (B, K, H, W) float32 with
+        out[:, :, y, x] = bank(f(y, x)), f(y, x) = feature bilinearly interpolated
+    (align_corners=True, as F.interpolate) at pixel (y, x). Computed in chunks of whole
+    rows (see _bank_rows).
+    """
+    out = None
+    for top, rows, logits, _ in _bank_rows(feature, bank, size, chunk_pixels):
         if out is None:
-            out = feature.new_empty(batch, logits.shape[1], height, width)
-        logits = logits.view(batch, len(rows), width, -1).permute(0, 3, 1, 2)  # (B,K,r,W)
-        out[:, :, top:top + len(rows)] = logits
+            out = logits.new_empty(feature.shape[0], logits.shape[-1], *size)
+        out[:, :, top:top + rows] = logits.permute(0, 3, 1, 2)  # (B,K,r,W)
     return out
+
+
+def nearest_prototype_map(feature, bank, classes, chunk_pixels=None):
+    """Which micro-prototype of its class each pixel is nearest to.
+
+    feature (B, D, h, w) at native stride, classes (B, H, W) int64 in [0, K) ->
+    (B, H, W) int64 m with
+        m[b, y, x] = argmax_m cos(f(y, x), p[classes[b, y, x], m]),
+    f as in prototype_logits_map (the feature the prototype head reads).
+    """
+    classes = classes.to(feature.device).long()
+    out = torch.empty_like(classes)
+    for top, rows, _, nearest in _bank_rows(feature, bank, classes.shape[-2:], chunk_pixels):
+        chunk_classes = classes[:, top:top + rows].unsqueeze(-1)  # (B, r, W, 1)
+        out[:, top:top + rows] = nearest.gather(3, chunk_classes).squeeze(3)
+    return out
+
+
+@torch.no_grad()
+def predict_prototype_map(model, image, bank, classes, amp=None):
+    """nearest_prototype_map of one forward pass of `model` on image (B, 3, H, W) at its
+    own size (no windows, scales or flip), for the predicted classes (B, H, W)."""
+    amp_dtype = _autocast_dtype(amp)
+    with torch.autocast(device_type=image.device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        feature = model(image)[1]
+    return nearest_prototype_map(feature, bank, classes)
 
 
 def _forward_heads(model, image, heads, bank, amp_dtype):
@@ -334,7 +379,8 @@ def _format_seconds(seconds):
 @torch.no_grad()
 def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
              stride=None, heads=("linear",), bank=None, amp=None, scales=(1.0,),
-             flip=False, rank=0, world_size=1, log=print, save_dir=None, palette=None):
+             flip=False, rank=0, world_size=1, log=print, save_dir=None, palette=None,
+             class_names=None, prototype_map=False, clock=time.monotonic):
     """Score `model` on `dataset` (item i -> (image (3,H,W) normalised, label (H,W) int64,
     name)) -> {head: metrics_from_confusion(...)} with confusion matrices accumulated
     over the whole set (ignore 255).
@@ -344,8 +390,11 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
     when world_size > 1; with world_size 1 nothing is reduced). Mode "center" scores
     the center_box of each label. The model's train/eval state is left as the caller
     set it (call model.eval() first). With `save_dir` (and `palette` (256, 3) uint8)
-    each image's prediction is saved as pictures (save_prediction_pictures); only the
-    first head's when there are several.
+    each image's predictions (every head) are saved as pictures with `class_names` in
+    the legend (save_prediction_pictures); with `prototype_map` (needs `bank`) also the
+    nearest micro-prototype of each pixel's predicted class (the prototype head's
+    prediction when it is among `heads`), from one forward pass at the image's size.
+    Progress: at most one line every PROGRESS_SECONDS of `clock`, plus the last one.
     """
     heads = tuple(heads)
     _check_predict_args(mode, crop_size, stride, scales, heads, bank)
@@ -354,12 +403,15 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
                          f"to be initialised")
     if save_dir is not None and palette is None:
         raise ValueError("evaluate: save_dir needs a palette")
+    if prototype_map and (save_dir is None or bank is None):
+        raise ValueError("evaluate: prototype_map needs save_dir and a PrototypeBank (bank=...)")
+    shades = (prototype_shades(palette, num_classes, bank.num_prototypes) if prototype_map
+              else None)
     device = torch.device(device)
     confusion = {head: torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
                  for head in heads}
     indices = range(rank, len(dataset), world_size)
-    log_every = max(1, math.ceil(len(indices) / 10))
-    start = time.time()
+    start = last_line = clock()
     for done, index in enumerate(indices, start=1):
         image, label, name = dataset[index]
         # Checked on the CPU copy: a label value outside [0, K) would silently land in
@@ -380,10 +432,19 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
             confusion[head] += confusion_matrix(logits[head][0].argmax(dim=0), label_on_device,
                                                 num_classes)
         if save_dir is not None:
-            prediction = logits[heads[0]][0].argmax(dim=0).cpu().numpy()
-            save_prediction_pictures(save_dir, name, image, label.numpy(), prediction, palette)
-        if rank == 0 and (done % log_every == 0 or done == len(indices)):
-            elapsed = time.time() - start
+            predictions = {head: logits[head][0].argmax(dim=0) for head in heads}
+            prototypes = None
+            if prototype_map:
+                classes = predictions["proto" if "proto" in heads else heads[0]]
+                nearest = predict_prototype_map(model, image.unsqueeze(0).to(device), bank,
+                                                classes.unsqueeze(0), amp)[0]
+                prototypes = (classes.cpu().numpy(), nearest.cpu().numpy(), shades)
+            save_prediction_pictures(save_dir, name, image, label.numpy(),
+                                     {head: p.cpu().numpy() for head, p in predictions.items()},
+                                     palette, class_names, prototypes)
+        now = clock()
+        if rank == 0 and (now - last_line >= PROGRESS_SECONDS or done == len(indices)):
+            last_line, elapsed = now, max(now - start, 1e-9)
             share = f" (rank 0 of {world_size})" if world_size > 1 else ""
             log(f"eval {done}/{len(indices)} images{share}  {done / elapsed:.2f} img/s  "
                 f"ETA {_format_seconds(elapsed / done * (len(indices) - done))}")
@@ -404,6 +465,26 @@ def denormalize(image):
     return pixels.round().byte().permute(1, 2, 0).numpy()
 
 
+def palette_mask(ids, palette):
+    """Class ids (H, W) -> PIL image of mode "P": pixel value = class id (255 = ignore),
+    colours from `palette` (256, 3) uint8. Pascal VOC's own mask format: viewers show the
+    colours, data.read_label (and so --dataset folder) reads the ids back."""
+    mask = Image.fromarray(np.asarray(ids).astype(np.uint8), "P")
+    mask.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+    return mask
+
+
+def enlarge(picture, min_side=VIEW_MIN_SIDE, max_side=4096):
+    """Repeat each pixel f x f times (nearest neighbour, pixels stay sharp squares) with
+    the smallest integer f that brings the short side to at least `min_side` (f = 1 for
+    pictures that are large enough; f is lowered so the long side stays <= max_side)."""
+    short, long = min(picture.shape[:2]), max(picture.shape[:2])
+    factor = min(math.ceil(min_side / short), max(1, max_side // long))
+    if factor <= 1:
+        return picture
+    return picture.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
 def error_picture(image_rgb, label, prediction, ignore_index=IGNORE_INDEX):
     """(H, W, 3) uint8: wrong pixels red, ignored pixels neutral grey, correct pixels
     the image darkened to 30% (context, kept darker than the grey)."""
@@ -416,34 +497,179 @@ def error_picture(image_rgb, label, prediction, ignore_index=IGNORE_INDEX):
 
 
 def side_by_side(pictures, gap=4):
-    """Concatenate (H, W, 3) uint8 pictures left to right with white gaps."""
-    height = pictures[0].shape[0]
-    spacer = np.full((height, gap, 3), 255, dtype=np.uint8)
+    """Concatenate (H, W, 3) uint8 pictures left to right with white gaps; shorter
+    pictures are padded with white at the bottom."""
+    height = max(picture.shape[0] for picture in pictures)
     parts = []
     for picture in pictures:
-        parts += [picture, spacer]
+        if picture.shape[0] < height:
+            pad = np.full((height - picture.shape[0], picture.shape[1], 3), 255, np.uint8)
+            picture = np.concatenate([picture, pad], axis=0)
+        parts += [picture, np.full((height, gap, 3), 255, dtype=np.uint8)]
     return np.concatenate(parts[:-1], axis=1)
 
 
-def save_prediction_pictures(save_dir, name, image, label, prediction, palette):
-    """Write SAVE_DIR/<name>.png (coloured prediction) and SAVE_DIR/<name>_compare.png
-    (image | ground truth | prediction | errors). image (3, H, W) normalised; label and
-    prediction (H, W) integer arrays; palette (256, 3) uint8."""
-    from data import colorize
+def one_above_another(pictures):
+    """Stack (H, W, 3) uint8 pictures top to bottom, narrower ones padded white on the right."""
+    width = max(picture.shape[1] for picture in pictures)
+    parts = [np.concatenate([picture, np.full((picture.shape[0], width - picture.shape[1], 3),
+                                              255, np.uint8)], axis=1)
+             for picture in pictures]
+    return np.concatenate(parts, axis=0)
+
+
+def _font():
+    return ImageFont.load_default()  # Pillow's built-in font: no file, no dependency
+
+
+def _text_size(text, font):
+    left, top, right, bottom = font.getbbox(text)
+    return right - left, bottom
+
+
+def titled(picture, title, pad=3):
+    """`picture` (H, W, 3) uint8 with a white caption strip holding `title` above it."""
+    font = _font()
+    _, text_height = _text_size("Ag" + title, font)
+    strip = Image.new("RGB", (picture.shape[1], text_height + 2 * pad), "white")
+    ImageDraw.Draw(strip).text((pad, pad), title, fill=(0, 0, 0), font=font)
+    return np.concatenate([np.asarray(strip), picture], axis=0)
+
+
+def legend(entries, width, swatch=14, pad=4):
+    """White strip (h, width, 3) uint8 listing `entries`, a list of (colours (n, 3), text):
+    n colour squares followed by the text, entries wrapped over as many lines as needed."""
+    font = _font()
+    line_height = max(swatch, _text_size("Ag", font)[1]) + pad
+    placed, x, y = [], pad, pad
+    for colours, text in entries:
+        entry_width = len(colours) * swatch + pad + _text_size(text, font)[0]
+        if x > pad and x + entry_width > width - pad:
+            x, y = pad, y + line_height
+        placed.append((x, y, colours, text))
+        x += entry_width + 3 * pad
+    strip = Image.new("RGB", (width, y + line_height + pad), "white")
+    draw = ImageDraw.Draw(strip)
+    for x, y, colours, text in placed:
+        for i, colour in enumerate(colours):
+            draw.rectangle([x + i * swatch, y, x + (i + 1) * swatch - 1, y + swatch - 1],
+                           fill=tuple(int(c) for c in colour))
+        # a thin frame keeps white and very light colours visible on the white strip
+        draw.rectangle([x, y, x + len(colours) * swatch - 1, y + swatch - 1],
+                       outline=(96, 96, 96))
+        draw.text((x + len(colours) * swatch + pad, y + 1), text, fill=(0, 0, 0), font=font)
+    return np.asarray(strip)
+
+
+def _class_name(class_id, class_names):
+    if class_id == IGNORE_INDEX:
+        return "ignore"
+    if class_names is not None and class_id < len(class_names):
+        return str(class_names[class_id])
+    return f"class {class_id}"
+
+
+def class_legend(id_maps, palette, class_names, width, skip=()):
+    """legend() of the classes (and 255 = ignore) that occur in any of `id_maps`, in id
+    order, each with its palette colour; ids in `skip` are left out."""
+    present = np.unique(np.concatenate([np.asarray(ids).reshape(-1) for ids in id_maps]))
+    entries = [(palette[[k]], _class_name(int(k), class_names))
+               for k in present.tolist() if k not in skip]
+    return legend(entries, width)
+
+
+def overlay_picture(image_rgb, mask_rgb, alpha=0.5, clear=None):
+    """Alpha blend (H, W, 3) uint8: (1 - alpha) image + alpha coloured mask; where the
+    boolean (H, W) `clear` is true the image is shown unchanged (background left
+    transparent)."""
+    blend = (1 - alpha) * image_rgb.astype(np.float32) + alpha * mask_rgb.astype(np.float32)
+    blend = blend.round().astype(np.uint8)
+    if clear is not None:
+        blend[clear] = image_rgb[clear]
+    return blend
+
+
+def prototype_shades(palette, num_classes, num_prototypes):
+    """(K, M, 3) uint8: M shades of each class colour palette[k], from darker to lighter,
+    the middle shade closest to the colour itself. A colour too dark to darken (VOC's black
+    background) gets M greys from dark to light instead."""
+    colours = np.asarray(palette[:num_classes], dtype=np.float64)      # (K, 3)
+    dark = colours.max(axis=1) < 64                                     # (K,)
+    shades = np.empty((num_classes, num_prototypes, 3))
+    for m in range(num_prototypes):  # M steps, each over all classes at once
+        step = 0.0 if num_prototypes == 1 else m / (num_prototypes - 1) - 0.5  # -0.5..0.5
+        darker = colours * (1 + step)                  # step < 0: towards black
+        lighter = colours + (255 - colours) * step     # step > 0: towards white
+        shade = np.where(step < 0, darker, lighter)
+        grey = 40 + 180 * (step + 0.5)
+        shades[:, m] = np.where(dark[:, None], grey, shade)
+    return shades.round().clip(0, 255).astype(np.uint8)
+
+
+def prototype_picture(classes, nearest, shades):
+    """(H, W, 3) uint8: pixel (y, x) in shade nearest[y, x] of class classes[y, x]."""
+    return shades[np.asarray(classes), np.asarray(nearest)]
+
+
+def prototype_legend(classes, nearest, shades, class_names, width):
+    """legend() with each predicted class's M shades and how many of its prototypes are
+    nearest to at least one pixel."""
+    num_prototypes = shades.shape[1]
+    used = np.unique(np.asarray(classes).astype(np.int64) * num_prototypes + np.asarray(nearest))
+    entries = []
+    for k in np.unique(np.asarray(classes)).tolist():
+        count = int(((used // num_prototypes) == k).sum())
+        entries.append((shades[k], f"{_class_name(k, class_names)} "
+                                   f"({count} of {num_prototypes} prototypes)"))
+    return legend(entries, width)
+
+
+def _panel(picture, title):
+    return titled(enlarge(picture), title)
+
+
+def _head_suffix(head):
+    return "" if head == "linear" else f"_{head}"
+
+
+def save_prediction_pictures(save_dir, name, image, label, predictions, palette,
+                             class_names=None, prototypes=None):
+    """Pictures of one evaluated image, in SAVE_DIR:
+
+    <name>.png (<name>_proto.png for the prototype head)  the predicted class ids as a
+        palette PNG (VOC's format, readable as a mask by data.read_label);
+    <name>_compare.png  image | ground truth | per head: prediction, errors; with
+        captions and a legend of the classes shown; small images enlarged;
+    <name>_prototypes.png  with `prototypes` = (classes, nearest, shades): image |
+        each pixel's nearest micro-prototype of its predicted class (prototype_picture).
+
+    image (3, H, W) normalised; label (H, W) integer array; predictions {head: (H, W)
+    integer array} (or one array, taken as the linear head); palette (256, 3) uint8.
+    """
+    if not isinstance(predictions, dict):
+        predictions = {"linear": predictions}
     path = Path(save_dir) / Path(name).name  # a name with folders stays inside save_dir
     path.parent.mkdir(parents=True, exist_ok=True)
-    predicted = colorize(prediction.astype(np.uint8), palette)
-    predicted.save(path.with_name(path.name + ".png"))
     image_rgb = denormalize(image)
-    compare = side_by_side([image_rgb, np.asarray(colorize(label.astype(np.uint8), palette)),
-                            np.asarray(predicted), error_picture(image_rgb, label, prediction)])
-    Image.fromarray(compare).save(path.with_name(path.name + "_compare.png"))
-
-
-def overlay_picture(image_rgb, mask_rgb, alpha=0.5):
-    """Alpha blend (H, W, 3) uint8: (1 - alpha) image + alpha coloured mask."""
-    blend = (1 - alpha) * image_rgb.astype(np.float32) + alpha * mask_rgb.astype(np.float32)
-    return blend.round().astype(np.uint8)
+    panels = [_panel(image_rgb, "image"), _panel(palette[label], "ground truth")]
+    for head, prediction in predictions.items():
+        palette_mask(prediction, palette).save(path.with_name(path.name + _head_suffix(head)
+                                                              + ".png"))
+        panels += [_panel(palette[prediction], f"{head} prediction"),
+                   _panel(error_picture(image_rgb, label, prediction), f"{head} errors")]
+    compare = side_by_side(panels)
+    key = class_legend([label] + list(predictions.values()), palette, class_names,
+                       compare.shape[1])
+    Image.fromarray(one_above_another([compare, key])).save(
+        path.with_name(path.name + "_compare.png"))
+    if prototypes is not None:
+        classes, nearest, shades = prototypes
+        pair = side_by_side([_panel(image_rgb, "image"),
+                             _panel(prototype_picture(classes, nearest, shades),
+                                    "nearest micro-prototype")])
+        key = prototype_legend(classes, nearest, shades, class_names, pair.shape[1])
+        Image.fromarray(one_above_another([pair, key])).save(
+            path.with_name(path.name + "_prototypes.png"))
 
 
 # ----------------------------------------------------------------------- command line
@@ -457,7 +683,9 @@ def parse_args(argv=None):
         description="Evaluate a PCR checkpoint on its validation set, or run it on new images "
                     "(--images). Settings come from the checkpoint; flags override them.")
     add = parser.add_argument
-    add("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt written by train.py")
+    add("--checkpoint", required=True,
+        help="a checkpoint written by train.py (RUN/best.pt, RUN/last.pt), or a run directory "
+             "RUN (its best.pt, else its last.pt)")
     add("--data-root", help="dataset root (default: the run's)")
     add("--split-dir", help="folder with val.txt (default: the run's)")
     add("--mode", choices=MODES, help="evaluation protocol (default: the run's eval_mode)")
@@ -472,8 +700,18 @@ def parse_args(argv=None):
     add("--device", default="auto",
         help="'auto', 'cpu', 'cuda' or 'cuda:N' (torchrun: cuda:LOCAL_RANK)")
     add("--amp", choices=["bf16", "fp16", "none"], help="mixed precision (default: the run's)")
-    add("--save-dir", help="write coloured predictions and image | truth | prediction | errors "
-                           "pictures here (with --images: masks and overlays)")
+    add("--save-dir", help="write pictures here: NAME.png, the predicted class ids as a palette "
+                           "PNG (VOC's mask format, readable as a mask by --dataset folder), and "
+                           "NAME_compare.png, image | truth | prediction | errors per head, with "
+                           "a legend (with --images: NAME_mask.png and NAME_overlay.png); "
+                           "the prototype head's files carry _proto after NAME")
+    add("--prototype-map", action="store_true",
+        help="with --save-dir: also write NAME_prototypes.png, each pixel drawn in one of M "
+             "shades of its predicted class's colour, the shade of the micro-prototype of that "
+             "class nearest (cosine) to the pixel's decoder feature, so a class's different "
+             "appearances show as different shades (one forward pass at the image's size; "
+             "the prototype head's prediction when --head is proto or both); needs a "
+             "checkpoint with prototypes")
     add("--images", help="an image file or a folder of images: predict them (no labels) at their "
                          "own size instead of evaluating; needs --save-dir")
     add("--out-json", help="also write the metrics to this JSON file")
@@ -530,11 +768,11 @@ def build_network(config, state_dict, which, path):
     return network
 
 
-def build_bank(checkpoint, config, path):
+def build_bank(checkpoint, config, path, flag="--head proto/both"):
     from prototypes import PrototypeBank
     state = checkpoint.get("prototypes")
     if state is None or "prototypes" not in state:
-        raise EvalError(f"--head proto/both: --checkpoint {path} holds no prototypes "
+        raise EvalError(f"{flag}: --checkpoint {path} holds no prototypes "
                         f"(method {config.get('method', '?')!r})")
     num_classes, num_prototypes, dim = state["prototypes"].shape
     bank = PrototypeBank(num_classes, num_prototypes, dim,
@@ -576,23 +814,95 @@ def _image_files(path):
 
 
 def predict_images(model, files, save_dir, num_classes, palette, heads, bank, settings,
-                   device, rank=0, world_size=1, log=print):
-    """Write SAVE_DIR/<stem>_mask.png (coloured prediction) and <stem>_overlay.png per
-    image file, predicted at the image's own size (proto head: <stem>_proto_mask.png...)."""
+                   device, rank=0, world_size=1, log=print, class_names=None, background=0,
+                   prototype_map=False, clock=time.monotonic):
+    """Predict each image file at its own size and write, in SAVE_DIR:
+
+    <stem>_mask.png      predicted class ids as a palette PNG (VOC's format: viewers show
+                         colours, data.read_label / --dataset folder read the ids back);
+    <stem>_overlay.png   the image with the prediction blended in, class `background`
+                         left transparent (None: none), a legend, small images enlarged;
+    (the prototype head: <stem>_proto_mask.png, <stem>_proto_overlay.png)
+    <stem>_prototypes.png  with `prototype_map`: image | nearest micro-prototype of each
+                         pixel's predicted class (the prototype head's when predicted).
+    Progress: at most one line every PROGRESS_SECONDS, plus the last one.
+    """
     from data import normalize, read_image
     os.makedirs(save_dir, exist_ok=True)
+    shades = prototype_shades(palette, num_classes, bank.num_prototypes) if prototype_map else None
     mine = files[rank::world_size]
+    start = last_line = clock()
     for done, path in enumerate(mine, start=1):
         picture = read_image(path)
+        image_rgb = np.asarray(picture)
         image = normalize(picture).unsqueeze(0).to(device)
         logits = predict_heads(model, image, num_classes, heads=heads, bank=bank, **settings)
-        for head in heads:
-            mask = palette[logits[head][0].argmax(dim=0).cpu().numpy()]
-            suffix = "" if head == "linear" else f"_{head}"
-            Image.fromarray(mask).save(Path(save_dir) / f"{path.stem}{suffix}_mask.png")
-            Image.fromarray(overlay_picture(np.asarray(picture), mask)).save(
-                Path(save_dir) / f"{path.stem}{suffix}_overlay.png")
-        log(f"images {done}/{len(mine)}: {path.name} ({picture.width} x {picture.height})")
+        predictions = {head: logits[head][0].argmax(dim=0) for head in heads}
+        for head, prediction in predictions.items():
+            ids = prediction.cpu().numpy()
+            stem = Path(save_dir) / f"{path.stem}{_head_suffix(head)}"
+            palette_mask(ids, palette).save(f"{stem}_mask.png")
+            clear = None if background is None else ids == background
+            overlay = enlarge(overlay_picture(image_rgb, palette[ids], clear=clear))
+            key = class_legend([ids], palette, class_names, overlay.shape[1],
+                               skip=() if background is None else (background,))
+            Image.fromarray(one_above_another([overlay, key])).save(f"{stem}_overlay.png")
+        if prototype_map:
+            classes = predictions["proto" if "proto" in heads else heads[0]]
+            nearest = predict_prototype_map(model, image, bank, classes.unsqueeze(0),
+                                            settings.get("amp"))[0].cpu().numpy()
+            classes = classes.cpu().numpy()
+            pair = side_by_side([_panel(image_rgb, "image"),
+                                 _panel(prototype_picture(classes, nearest, shades),
+                                        "nearest micro-prototype")])
+            key = prototype_legend(classes, nearest, shades, class_names, pair.shape[1])
+            Image.fromarray(one_above_another([pair, key])).save(
+                Path(save_dir) / f"{path.stem}_prototypes.png")
+        now = clock()
+        if now - last_line >= PROGRESS_SECONDS or done == len(mine):
+            last_line = now
+            log(f"images {done}/{len(mine)}: {path.name} ({picture.width} x {picture.height})"
+                f"  {done / max(now - start, 1e-9):.2f} img/s")
+
+
+def resolve_checkpoint(path, log=print):
+    """--checkpoint value -> checkpoint file: a file as given; a run directory -> its
+    best.pt, else its last.pt (said in the log)."""
+    if not os.path.isdir(path):
+        return path
+    for name in ("best.pt", "last.pt"):
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            note = "" if name == "best.pt" else " (it has no best.pt yet)"
+            log(f"--checkpoint {path} is a run directory: using {candidate}{note}")
+            return candidate
+    raise EvalError(f"--checkpoint {path} is a directory without best.pt or last.pt; "
+                    f"pass a run directory of train.py or a checkpoint file")
+
+
+def class_names_of(config, data_root=None):
+    """Class names for the legends of --images, where no dataset is built: the fixed
+    names of toy / voc / cityscapes, classes.txt of a folder dataset's root when it is
+    there (and names the right number of classes), else "class 0", "class 1", ..."""
+    import data as data_lib
+    num_classes = config["num_classes"]
+    fixed = {"toy": data_lib.TOY_CLASSES, "voc": data_lib.VOC_CLASSES,
+             "cityscapes": data_lib.CITYSCAPES_CLASSES}
+    if config["dataset"] in fixed and len(fixed[config["dataset"]]) == num_classes:
+        return list(fixed[config["dataset"]])
+    root = data_root or config.get("data_root")
+    if root and os.path.isfile(os.path.join(root, "classes.txt")):
+        try:
+            return data_lib._folder_class_names(root, num_classes)
+        except data_lib.DataError:
+            pass
+    return [f"class {k}" for k in range(num_classes)]
+
+
+def _background(config):
+    """Class left transparent in overlays: 0 (background) except for Cityscapes, whose
+    class 0 is road."""
+    return None if config["dataset"] == "cityscapes" else 0
 
 
 def run(args):
@@ -601,14 +911,20 @@ def run(args):
     log = print if rank == 0 else (lambda *parts: None)
     if args.images and not args.save_dir:
         raise EvalError("--images needs --save-dir for the masks and overlays")
+    if args.prototype_map and not args.save_dir:
+        raise EvalError("--prototype-map needs --save-dir for the pictures")
     scales = _parse_scales(args.scales)
     device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    args.checkpoint = resolve_checkpoint(args.checkpoint, log)
     checkpoint = load_checkpoint(args.checkpoint)
     config = checkpoint["config"]
 
     # Every setting is checked before the (large) model is built.
     heads = ("linear", "proto") if args.head == "both" else (args.head,)
-    bank = build_bank(checkpoint, config, args.checkpoint).to(device) if "proto" in heads else None
+    bank = None
+    if "proto" in heads or args.prototype_map:
+        flag = "--head proto/both" if "proto" in heads else "--prototype-map"
+        bank = build_bank(checkpoint, config, args.checkpoint, flag).to(device)
     mode = args.mode or config.get("eval_mode", "whole")
     crop_size = args.crop_size or config["crop_size"]
     amp = args.amp or config.get("amp", "none")
@@ -645,7 +961,9 @@ def run(args):
         palette = (data_lib.cityscapes_palette() if config["dataset"] == "cityscapes"
                    else data_lib.voc_palette())
         predict_images(network, _image_files(args.images), args.save_dir, config["num_classes"],
-                       palette, heads, bank, settings, device, rank, world_size, log)
+                       palette, heads, bank, settings, device, rank, world_size, log,
+                       class_names=class_names_of(config, args.data_root),
+                       background=_background(config), prototype_map=args.prototype_map)
         return 0
 
     data = data_lib.build_data(
@@ -658,7 +976,8 @@ def run(args):
     start = time.time()
     results = evaluate(network, data.val, data.num_classes, device, heads=heads, bank=bank,
                        rank=rank, world_size=world_size, log=log, save_dir=args.save_dir,
-                       palette=data.palette, **settings)
+                       palette=data.palette, class_names=data.class_names,
+                       prototype_map=args.prototype_map, **settings)
     if rank != 0:
         return 0
     for head in heads:

@@ -1,4 +1,4 @@
-"""DeepLabV3+ with a deep-stem ResNet backbone, as used by PCR (METHOD.md section 2).
+"""DeepLabV3+ with a deep-stem ResNet backbone, as used by PCR (docs/METHOD.md section 2).
 
     x (B,3,H,W) -> backbone -> layer1 (stride 4), layer3, layer4 (stride 8 or 16)
     ASPP(layer4) -> 3x3 conv 256 -> upsample to layer1 size ----+
@@ -13,9 +13,22 @@ gradient would be zero, which looks like a dead parameter to DDP). Dropout is ch
 The backbone's state_dict keys follow the deep-stem ImageNet checkpoints distributed with
 prior semi-supervised segmentation work (`resnet101.pth`); with deep_stem=False they
 follow torchvision's resnet so that torchvision's ImageNet weights load.
+
+The interface the trainer, the evaluator and the prototype bank rely on (a new backbone
+or decoder must keep it):
+    model(x) -> (logits, feature, aux_logits), each at its native stride (the callers
+                upsample, bilinear with align_corners=True); aux_logits is None without
+                an aux head
+    model.feature_dim  channels of `feature`, the dimension of the prototypes (512)
+    model.backbone     the ImageNet-initialised part: param_groups gives it the base lr
+                       and everything else the head lr
+    model.num_classes  K
+A new ResNet depth is one entry in BACKBONES; train.py and bench.py take their
+--backbone choices from it.
 """
 
 import os
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -358,6 +371,79 @@ def load_backbone_weights(backbone, path):
     _load_checked(backbone, _state_dict_from_checkpoint(checkpoint, path), path)
 
 
+# --pretrained hub:NAME -> (backbone, URL). timm's Gluon "v1s" ResNets (timm/models/resnet.py:
+# stem_type='deep', stem_width=64, stride on the 3x3 conv, 1x1-conv downsample) have the
+# field's deep-stem layout key for key: conv1.0/.1/.3/.4/.6, bn1 with 128 channels,
+# layerN.M.{conv1..3, bn1..3, downsample.0/.1}, plus fc.* (ignored). The Hugging Face repos
+# hold model.safetensors and pytorch_model.bin; the .bin is read with torch.load(weights_only).
+HUB_WEIGHTS = {
+    "resnet101s": ("resnet101", "https://huggingface.co/timm/resnet101s.gluon_in1k/resolve/main/"
+                                "pytorch_model.bin"),
+    "resnet50s": ("resnet50", "https://huggingface.co/timm/resnet50s.gluon_in1k/resolve/main/"
+                              "pytorch_model.bin"),
+}
+
+
+def _download(url, path):
+    """Fetch url to path (torch.hub writes a temporary file and renames it when complete)."""
+    torch.hub.download_url_to_file(url, path, progress=True)
+
+
+def hub_weights_path(name):
+    """Where --pretrained hub:NAME is cached: torch's hub cache ($TORCH_HOME/hub, by default
+    ~/.cache/torch/hub), checkpoints/timm_NAME.gluon_in1k.bin."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", f"timm_{name}.gluon_in1k.bin")
+
+
+def check_hub_name(name, backbone):
+    """ValueError (one line) unless hub:NAME exists and holds `backbone` weights."""
+    if name not in HUB_WEIGHTS:
+        raise ValueError(f"--pretrained hub:{name}: unknown; choose one of "
+                         + ", ".join(f"hub:{key}" for key in HUB_WEIGHTS))
+    if backbone != HUB_WEIGHTS[name][0]:
+        raise ValueError(f"--pretrained hub:{name} holds {HUB_WEIGHTS[name][0]} weights but "
+                         f"--backbone is {backbone}")
+
+
+def fetch_hub_weights(name, backbone):
+    """--pretrained hub:NAME -> local file: HUB_WEIGHTS[name] downloaded once into torch's hub
+    cache (hub_weights_path). ValueError (one line) for an unknown name, a backbone that does
+    not match, or a failed download (naming the URL and where to put the file by hand)."""
+    check_hub_name(name, backbone)
+    url = HUB_WEIGHTS[name][1]
+    path = hub_weights_path(name)
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            _download(url, path)
+        except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
+            raise ValueError(f"--pretrained hub:{name}: could not download {url} "
+                             f"({_one_line(error)}); without network access, fetch that file on "
+                             f"another machine and put it at {path}") from None
+    return path
+
+
+def _one_line(error):
+    text = " ".join(str(getattr(error, "reason", None) or error).split())
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+def _torchvision_weights(backbone):
+    """(weights enum, state_dict) of torchvision's default ImageNet weights for `backbone`
+    (downloaded on first use into torch's hub cache); ValueError (one line) naming the URL
+    and the cache file when the download fails."""
+    weights = get_model_weights(backbone).DEFAULT
+    try:
+        return weights, weights.get_state_dict(progress=True)
+    except OSError as error:  # URLError, HTTPError, socket errors, disk full
+        url = getattr(weights, "url", "?")
+        path = os.path.join(torch.hub.get_dir(), "checkpoints",
+                            os.path.basename(urlparse(url).path))
+        raise ValueError(f"--pretrained torchvision: could not download {url} "
+                         f"({_one_line(error)}); without network access, fetch that file on "
+                         f"another machine and put it at {path}") from None
+
+
 def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False,
                 pretrained="none", width=1.0):
     """DeepLabV3Plus with backbone weights chosen by `pretrained` (--pretrained):
@@ -365,18 +451,22 @@ def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False,
     "none"        deep stem, random init (kaiming convs, BN weight 1 / bias 0);
     "torchvision" torchvision 7x7 stem with torchvision's default ImageNet weights
                   (downloaded by torchvision on first use);
+    "hub:NAME"    deep stem, timm's Gluon v1s ImageNet weights from the Hugging Face hub
+                  (HUB_WEIGHTS; downloaded once into torch's hub cache);
     a path        deep stem, weights from that checkpoint (load_backbone_weights).
     width scales every layer's channels; ImageNet weights exist for width 1 only.
     """
     if pretrained != "none" and width != 1.0:
         raise ValueError(f"--width {width}: pretrained weights (--pretrained {pretrained}) "
                          "exist only for width 1.0; pass --pretrained none")
+    # Downloads come first: a failed one should not wait for a large model to be built.
     if pretrained == "torchvision":
+        weights, state_dict = _torchvision_weights(backbone)
         model = DeepLabV3Plus(num_classes, backbone, output_stride, aux, deep_stem=False)
-        weights = get_model_weights(backbone).DEFAULT
-        _load_checked(model.backbone, weights.get_state_dict(progress=True),
-                      f"torchvision {backbone} weights {weights}")
+        _load_checked(model.backbone, state_dict, f"torchvision {backbone} weights {weights}")
         return model
+    if pretrained.startswith("hub:"):
+        pretrained = fetch_hub_weights(pretrained[len("hub:"):], backbone)
     model = DeepLabV3Plus(num_classes, backbone, output_stride, aux, deep_stem=True,
                           width=width)
     if pretrained != "none":

@@ -1,7 +1,7 @@
-"""PCR's prototype predictor: micro-prototypes per class, their momentum update,
-their k-means initialisation, and reading the decoder feature at sampled pixels.
+"""PCR's prototype predictor: micro-prototypes per class, their loss, their momentum
+update, their k-means initialisation, and reading the decoder feature at sampled pixels.
 
-METHOD.md section 3 steps 7 and 9, section 4. Imports only torch, so the file can be
+docs/METHOD.md section 3 steps 7 and 9, section 4. Imports only torch, so the file can be
 copied into another project on its own.
 """
 
@@ -70,7 +70,7 @@ class PrototypeBank(nn.Module):
 
     @torch.no_grad()
     def update(self, features, targets, nearest=None):
-        """Momentum update of METHOD.md step 9, in place.
+        """Momentum update of docs/METHOD.md step 9, in place.
 
         features (N, D) detached raw features; targets (N,) int64, values outside [0, K)
         (255) are skipped; nearest (N, K) from `forward` on the pre-update prototypes
@@ -149,6 +149,18 @@ class PrototypeBank(nn.Module):
             self.prototypes[k] = centres.to(self.prototypes.dtype)
             initialised[k] = True
         return initialised.to(self.prototypes.device)
+
+
+def prototype_loss(prototype_logits, target, ignore_index=255):
+    """Prototype consistency loss (docs/METHOD.md step 7): CE over sampled pixels with a
+    valid target, on the logits of PrototypeBank.forward (pre-update prototypes).
+
+    prototype_logits (N, K) = max_m cos(f, p_km) / T; target (N,) with 255 = ignore.
+    L = sum_{valid} -log softmax(prototype_logits)[target] / #valid.
+    """
+    valid = target != ignore_index
+    nll = F.cross_entropy(prototype_logits, torch.where(valid, target, 0), reduction="none")
+    return (nll * valid).sum() / valid.sum().clamp(min=1)
 
 
 def sum_rows_by_index(values, index, num_rows, grouped=None):

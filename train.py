@@ -1,7 +1,7 @@
 """PCR: semi-supervised semantic segmentation with prototype-based consistency regularization.
 
 Xu, Liu, Bian, Yang, NeurIPS 2022 (arXiv 2210.04388). The algorithm, step by step, is in
-METHOD.md; this file follows its section 3 from top to bottom.
+docs/METHOD.md; this file follows its section 3 from top to bottom.
 
 Toy run on the CPU (embedded data, no download, a few minutes):
     python train.py
@@ -16,7 +16,10 @@ Two nodes with 4 GPUs each (run on every node; the endpoint is node 0's address)
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
         --rdzv-id=pcr train.py --dataset cityscapes --data-root data/cityscapes --labeled 744
 
-An interrupted run continues with `--resume auto` (same --out).
+Each run lives in --out (default runs/DATASET_LABELED_METHOD_sSEED, e.g. runs/toy_16_pcr_s0).
+An interrupted run continues with `--resume auto` (same --out, or the same flags that named
+it): every setting comes from the checkpoint, and a flag that would change training stops
+the resume, naming the flag and both values.
 """
 import argparse
 import copy
@@ -27,7 +30,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -38,11 +41,11 @@ import data as data_lib
 import evaluate as evaluate_lib
 from cutmix import cutmix_mask, mix
 from model import build_model, param_groups
-from prototypes import PrototypeBank, sample_features, sample_points
+from prototypes import PrototypeBank, prototype_loss, sample_features, sample_points
 
 IGNORE = 255
 
-# Paper settings (METHOD.md section 5) plus the toy default. Flags override any entry.
+# Paper settings (docs/METHOD.md section 5) plus the toy default. Flags override any entry.
 # batch_size is the GLOBAL labeled batch; the unlabeled batch has the same size.
 PRESETS = {
     "toy": dict(backbone="resnet18", width=0.25, pretrained="none", output_stride=8, crop_size=64,
@@ -65,36 +68,68 @@ PRESETS = {
                    conf_threshold=0.8, aux_weight=0.0, labeled=None, eval_mode="whole",
                    eval_every=None),
 }
-# Settings shared by every dataset (METHOD.md section 3).
-COMMON = dict(width=1.0, momentum=0.9, poly_power=0.9, ohem_thresh=0.7, ohem_min_kept=100000,
+# Settings shared by every dataset (docs/METHOD.md section 3).
+COMMON = dict(width=1.0, momentum=0.9, poly_power=0.9, ohem_thresh=0.7, ohem_min_kept_per_image=50000,
               drop_start=0.2, cutmix_prob=0.5, unsup_weight=1.0, proto_weight=1.0,
               temperature=0.1, proto_momentum=0.99, grid=32, ema_decay=0.99)
 
 
+# Flags whose default is neither a preset entry nor derived from the run.
+FLAG_DEFAULTS = dict(dataset="toy", method="pcr", save_every=0, log_every=20, seed=0,
+                     workers=min(4, os.cpu_count() or 1), device="auto", amp="none",
+                     channels_last=False, print_config=False)
+
+
+def preset_help(key):
+    """' (preset: toy 64, voc 513, ...)' from PRESETS, or ' (default: X)' when every preset
+    (or COMMON) agrees, so that --help tells what a flag left out becomes."""
+    values = {name: preset.get(key, COMMON.get(key)) for name, preset in PRESETS.items()
+              if key in preset or key in COMMON}
+    if not values:
+        return ""
+    if len(set(map(repr, values.values()))) == 1:
+        return f" (default: {next(iter(values.values()))})"
+    groups = {}  # value -> datasets, in PRESETS order
+    for name, value in values.items():
+        groups.setdefault(repr(value), (value, []))[1].append(name)
+    shown = "; ".join(f"{', '.join(names)} {value}" for value, names in groups.values())
+    return f" (preset: {shown})"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="PCR trainer (see the module docstring for launch commands)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--dataset", default="toy", choices=sorted(PRESETS), help="dataset and its preset")
+    """Every flag parses to None when left out, so that resolve_config (and a resumed run)
+    can tell the flags the user gave from the defaults; the defaults are in --help."""
+    p = argparse.ArgumentParser(description="PCR trainer (see the module docstring for launch commands)")
+
+    def a(flag, help, **kwargs):
+        key = flag[2:].replace("-", "_")
+        shown = (f" (default: {FLAG_DEFAULTS[key]})" if key in FLAG_DEFAULTS and "help_default" not in kwargs
+                 else kwargs.pop("help_default", preset_help(key)))
+        p.add_argument(flag, default=None, help=help + shown, **kwargs)
+
+    a("--dataset", choices=sorted(PRESETS), help="dataset and its preset")
     a("--data-root", help="dataset root (VOC: the VOC2012 folder; Cityscapes: holds leftImg8bit/ and gtFine/)")
-    a("--num-classes", type=int, help="number of classes (required for --dataset folder)")
+    a("--num-classes", type=int, help="number of classes (required for --dataset folder)",
+      help_default=" (voc 21, cityscapes 19, toy 6)")
     a("--labeled", type=int, help="number of labeled images: VOC 92/183/366/732/1464 (classic) or "
-      "662/1323/2646/5291 (blended), Cityscapes 186/372/744/1488")
+      "662/1323/2646/5291 (blended), Cityscapes 186/372/744/1488; folder: all of labeled.txt",
+      help_default=" (preset: toy 16; voc 366; cityscapes 744)")
     a("--split-dir", help="folder with labeled.txt / unlabeled.txt (and val.txt) of a published split")
-    a("--method", default="pcr", choices=["pcr", "meanteacher", "supervised"],
+    a("--method", choices=["pcr", "meanteacher", "supervised"],
       help="pcr; meanteacher = pcr without prototypes; supervised = labeled images only")
-    a("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"], help="ResNet depth (preset)")
+    a("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"], help="ResNet depth")
     a("--width", type=float, help="channel multiplier of the whole network (1.0 = the paper's; "
       "the toy preset uses a thin network to train in minutes on a CPU)")
-    a("--pretrained", help="'none', 'torchvision' (7x7 stem, torchvision ImageNet weights) or the path "
-      "of a deep-stem ImageNet checkpoint (preset: pretrained/resnet101.pth for the paper settings)")
+    a("--pretrained", help="'none', 'torchvision' (7x7 stem, torchvision ImageNet weights), "
+      "'hub:resnet101s' / 'hub:resnet50s' (deep stem, timm's ImageNet weights from the Hugging Face "
+      "hub, downloaded once into torch's hub cache) or the path of a deep-stem ImageNet checkpoint")
     a("--output-stride", type=int, choices=[8, 16], help="backbone output stride (paper: 8)")
     a("--crop-size", type=int, help="training crop (square)")
     a("--batch-size", type=int, help="GLOBAL labeled batch over all processes; the unlabeled batch is equal")
     a("--epochs", type=int, help="epochs; one epoch = one pass over the unlabeled set")
-    a("--iters", type=int, help="total iterations (overrides --epochs)")
-    a("--warmup-iters", type=int, help="supervised-only iterations before the semi-supervised phase "
-      "(default: one epoch)")
+    a("--iters", type=int, help="total iterations (overrides --epochs)", help_default=" (default: from --epochs)")
+    a("--warmup-iters", type=int, help="supervised-only iterations before the semi-supervised phase",
+      help_default=" (default: one epoch)")
     a("--lr", type=float, help="base learning rate of the backbone")
     a("--head-lr-mult", type=float, help="learning-rate multiplier of decoder and heads")
     a("--weight-decay", type=float, help="SGD weight decay")
@@ -102,44 +137,68 @@ def parse_args(argv=None):
     a("--conf-threshold", type=float, help="teacher confidence needed for an unlabeled pixel to "
       "train the prototype head (gamma)")
     a("--aux-weight", type=float, help="weight of the auxiliary layer3 loss (0 = no aux head)")
-    a("--cutmix-prob", type=float, help="probability that an iteration's unlabeled batch is CutMixed "
-      "(paper: 0.5)")
-    a("--unsup-weight", type=float, help="weight of the unsupervised loss L_u (paper: 1)")
-    a("--proto-weight", type=float, help="weight of the prototype consistency loss (paper: 1)")
-    a("--ema-decay", type=float, help="upper bound of the teacher's EMA momentum (paper: 0.99)")
+    a("--cutmix-prob", type=float, help="probability that an iteration's unlabeled batch is CutMixed")
+    a("--unsup-weight", type=float, help="weight of the unsupervised loss L_u")
+    a("--proto-weight", type=float, help="weight of the prototype consistency loss")
+    a("--ema-decay", type=float, help="upper bound of the teacher's EMA momentum")
+    a("--ohem-min-kept-per-image", type=int, help="OHEM keeps at least this many pixels per labeled "
+      "image of a process (the reference's 100000 for its 2 images per GPU)")
     a("--eval-mode", choices=["whole", "sliding", "center"], help="evaluation protocol")
-    a("--eval-every", type=int, help="evaluate every N iterations (default: once per epoch)")
-    a("--save-every", type=int, default=0, help="write last.pt every N iterations (0: at every evaluation)")
-    a("--log-every", type=int, default=20, help="print a progress line every N iterations")
-    a("--seed", type=int, default=0, help="random seed (data order, splits, initialisation)")
-    a("--workers", type=int, default=min(4, os.cpu_count() or 1),
-      help="data-loading processes per training process")
-    a("--device", default="auto", help="'auto', 'cpu', 'cuda' (torchrun picks cuda:LOCAL_RANK)")
-    a("--amp", default="none", choices=["bf16", "fp16", "none"], help="mixed precision (CUDA; bf16 also on CPU)")
-    a("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPU)")
-    a("--out", default="runs/toy", help="run directory: config, log, metrics, checkpoints")
-    a("--resume", help="'auto' (OUT/last.pt if present) or a checkpoint path")
-    a("--print-config", action="store_true", help="print the resolved settings and exit")
+    a("--eval-every", type=int, help="evaluate every N iterations",
+      help_default=" (preset: toy 300, others once per epoch)")
+    a("--save-every", type=int, help="write last.pt every N iterations (0: at every evaluation)")
+    a("--log-every", type=int, help="print a progress line every N iterations")
+    a("--seed", type=int, help="random seed (data order, splits, initialisation)")
+    a("--workers", type=int, help="data-loading processes per training process",
+      help_default=" (default: min(4, CPU count))")
+    a("--device", help="'auto', 'cpu', 'cuda' (torchrun picks cuda:LOCAL_RANK)")
+    a("--amp", choices=["bf16", "fp16", "none"], help="mixed precision (CUDA; bf16 also on CPU)")
+    a("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPU)",
+      help_default="")
+    a("--out", help="run directory: config, log, metrics, checkpoints",
+      help_default=" (default: runs/DATASET_LABELED_METHOD_sSEED, e.g. runs/toy_16_pcr_s0)")
+    a("--resume", help="'auto' (OUT/last.pt if present) or a checkpoint path; the run's settings "
+      "come from the checkpoint", help_default="")
+    a("--print-config", action="store_true", help="print the resolved settings and exit", help_default="")
     return p.parse_args(argv)
+
+
+def explicit_flags(args):
+    """{config key: value} of the flags given on the command line."""
+    return {key: value for key, value in vars(args).items() if value is not None}
+
+
+def default_out(cfg):
+    """runs/{dataset}_{labeled}_{method}_s{seed}: another dataset, split, method or seed
+    never lands in (or resumes from) the run directory of the quick start. A folder
+    dataset is named after its root; without --labeled its labeled.txt is the split."""
+    name = cfg["dataset"]
+    if name == "folder" and cfg.get("data_root"):
+        name = "folder-" + (os.path.basename(os.path.normpath(cfg["data_root"])) or "root")
+    labeled = cfg["labeled"] if cfg["labeled"] is not None else "lists"
+    return os.path.join("runs", f"{name}_{labeled}_{cfg['method']}_s{cfg['seed']}")
 
 
 def resolve_config(args):
     """Preset of the dataset, overridden by every flag the user gave."""
-    cfg = dict(COMMON)
-    cfg.update(PRESETS[args.dataset])
-    for key, value in vars(args).items():
-        if value is not None or key not in cfg:
-            cfg[key] = value
+    given = explicit_flags(args)
+    cfg = {key: None for key in vars(args)}
+    cfg.update(COMMON)
+    cfg.update(FLAG_DEFAULTS)
+    cfg.update(PRESETS[given.get("dataset", FLAG_DEFAULTS["dataset"])])
+    cfg.update(given)
     if cfg["dataset"] == "voc":
         cfg["num_classes"] = cfg["num_classes"] or 21
     if cfg["dataset"] == "cityscapes":
         cfg["num_classes"] = cfg["num_classes"] or 19
     cfg["aux"] = cfg["aux_weight"] > 0
+    if cfg["out"] is None:
+        cfg["out"] = default_out(cfg)
     return cfg
 
 
 # ----------------------------------------------------------------------------------------
-# Losses (METHOD.md section 3, steps 5-7). Each returns a scalar float32 tensor and never
+# Losses (docs/METHOD.md section 3, steps 5-7). Each returns a scalar float32 tensor and never
 # syncs with the host: counts stay tensors, empty selections give 0, not NaN.
 
 def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000):
@@ -169,7 +228,9 @@ def entropy_filtered_cross_entropy(logits, pseudo_label, entropy, drop_fraction)
     """Unsupervised CE against the teacher's pseudo-labels (step 6).
 
     Among valid pixels (pseudo_label != 255), the drop_fraction with the highest teacher
-    entropy H = -sum_k q_k log q_k are ignored; L = mean over kept pixels of -log p[y_u].
+    entropy H = -sum_k q_k log q_k are ignored. As U2PL's compute_unsupervised_loss:
+        L = (N / #kept) * mean_{kept} -log p[y_u],   N = B * H * W (all pixels, padding too)
+    so L is 1 / (1 - drop) times the plain mean when nothing is padded.
     logits (B, K, H, W), pseudo_label / entropy (B, H, W).
     """
     valid = pseudo_label != IGNORE
@@ -185,18 +246,8 @@ def entropy_filtered_cross_entropy(logits, pseudo_label, entropy, drop_fraction)
     threshold = torch.where(num_keep >= num_valid, math.inf, first_dropped_value)
     kept = valid & (entropy < threshold)
     nll = F.cross_entropy(logits.float(), torch.where(kept, pseudo_label, 0), reduction="none")
-    return (nll * kept).sum() / kept.sum().clamp(min=1)
-
-
-def prototype_loss(prototype_logits, target):
-    """Prototype consistency loss (step 7): CE over sampled pixels with a valid target.
-
-    prototype_logits (N, K) = max_m cos(f, p_km) / T; target (N,) with 255 = ignore.
-    L = sum_{valid} -log softmax(prototype_logits)[target] / #valid.
-    """
-    valid = target != IGNORE
-    nll = F.cross_entropy(prototype_logits, torch.where(valid, target, 0), reduction="none")
-    return (nll * valid).sum() / valid.sum().clamp(min=1)
+    num_kept = kept.sum().clamp(min=1)
+    return (nll * kept).sum() / num_kept * (kept.numel() / num_kept)
 
 
 def drop_fraction_at(epoch, epochs, start=0.2):
@@ -223,6 +274,18 @@ def ema_update(teacher, student, alpha):
     for k, v in t_state.items():
         if not v.dtype.is_floating_point:  # BN's num_batches_tracked
             v.copy_(s_state[k])
+
+
+@torch.no_grad()
+def teacher_update(teacher, student, t, cfg):
+    """Step 10 after t semi-supervised iterations (0 = the first one). During the first
+    semi-supervised epoch (t < iters_per_epoch) the teacher IS the student: its state is
+    copied, as the reference copies the student's parameters into the teacher at every
+    iteration of that epoch. Afterwards: EMA with alpha = min(1 - 1/(t + 1), ema_decay)."""
+    if t < cfg["iters_per_epoch"]:
+        torch._foreach_copy_(list(teacher.state_dict().values()), list(student.state_dict().values()))
+    else:
+        ema_update(teacher, student, ema_alpha(t, cfg["ema_decay"]))
 
 
 @torch.no_grad()
@@ -316,12 +379,17 @@ def make_loader(dataset, cfg, ctx, local_batch, global_batch, stream, start_iter
 # Process context, logging, checkpoints
 
 class Context:
-    """Who am I in the job: rank, world size, device; rank 0 alone writes files."""
+    """Who am I in the job: rank, world size, device; rank 0 alone prints and writes files.
+
+    Built before anything is checked or written; connect() joins the process group once
+    the setup checks have passed, so that a bad flag stops every process at once."""
 
     def __init__(self, device_flag):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.main = self.rank == 0
+        self.log_file, self.unwritten = None, []
         use_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
         if use_cuda and not torch.cuda.is_available():
             raise SetupError("--device cuda, but no CUDA device is visible")
@@ -331,11 +399,21 @@ class Context:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
+
+    def connect(self):
         if self.world > 1:
-            dist.init_process_group("nccl" if use_cuda else "gloo",
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=30))
-        self.main = self.rank == 0
-        self.log_file = None
+
+    def open_log(self, path):
+        """Append to path from now on, starting with the lines logged before it was open."""
+        if not self.main:
+            return
+        self.log_file = open(path, "a")
+        for line in self.unwritten:
+            self.log_file.write(line + "\n")
+        self.unwritten = []
+        self.log_file.flush()
 
     def log(self, *parts):
         if not self.main:
@@ -345,6 +423,8 @@ class Context:
         if self.log_file:
             self.log_file.write(line + "\n")
             self.log_file.flush()
+        else:
+            self.unwritten.append(line)
 
 
 def atomic_save(obj, path):
@@ -409,7 +489,7 @@ def set_rng_state(state, step_rng):
 
 
 # ----------------------------------------------------------------------------------------
-# Prototype initialisation (METHOD.md section 4)
+# Prototype initialisation (docs/METHOD.md section 4)
 
 @torch.no_grad()
 def labeled_features(model, dataset, cfg, ctx, max_per_class=3000):
@@ -501,18 +581,26 @@ def teacher_predict(teacher, image_u, padding, cfg, ctx):
     return pseudo_label, confidence, entropy
 
 
+def ohem_min_kept(cfg, num_labeled):
+    """OHEM's min_kept for a process holding num_labeled labeled images: 50000 per image.
+    The reference ran min_kept = 100000 per process with 2 labeled images per GPU; scaling
+    with the images keeps its kept share (~19% at crop 513) on any number of processes."""
+    return cfg["ohem_min_kept_per_image"] * num_labeled
+
+
 def supervised_losses(logits, aux_logits, label, cfg):
     """L_sup = OHEM CE of the linear head (+ aux_weight * OHEM CE of the aux head)."""
     size = label.shape[-2:]
-    loss = ohem_cross_entropy(upsample(logits, size), label, cfg["ohem_thresh"], cfg["ohem_min_kept"])
+    min_kept = ohem_min_kept(cfg, len(label))
+    loss = ohem_cross_entropy(upsample(logits, size), label, cfg["ohem_thresh"], min_kept)
     if aux_logits is not None:
         loss = loss + cfg["aux_weight"] * ohem_cross_entropy(
-            upsample(aux_logits, size), label, cfg["ohem_thresh"], cfg["ohem_min_kept"])
+            upsample(aux_logits, size), label, cfg["ohem_thresh"], min_kept)
     return loss
 
 
 def train_step(batch, models, cfg, ctx, it, step_rng):
-    """One iteration of METHOD.md section 3. Returns the loss terms (device tensors) and
+    """One iteration of docs/METHOD.md section 3. Returns the loss terms (device tensors) and
     the prototype-update inputs; no host-device synchronisation happens here."""
     student, teacher, bank = models
     image_l, label_l = batch["labeled"]
@@ -584,23 +672,18 @@ def train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, step_rng, se
         average_buffers(student, ctx)
     # 10. teacher follows the student
     if semi:
-        ema_update(teacher, student, ema_alpha(it - cfg["warmup_iters"], cfg["ema_decay"]))
+        teacher_update(teacher, student, it - cfg["warmup_iters"], cfg)
     return terms, finite
 
 
 # ----------------------------------------------------------------------------------------
 
-def build_everything(cfg, ctx):
-    """Data, student, teacher, prototype bank, optimizer, scaler."""
+def build_everything(cfg, ctx, resuming=False):
+    """Data, student, teacher, prototype bank, optimizer, scaler. (file_errors has checked
+    the ImageNet weights; a resumed run does not need them.)"""
     pretrained = cfg["pretrained"]
-    if pretrained not in ("none", "torchvision") and not os.path.exists(pretrained):
-        raise SetupError(
-            f"--pretrained: ImageNet weights not found at {pretrained}. The paper settings "
-            "start from the deep-stem ResNet checkpoints (resnet50.pth / resnet101.pth) that "
-            "U2PL, UniMatch and CPS publish (links in their READMEs); put the file there or pass "
-            "--pretrained PATH. Alternatives: --pretrained torchvision (7x7 stem, torchvision's "
-            "ImageNet weights; results differ from the paper) or --pretrained none (from "
-            "scratch; far below the paper).")
+    if resuming and pretrained != "torchvision":
+        pretrained = "none"  # the same deep-stem network; every weight comes from the checkpoint
     data = data_lib.build_data(cfg["dataset"], cfg["data_root"], cfg["num_classes"], cfg["labeled"],
                                cfg["split_dir"], cfg["seed"], cfg["crop_size"],
                                out_dir=cfg["out"] if ctx.main else None, log=ctx.log)
@@ -659,37 +742,81 @@ FLAG_RANGES = {
     "--conf-threshold": ("conf_threshold", 0, 1, True), "--aux-weight": ("aux_weight", 0, math.inf, True),
     "--cutmix-prob": ("cutmix_prob", 0, 1, True), "--unsup-weight": ("unsup_weight", 0, math.inf, True),
     "--proto-weight": ("proto_weight", 0, math.inf, True), "--ema-decay": ("ema_decay", 0, 1, True),
+    "--ohem-min-kept-per-image": ("ohem_min_kept_per_image", 1, math.inf, True),
     "--eval-every": ("eval_every", 1, math.inf, True), "--save-every": ("save_every", 0, math.inf, True),
     "--log-every": ("log_every", 1, math.inf, True), "--workers": ("workers", 0, math.inf, True),
 }
 
 
-def check_flags(cfg):
-    """Reject out-of-range numbers before anything is built (the flag is named)."""
+def flag_errors(cfg):
+    """Every out-of-range number (the flag is named); nothing is built or written yet."""
+    errors = []
     for flag, (key, low, high, low_ok) in FLAG_RANGES.items():
         value = cfg.get(key)
         if value is None:
             continue
         if not (math.isfinite(value) and (value >= low if low_ok else value > low) and value <= high):
             bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high < math.inf else "")
-            raise SetupError(f"{flag} {value}: must be {bound}")
+            errors.append(f"{flag} {value}: must be {bound}")
     if (cfg["method"] != "supervised" and cfg["warmup_iters"] is not None and cfg["iters"]
             and cfg["warmup_iters"] >= cfg["iters"]):
-        raise SetupError(f"--warmup-iters {cfg['warmup_iters']} leaves no semi-supervised iteration "
-                         f"of --iters {cfg['iters']}")
+        errors.append(f"--warmup-iters {cfg['warmup_iters']} leaves no semi-supervised iteration "
+                      f"of --iters {cfg['iters']}")
+    return errors
+
+
+def process_errors(cfg, ctx):
+    """The global batch against the number of processes: checkable before any file is
+    written (torchrun's processes all find the same problem; rank 0 reports it)."""
+    batch = cfg["batch_size"]
+    if not isinstance(batch, int) or batch < 1:
+        return []  # flag_errors names it
+    if batch % ctx.world:
+        return [f"--batch-size {batch} (global) does not split over {ctx.world} processes; pass a "
+                f"multiple of {ctx.world}, e.g. --batch-size {ctx.world * max(1, round(batch / ctx.world))}"]
+    cfg["local_batch"] = batch // ctx.world
+    if cfg["local_batch"] < 2 and not (ctx.device.type == "cuda" and ctx.world > 1):
+        # plain BatchNorm (ASPP's image pooling) needs two images; SyncBN pools processes
+        return [f"--batch-size {batch} leaves {cfg['local_batch']} image per process; "
+                f"BatchNorm needs at least 2: pass --batch-size {2 * ctx.world}"]
+    return []
+
+
+def file_errors(cfg, resuming):
+    """An --out that cannot be written, a missing data root, split folder or ImageNet
+    weights, all at once (data.py checks the contents once the run directory exists)."""
+    errors = []
+    existing = os.path.abspath(cfg["out"])
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
+        errors.append(f"--out {cfg['out']}: cannot write there ({existing} is "
+                      f"{'not writable' if os.path.isdir(existing) else 'a file'})")
+    if cfg["dataset"] != "toy":
+        if cfg["data_root"] is None:
+            errors.append(f"--data-root is required for --dataset {cfg['dataset']}")
+        elif not os.path.isdir(cfg["data_root"]):
+            errors.append(f"--data-root {cfg['data_root']} does not exist")
+    if cfg["split_dir"] is not None and not os.path.isdir(cfg["split_dir"]):
+        errors.append(f"--split-dir {cfg['split_dir']} does not exist")
+    pretrained = cfg["pretrained"]
+    # a resumed run takes every weight from its checkpoint
+    named = pretrained in ("none", "torchvision") or pretrained.startswith("hub:")
+    if not resuming and not named and not os.path.exists(pretrained):
+        errors.append(
+            f"--pretrained: ImageNet weights not found at {pretrained}. The paper settings "
+            "start from the deep-stem ResNet checkpoints (resnet50.pth / resnet101.pth) that "
+            "U2PL, UniMatch and CPS publish (links in their READMEs); put the file there or pass "
+            "--pretrained PATH. Alternatives: --pretrained hub:resnet101s or hub:resnet50s (the "
+            "same deep-stem layout, timm's ImageNet weights from the Hugging Face hub, downloaded "
+            "once; results may differ a little from the paper's), --pretrained torchvision (7x7 "
+            "stem, torchvision's ImageNet weights; results differ from the paper) or --pretrained "
+            "none (from scratch; far below the paper).")
+    return errors
 
 
 def check_batches(cfg, ctx, data):
-    if cfg["batch_size"] % ctx.world:
-        raise SetupError(
-            f"--batch-size {cfg['batch_size']} (global) does not split over {ctx.world} "
-            f"processes; pass a multiple of {ctx.world}, e.g. --batch-size "
-            f"{ctx.world * max(1, round(cfg['batch_size'] / ctx.world))}")
-    cfg["local_batch"] = cfg["batch_size"] // ctx.world
-    if cfg["local_batch"] < 2 and not (ctx.device.type == "cuda" and ctx.world > 1):
-        # plain BatchNorm (ASPP's image pooling) needs two images; SyncBN pools processes
-        raise SetupError(f"--batch-size {cfg['batch_size']} leaves {cfg['local_batch']} image per "
-                         f"process; BatchNorm needs at least 2: pass --batch-size {2 * ctx.world}")
+    """The schedule from the data's size: iterations per epoch, total, warm-up, intervals."""
     pool = len(data.unlabeled) if cfg["method"] != "supervised" else 0
     if cfg["method"] != "supervised" and pool < cfg["batch_size"]:
         raise SetupError(f"--method {cfg['method']} needs at least --batch-size "
@@ -707,6 +834,96 @@ def check_batches(cfg, ctx, data):
                          f"{cfg['iters_per_epoch']} per epoch)")
     cfg["eval_every"] = cfg["eval_every"] or cfg["iters_per_epoch"]
     cfg["save_every"] = cfg["save_every"] or cfg["eval_every"]
+
+
+# ----------------------------------------------------------------------------------------
+# A run's settings: a resumed run keeps them, a new run does not take another's directory
+
+# Flags that a resumed run may change: they do not touch what is trained (loader
+# processes, how often to log / save / evaluate, where the run lives, the device and
+# memory layout; the last two change the order of float sums, as another GPU would).
+RESUME_MAY_CHANGE = {"workers", "log_every", "save_every", "eval_every", "device",
+                     "channels_last", "out", "resume", "print_config"}
+# Worked out from the data and the number of processes at every start.
+DERIVED = {"local_batch", "iters_per_epoch", "total_iters"}
+
+
+def flag_name(key):
+    return "--" + key.replace("_", "-")
+
+
+def same_setting(key, a, b):
+    if key in ("data_root", "split_dir", "pretrained") and a is not None and b is not None:
+        return os.path.abspath(str(a)) == os.path.abspath(str(b))
+    return a == b
+
+
+def resumed_config(cfg, given, stored, origin, log):
+    """The stored run's settings, with the harmless flags the user gave (logged).
+    A flag that would change training and differs from the stored value is an error."""
+    resumed = dict(cfg)  # keys a run of an older version did not store keep today's values
+    resumed.update({key: value for key, value in stored.items() if key not in DERIVED})
+    errors = []
+    for key, value in given.items():
+        if (key not in stored or same_setting(key, value, stored[key])
+                or key in ("resume", "out", "print_config")
+                or (key == "epochs" and stored.get("iters"))):  # (--iters overrides it)
+            resumed[key] = value
+        elif key in RESUME_MAY_CHANGE:
+            resumed[key] = value
+            log(f"resume: {flag_name(key)} {stored[key]} -> {value} (does not change training)")
+        else:
+            errors.append(f"{flag_name(key)} {value} differs from the run's {flag_name(key)} "
+                          f"{stored[key]} ({origin}); a resumed run keeps its settings: drop the "
+                          f"flag, or start a new run with another --out")
+    # the run continues where it was found (--resume auto: --out, else the checkpoint's folder)
+    if "out" not in given:
+        resumed["out"] = cfg["out"] if cfg["resume"] == "auto" else os.path.dirname(origin) or "."
+    return resumed, errors
+
+
+def setting_differences(fresh, stored):
+    """'--flag STORED there, FRESH here' for each training setting the two runs differ in
+    (settings the fresh run leaves to the data, like the warm-up of one epoch, are skipped)."""
+    differences = []
+    for key, value in fresh.items():
+        if (key in RESUME_MAY_CHANGE or key in DERIVED or key not in stored
+                or (value is None and key != "iters")
+                or (key == "epochs" and (fresh.get("iters") or stored.get("iters")))):
+            continue  # (a stored run's epochs are worked out from its --iters)
+        if not same_setting(key, value, stored[key]):
+            differences.append(f"{flag_name(key)} {'unset' if stored[key] is None else stored[key]} "
+                               f"there, {'unset' if value is None else value} here")
+    return differences
+
+
+def stored_config(out):
+    """The settings of the run in directory out (config.json, else last.pt), or None."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    try:
+        return torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["config"]
+    except Exception:
+        return None
+
+
+def occupied_out_error(cfg):
+    """A new run must not take over a directory that holds a run (last.pt): say whether it
+    is this run (continue it with --resume auto) or one with other settings (which)."""
+    out = cfg["out"]
+    if not os.path.exists(os.path.join(out, "last.pt")):
+        return []
+    stored = stored_config(out)
+    differences = None if stored is None else setting_differences(cfg, stored)
+    if differences:
+        return [f"--out {out} already holds a run with other settings ({'; '.join(differences)}); "
+                "choose another --out, or continue that run with --resume auto (it keeps its "
+                "own settings)"]
+    return [f"--out {out} already holds this run (last.pt); continue it with --resume auto, or "
+            "choose another --out"]
 
 
 def run_evaluation(student, teacher, bank, data, cfg, ctx, semi):
@@ -773,6 +990,203 @@ def reduce_log_sums(log_sums, world):
     return log_sums
 
 
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Progress:
+    """Loss sums, non-finite streaks, speed and ETA of the training loop.
+
+    add() keeps the per-iteration bookkeeping on the device (no host sync); take() reads it
+    back, once per --log-every. Time counts training only: evaluations and the prototype
+    k-means run inside pause(). The ETA adds the remaining warm-up iterations, the
+    remaining semi-supervised ones and the remaining evaluations, each at its own measured
+    duration. Until a semi-supervised iteration has been measured it is guessed at
+    SEMI_COST_GUESS warm-up iterations: it runs the student on twice the images (labeled
+    and unlabeled) plus the teacher's forward pass on the unlabeled half, ~2.3x the work.
+    Measured PCR / supervised step: 1.8x (bench.py, resnet18, crop 129, CPU), 1.8x / 2.1x
+    (resnet101, crop 513, H100, bf16 / fp32), 2.0-3.1x for the small toy steps on a 2-core
+    CPU. (The one-off prototype k-means is in neither phase.) Until an
+    evaluation has been measured the ETA is training only, and says how many evaluations
+    it leaves out.
+    """
+    SEMI_COST_GUESS = 2.5
+
+    def __init__(self, cfg, start_iter, device, clock=time.monotonic):
+        self.cfg, self.device, self.clock = cfg, device, clock
+        self.sums = torch.zeros(4, device=device)  # sup, unsup, proto, non-finite steps
+        # current and longest run of non-finite steps, last bad iteration and its terms
+        self.streak = torch.zeros((), device=device, dtype=torch.long)
+        self.longest, self.bad_iter = torch.zeros_like(self.streak), torch.zeros_like(self.streak)
+        self.last_bad = torch.zeros(3, device=device)
+        self.count = 0  # iterations summed since the last take()
+        self.seconds, self.iters = {False: 0.0, True: 0.0}, {False: 0, True: 0}  # by semi
+        self.interval_seconds, self.interval_images = 0.0, 0  # since the last progress line
+        self.eval_seconds, self.evals = 0.0, 0
+        self.mark, self.mark_iter = clock(), start_iter  # training since then is not counted yet
+
+    def semi(self, it):
+        return self.cfg["method"] != "supervised" and it >= self.cfg["warmup_iters"]
+
+    def add(self, terms, finite, it):
+        """One iteration's loss terms and finiteness (device tensors), without a sync."""
+        values = torch.stack([terms.get(k, torch.zeros((), device=self.device)).detach().float()
+                              for k in ("sup", "unsup", "proto")])
+        self.sums += torch.cat([torch.nan_to_num(values * finite, nan=0.0, posinf=0.0, neginf=0.0),
+                                (~finite).float().view(1)])
+        self.streak = torch.where(finite, 0, self.streak + 1)
+        self.longest = torch.maximum(self.longest, self.streak)
+        self.bad_iter = torch.where(finite, self.bad_iter, it)
+        self.last_bad = torch.where(finite, self.last_bad, (~torch.isfinite(values)).float())
+        self.count += 1
+
+    def take(self, world):
+        """(mean losses [3], non-finite steps, longest non-finite streak, last bad iteration,
+        its non-finite terms [3]) over the global batch since the last call, then reset."""
+        if world > 1:  # a NaN on one process stops all of them together
+            dist.all_reduce(self.longest, op=dist.ReduceOp.MAX)
+            reduce_log_sums(self.sums, world)
+        sums = self.sums.tolist()
+        result = ([s / max(self.count, 1) for s in sums[:3]], int(sums[3]), int(self.longest),
+                  int(self.bad_iter), self.last_bad.tolist())
+        self.sums.zero_()
+        self.longest.zero_()
+        self.count = 0
+        return result
+
+    def lap(self, done):
+        """Iterations mark_iter..done-1 took the time since the mark (one phase: pause()
+        runs at the phase change)."""
+        now = self.clock()
+        if done > self.mark_iter:
+            semi = self.semi(self.mark_iter)
+            images = self.cfg["batch_size"] * (2 if semi else 1)
+            self.seconds[semi] += now - self.mark
+            self.iters[semi] += done - self.mark_iter
+            self.interval_seconds += now - self.mark
+            self.interval_images += (done - self.mark_iter) * images
+        self.mark, self.mark_iter = now, done
+
+    def stop_clock(self, done):
+        """Training stops at iteration done (until start_clock)."""
+        synchronize(self.device)  # the queued iterations count as training (once per pause)
+        self.lap(done)
+
+    def start_clock(self, evaluation=False):
+        """Training goes on; the time since stop_clock was an evaluation's, or not counted."""
+        synchronize(self.device)
+        now = self.clock()
+        if evaluation:
+            self.eval_seconds += now - self.mark
+            self.evals += 1
+        self.mark = now
+
+    @contextmanager
+    def pause(self, done, evaluation=False):
+        """Time spent inside is not training time; an evaluation's is measured for the ETA."""
+        self.stop_clock(done)
+        yield
+        self.start_clock(evaluation)
+
+    def speed(self, done):
+        """Images per second of training since the last call (lap first)."""
+        self.lap(done)
+        speed = self.interval_images / max(self.interval_seconds, 1e-9)
+        self.interval_seconds, self.interval_images = 0.0, 0
+        return speed
+
+    def evaluations_left(self, done):
+        """Evaluations at iterations done..total (the one at done runs after its progress line)."""
+        every, total = self.cfg["eval_every"], self.cfg["total_iters"]
+        if done > total:
+            return 0
+        return total // every - (done - 1) // every + (1 if total % every else 0)
+
+    def eta(self, done):
+        """(seconds, evaluations not included because none has been measured yet)."""
+        total = self.cfg["total_iters"]
+        warmup_end = total if self.cfg["method"] == "supervised" else self.cfg["warmup_iters"]
+        warmup_left = max(0, warmup_end - max(done, 0))
+        semi_left = total - done - warmup_left
+        per_warmup = self.seconds[False] / self.iters[False] if self.iters[False] else None
+        per_semi = self.seconds[True] / self.iters[True] if self.iters[True] else None
+        if per_semi is None:
+            per_semi = (per_warmup or 0.0) * self.SEMI_COST_GUESS
+        if per_warmup is None:
+            per_warmup = per_semi / self.SEMI_COST_GUESS
+        seconds = warmup_left * per_warmup + semi_left * per_semi
+        evaluations = self.evaluations_left(done)
+        if self.evals:
+            return seconds + evaluations * self.eval_seconds / self.evals, 0
+        return seconds, evaluations
+
+
+class StopVote:
+    """Whether any process got SIGINT / SIGTERM, agreed by all processes, checked every
+    iteration without a host-device sync. Each iteration every process launches an
+    asynchronous all-reduce (MAX) of its own flag, a CPU tensor on a gloo group (CPU
+    runs and NCCL runs alike), and reads the result launched the iteration before, which
+    has long arrived. Every process reads the same results at the same iterations, so all
+    stop together, within two iterations of the signal."""
+
+    def __init__(self, received, world):
+        self.received, self.world, self.pending = received, world, None
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+
+    def __call__(self):
+        if self.world == 1:
+            return bool(self.received)
+        stop = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            stop = bool(flag.item())  # a CPU tensor: no device sync
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+                        flag)
+        return stop
+
+    def close(self):
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
+
+
+def plural(count, word):
+    return f"{count} {word}{'' if count == 1 else 'es' if word.endswith('s') else 's'}"
+
+
+def describe_config(cfg, ctx):
+    """The resolved settings in a few lines (the full set is in config.json)."""
+    method, semi = cfg["method"], cfg["method"] != "supervised"
+    labeled = cfg["labeled"] if cfg["labeled"] is not None else "all listed"
+    lines = [
+        f"run: {method} on {cfg['dataset']}" + (f" ({cfg['data_root']})" if cfg["data_root"] else "")
+        + f", {labeled} labeled, seed {cfg['seed']} -> {cfg['out']} (full config: config.json)",
+        f"model: {cfg['backbone']}" + (f" x{cfg['width']}" if cfg["width"] != 1.0 else "")
+        + f", output stride {cfg['output_stride']}, {plural(cfg['num_classes'], 'class')}, "
+        f"pretrained {cfg['pretrained']}" + (f", aux head x{cfg['aux_weight']}" if cfg["aux"] else "")
+        + f" | {plural(ctx.world, 'process')} on {ctx.device if ctx.world == 1 else ctx.device.type}, "
+        f"amp {cfg['amp']}",
+        f"schedule: {plural(cfg['total_iters'], 'iteration')} = {plural(cfg['epochs'], 'epoch')} of "
+        f"{cfg['iters_per_epoch']}" + (f", the first {cfg['warmup_iters']} supervised" if semi else "")
+        + f" | global batch {cfg['batch_size']}" + (f" + {cfg['batch_size']} unlabeled" if semi else "")
+        + f", crop {cfg['crop_size']}",
+        f"optimizer: SGD lr {cfg['lr']} (heads x{cfg['head_lr_mult']}), poly {cfg['poly_power']}, "
+        f"momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}",
+        f"losses: OHEM CE (p <= {cfg['ohem_thresh']}, min kept {cfg['ohem_min_kept_per_image']} x "
+        f"{cfg['local_batch']} = {ohem_min_kept(cfg, cfg['local_batch'])} per process)"
+        + (f" | unlabeled x{cfg['unsup_weight']}, highest-entropy {cfg['drop_start']:.0%} -> 0% "
+           f"dropped, CutMix p {cfg['cutmix_prob']}, teacher EMA {cfg['ema_decay']}" if semi else "")
+        + (f" | prototypes x{cfg['proto_weight']}: {cfg['num_prototypes']} per class, T "
+           f"{cfg['temperature']}, confidence >= {cfg['conf_threshold']}" if method == "pcr" else ""),
+        f"evaluation: {cfg['eval_mode']}, every {plural(cfg['eval_every'], 'iteration')}; last.pt every "
+        f"{plural(cfg['save_every'], 'iteration')}",
+    ]
+    return lines
+
+
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
@@ -781,12 +1195,9 @@ def format_eta(seconds):
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
-def resume(cfg, ctx, student, teacher, bank, optimizer, scaler, step_rng):
-    """Load --resume's checkpoint into everything; returns (start iteration, best score)."""
+def resume(ckpt, path, ctx, student, teacher, bank, optimizer, scaler, step_rng):
+    """Load the checkpoint into everything; returns (start iteration, best score)."""
     start_iter, best = 0, {"miou": -1.0, "iter": -1}
-    if not cfg["resume"]:
-        return start_iter, best
-    ckpt, path = find_resume_checkpoint(cfg, ctx)
     if ckpt is None:
         return start_iter, best
     try:
@@ -813,43 +1224,103 @@ def resume(cfg, ctx, student, teacher, bank, optimizer, scaler, step_rng):
     return start_iter, best
 
 
-def main(argv=None):
+def last_line(error):
+    # a DataError raised in a loader worker arrives wrapped in a traceback: keep its last line
+    return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+
+
+def report_errors(errors, ctx, out):
+    """Every setup problem found, one 'error:' line each, printed by rank 0 only, and
+    appended to the run's log.txt if the run directory already has one. A start that
+    fails before its run directory exists writes nothing at all: no directory, no empty
+    log, no split lists."""
+    if not ctx.main:
+        return 2
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    if ctx.log_file is None and os.path.exists(os.path.join(out, "log.txt")):
+        ctx.open_log(os.path.join(out, "log.txt"))
+    if ctx.log_file is not None:
+        ctx.log_file.write("".join(f"error: {error}\n" for error in errors))
+        ctx.log_file.flush()
+    return 2
+
+
+def setup(argv):
+    """Flags, stored settings of a resumed run, and every check that needs no file written.
+    Returns (cfg, ctx, checkpoint, its path, errors); nothing is written here."""
     args = parse_args(argv)
+    given = explicit_flags(args)
     cfg = resolve_config(args)
-    if cfg["print_config"]:
+    errors = []
+    try:
+        ctx = Context(cfg["device"])
+    except SetupError as e:
+        errors.append(str(e))
+        ctx = Context("cpu")
+    ckpt, path = None, None
+    if cfg["resume"]:
+        try:
+            ckpt, path = find_resume_checkpoint(cfg, ctx)
+        except (SetupError, CheckpointError) as e:
+            errors.append(str(e))
+        stored, origin = None, None
+        if ckpt is not None:
+            stored, origin = ckpt.get("config"), path
+        elif cfg["resume"] == "auto" and os.path.exists(os.path.join(cfg["out"], "config.json")):
+            # the run stopped before its first checkpoint: it starts again, with its settings
+            stored, origin = stored_config(cfg["out"]), os.path.join(cfg["out"], "config.json")
+        if stored:
+            cfg, conflicts = resumed_config(cfg, given, stored, origin, ctx.log)
+            errors += conflicts
+    elif not cfg["print_config"]:  # (printing writes nothing)
+        errors += occupied_out_error(cfg)
+    errors += flag_errors(cfg)
+    errors += process_errors(cfg, ctx)
+    errors += file_errors(cfg, resuming=ckpt is not None)
+    return cfg, ctx, ckpt, path, errors
+
+
+def main(argv=None):
+    cfg, ctx, ckpt, ckpt_path, errors = setup(argv)
+    if cfg["print_config"] and not errors:
         print(json.dumps(cfg, indent=2))
         return 0
-    try:
-        check_flags(cfg)
-        ctx = Context(cfg["device"])
-        if not cfg["resume"] and os.path.exists(os.path.join(cfg["out"], "last.pt")):
-            raise SetupError(f"--out {cfg['out']} already holds a run (last.pt); continue it "
-                             "with --resume auto, or choose another --out")
-        if ctx.main:
+    if errors:
+        return report_errors(errors, ctx, cfg["out"])
+    if ctx.main:  # before joining the other processes: a failure here stops the job at once
+        try:
             os.makedirs(cfg["out"], exist_ok=True)
-            ctx.log_file = open(os.path.join(cfg["out"], "log.txt"), "a")
-        data, student, teacher, bank, optimizer, scaler = build_everything(cfg, ctx)
+            ctx.open_log(os.path.join(cfg["out"], "log.txt"))
+        except OSError as e:
+            return report_errors([f"--out {cfg['out']}: cannot write the run directory: {e}"], ctx,
+                                 cfg["out"])
+    try:
+        ctx.connect()
+        data, student, teacher, bank, optimizer, scaler = build_everything(cfg, ctx, ckpt is not None)
         check_batches(cfg, ctx, data)
         step_rng = torch.Generator().manual_seed(cfg["seed"] * 1000 + ctx.rank)
-        start_iter, best = resume(cfg, ctx, student, teacher, bank, optimizer, scaler, step_rng)
+        start_iter, best = resume(ckpt, ckpt_path, ctx, student, teacher, bank, optimizer, scaler,
+                                  step_rng)
     except (SetupError, CheckpointError, data_lib.DataError, ValueError) as e:
-        # one clear line, last: the culprit is named in the message (a DataError raised in
-        # a loader worker arrives wrapped in a traceback: keep its last line)
-        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        return 2
+        return report_errors([last_line(e)], ctx, cfg["out"])
+    except Exception as e:  # a bug or a system error: its traceback follows, the log says why
+        if ctx.log_file is not None:
+            ctx.log_file.write(f"error: {type(e).__name__}: {last_line(e)}\n")
+            ctx.log_file.flush()
+        raise
+    del ckpt  # its tensors are in the models now
     if start_iter >= cfg["total_iters"]:
         ctx.log(f"resume: the run already finished ({start_iter}/{cfg['total_iters']} "
                 "iterations); nothing to do")
         return 0
 
-    if ctx.main:
-        ctx.log("config: " + json.dumps(cfg, sort_keys=True))
-        with open(os.path.join(cfg["out"], "config.json"), "w") as f:
+    config_path = os.path.join(cfg["out"], "config.json")
+    if ctx.main and not (cfg["resume"] and os.path.exists(config_path)):  # a resumed run keeps it
+        with open(config_path, "w") as f:
             json.dump(cfg, f, indent=2)
-    ctx.log(f"method {cfg['method']} | {cfg['total_iters']} iterations ({cfg['epochs']} epochs of "
-            f"{cfg['iters_per_epoch']}), supervised warm-up {cfg['warmup_iters']} | global batch "
-            f"{cfg['batch_size']} + {cfg['batch_size'] if cfg['method'] != 'supervised' else 0} "
-            f"on {ctx.world} process(es), {ctx.device}")
+    for line in describe_config(cfg, ctx):
+        ctx.log(line)
 
     model = student
     if ctx.world > 1:
@@ -860,6 +1331,7 @@ def main(argv=None):
     stop_signal = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    stop_vote = StopVote(stop_signal, ctx.world)
 
     def save(it, name="last.pt"):
         """Gather every process's RNG state, then rank 0 writes the checkpoint atomically."""
@@ -889,21 +1361,19 @@ def main(argv=None):
                                  stream=0, start_iter=start_iter)
     unlabeled_loader = None
     total = cfg["total_iters"]
-    log_sums = torch.zeros(4, device=ctx.device)  # sup, unsup, proto, non-finite steps
-    # non-finite bookkeeping: current and longest run of bad steps, last bad iteration and terms
-    log_count, streak = 0, torch.zeros((), device=ctx.device, dtype=torch.long)
-    longest, bad_iter = torch.zeros_like(streak), torch.zeros_like(streak)
-    last_bad = torch.zeros(3, device=ctx.device)
-    timer, last_metrics = time.time(), None
-    images_per_iter = cfg["batch_size"] * (1 if cfg["method"] == "supervised" else 2)
+    progress, last_metrics = Progress(cfg, start_iter, ctx.device), None
 
     for it in range(start_iter, total):
         semi = cfg["method"] != "supervised" and it >= cfg["warmup_iters"]
+        if semi and it == cfg["warmup_iters"]:
+            progress.stop_clock(it)  # the warm-up ends; its k-means is not training time
         if semi and it == cfg["warmup_iters"] and teacher is not None:
             # end of epoch 0: prototypes from data, then the teacher starts as the student
             if bank is not None:
                 init_prototypes(bank, unwrap(student), data.labeled, cfg, ctx)
             teacher.load_state_dict(unwrap(student).state_dict())
+        if semi and it == cfg["warmup_iters"]:
+            progress.start_clock()
         if semi and unlabeled_loader is None:
             unlabeled_loader = make_loader(data.unlabeled, cfg, ctx, cfg["local_batch"],
                                            cfg["batch_size"], stream=1, start_iter=it)
@@ -932,46 +1402,33 @@ def main(argv=None):
                   file=sys.stderr, flush=True)
             return 4
 
-        # bookkeeping on the device; read back only at the logging interval
-        values = torch.stack([terms.get(k, torch.zeros((), device=ctx.device)).detach().float()
-                              for k in ("sup", "unsup", "proto")])
-        log_sums += torch.cat([torch.nan_to_num(values * finite, nan=0.0, posinf=0.0, neginf=0.0),
-                               (~finite).float().view(1)])
-        streak = torch.where(finite, 0, streak + 1)
-        longest = torch.maximum(longest, streak)
-        bad_iter = torch.where(finite, bad_iter, it)
-        last_bad = torch.where(finite, last_bad, (~torch.isfinite(values)).float())
-        log_count += 1
+        progress.add(terms, finite, it)  # on the device; read back at the logging interval
 
         done = it + 1
         if done % cfg["log_every"] == 0 or done == total:
-            if ctx.world > 1:  # a NaN on one process stops all of them together
-                dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-                reduce_log_sums(log_sums, ctx.world)
-            sums = log_sums.tolist()
-            if int(longest) >= 5:
-                bad = [n for n, b in zip(("sup", "unsup", "proto"), last_bad.tolist()) if b]
-                ctx.log(f"error: the loss was non-finite for {int(longest)} iterations in a row, last "
-                        f"at iteration {int(bad_iter)} (terms: {', '.join(bad) or 'total'}). Stopping without "
+            means, skipped, longest, bad_iter, last_bad = progress.take(ctx.world)
+            if longest >= 5:
+                bad = [n for n, b in zip(("sup", "unsup", "proto"), last_bad) if b]
+                ctx.log(f"error: the loss was non-finite for {longest} iterations in a row, last "
+                        f"at iteration {bad_iter} (terms: {', '.join(bad) or 'total'}). Stopping without "
                         f"saving; the last good checkpoint is {cfg['out']}/last.pt. Try a lower --lr "
                         f"or --amp bf16/none.")
+                stop_vote.close()
                 return 3
-            elapsed = time.time() - timer
-            speed = images_per_iter * log_count / elapsed
-            eta = (total - done) * elapsed / log_count
-            losses = " ".join(f"{k} {s / log_count:.4f}" for k, s in zip(("sup", "unsup", "proto"), sums)
+            speed = progress.speed(done)
+            eta, evaluations_left_out = progress.eta(done)
+            losses = " ".join(f"{k} {m:.4f}" for k, m in zip(("sup", "unsup", "proto"), means)
                               if k == "sup" or (semi and (k != "proto" or bank is not None)))
-            skipped = f" | skipped {int(sums[3])}" if sums[3] else ""
             ctx.log(f"it {done}/{total} | ep {it // cfg['iters_per_epoch']} | {losses} | "
                     f"lr {optimizer.param_groups[0]['lr']:.2e} | {speed:.1f} img/s | "
-                    f"eta {format_eta(eta)}{skipped}")
-            log_sums.zero_()
-            longest.zero_()
-            log_count, timer = 0, time.time()
+                    f"eta {format_eta(eta)}"
+                    + (f" + {plural(evaluations_left_out, 'evaluation')}" if evaluations_left_out else "")
+                    + (f" | skipped {skipped}" if skipped else ""))
 
         if done % cfg["eval_every"] == 0 or done == total:
-            results = run_evaluation(student, teacher, bank, data, cfg, ctx, semi)
-            check_replicas_equal(teacher, bank, ctx)
+            with progress.pause(done, evaluation=True):  # evaluation time is not training speed
+                results = run_evaluation(student, teacher, bank, data, cfg, ctx, semi)
+                check_replicas_equal(teacher, bank, ctx)
             linear = results["linear"]
             last_metrics = {"iter": done, "epoch": it // cfg["iters_per_epoch"],
                             "model": "teacher" if semi and teacher is not None else "student",
@@ -991,18 +1448,12 @@ def main(argv=None):
                     f.write(json.dumps(last_metrics) + "\n")
             if is_best:
                 save(done, "best.pt")
-            timer = time.time()  # evaluation time is not training speed
 
-        stop = bool(stop_signal)
-        if ctx.world > 1 and (done % cfg["log_every"] == 0 or done == total):
-            flag = torch.tensor([float(stop)], device=ctx.device)
-            dist.all_reduce(flag)  # every process stops at the same iteration
-            stop = bool(flag.item())
-        elif ctx.world > 1:
-            stop = False
+        stop = stop_vote()  # the same answer on every process: they stop together
         if done % cfg["save_every"] == 0 or done == total or stop:
             save(done)
         if stop:
+            stop_vote.close()
             ctx.log(f"interrupted: saved {cfg['out']}/last.pt at iteration {done}; "
                     f"continue with --resume auto")
             return 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
@@ -1014,6 +1465,7 @@ def main(argv=None):
         with open(os.path.join(cfg["out"], "final.json"), "w") as f:
             json.dump(summary, f, indent=2)
     ctx.log("final: " + json.dumps(summary))
+    stop_vote.close()
     if ctx.world > 1:
         dist.destroy_process_group()
     return 0

@@ -1,7 +1,8 @@
-"""Tests for cutmix.py against Python loops and the box rules of METHOD.md step 3."""
+"""Tests for cutmix.py against Python loops and the box rules of docs/METHOD.md step 3."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,18 +36,54 @@ def test_coin_probability():
     assert 250 <= mixed <= 350          # binomial(1000, 0.3): mean 300, std 14.5
 
 
-@pytest.mark.parametrize("height, width", [(20, 30), (17, 23), (65, 65), (1, 7), (9, 1)])
+def reference_height(height, width, box_w):
+    """U2PL's generate_cutout_mask: h = np.round(H W / 2 / w), numpy's ties-to-even."""
+    return int(np.round(height * width / 2 / box_w))
+
+
+@pytest.mark.parametrize("height, width", [(20, 30), (17, 23), (65, 65), (1, 7), (9, 1), (5, 2)])
 def test_boxes_cover_half_the_image_and_stay_inside(height, width):
     masks = cutmix_mask(300, height, width, p=1.0, generator=torch.Generator().manual_seed(1))
     for mask in masks:
         top, bottom, left, right = box_of(mask)
         box_h, box_w = bottom - top, right - left
-        assert width / 2 < box_w <= width
-        # h = round(H W / (2 w)) clamped to [1, H]; the area is H W / 2 up to that rounding.
-        assert box_h == min(max(math.floor(height * width / (2 * box_w) + 0.5), 1), height)
+        if width >= 3:
+            assert width // 2 + 1 <= box_w <= width - 1
+        else:  # the reference's range is empty: the whole width
+            assert box_w == width
+        assert box_h == min(max(reference_height(height, width, box_w), 1), height)
         if box_h > 1:
             assert abs(box_h * box_w - height * width / 2) <= box_w / 2
         assert 0 <= top and bottom <= height and 0 <= left and right <= width
+
+
+@pytest.mark.parametrize("height, size", [(33, 513), (64, 64), (65, 65)])
+def test_width_range_is_the_reference_one_never_full_width(height, size):
+    """w uniform on [floor(W/2) + 1, W - 1]: every width occurs, W itself never does."""
+    generator = torch.Generator().manual_seed(3)
+    widths, heights = [], []
+    for _ in range(10):  # 5000 boxes at 513 (256 widths): P(one never drawn) ~ 1e-6
+        masks = cutmix_mask(500, height, size, p=1.0, generator=generator)
+        widths.append(masks.any(dim=1).sum(1))                                # (B,)
+        heights.append(masks.any(dim=2).sum(1))
+        assert torch.equal(masks.flatten(1).sum(1), widths[-1] * heights[-1])  # rectangles
+    widths, heights = torch.cat(widths), torch.cat(heights)
+    assert set(widths.tolist()) == set(range(size // 2 + 1, size))           # all, and only these
+    expected = torch.tensor([reference_height(height, size, w) for w in widths.tolist()])
+    assert torch.equal(heights, expected)
+
+
+def test_height_rounds_ties_to_even_as_numpy():
+    # W = H = 513, w = 361: H W / (2 w) = 364.5 exactly; np.round gives 364, half-up 365
+    assert reference_height(513, 513, 361) == 364
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        masks = cutmix_mask(64, 513, 513, p=1.0, generator=generator)
+        widths = masks.any(dim=1).sum(1)
+        if (widths == 361).any():
+            assert (masks[widths == 361].any(dim=2).sum(1) == 364).all()
+            return
+    pytest.fail("no box of width 361 in 2560 draws")
 
 
 def test_box_widths_and_positions_are_roughly_uniform():
@@ -55,14 +92,16 @@ def test_box_widths_and_positions_are_roughly_uniform():
     boxes = [box_of(mask) for mask in masks]
     widths = torch.tensor([right - left for _, _, left, right in boxes])
     counts = torch.bincount(widths, minlength=width + 1)[width // 2 + 1:]     # w = 11..20
-    assert counts.min() > 400 - 80 and counts.max() < 400 + 80                # 4000 / 10 each
+    assert counts[-1] == 0                                                     # never w = W
+    counts = counts[:-1]                                                       # 4000 / 9 each
+    assert counts.min() > 444 - 85 and counts.max() < 444 + 85
     # For the widest boxes (w = 11, so 10 possible left edges) the left edge is uniform;
     # every left/top edge that keeps the box inside occurs.
     lefts = torch.tensor([left for _, _, left, right in boxes if right - left == 11])
     left_counts = torch.bincount(lefts, minlength=10)
     assert len(left_counts) == 10 and left_counts.min() > 0.5 * len(lefts) / 10
-    for w in range(width // 2 + 1, width + 1):
-        h = math.floor(height * width / (2 * w) + 0.5)
+    for w in range(width // 2 + 1, width):
+        h = reference_height(height, width, w)
         tops = {top for top, bottom, left, right in boxes if right - left == w}
         assert tops == set(range(height - h + 1))
 

@@ -53,7 +53,7 @@ def count_lines(text, start):
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("two-processes")
-    done = subprocess.run(torchrun(["--standalone", "--nproc_per_node=2"], out), cwd=ROOT,
+    done = subprocess.run(torchrun(["--standalone", "--nproc_per_node=2"], out, "--save-every", "2"), cwd=ROOT,
                           env=environment(), capture_output=True, text=True, timeout=300)
     return out, done.returncode, done.stdout + done.stderr
 
@@ -88,12 +88,12 @@ def test_resume_with_another_number_of_processes(two_processes, tmp_path):
     assert rc == 0, output
     run_dir = tmp_path / "one-process"
     run_dir.mkdir()
-    (run_dir / "last.pt").write_bytes((out / "last.pt").read_bytes())
+    (run_dir / "last.pt").write_bytes((out / "last.prev.pt").read_bytes())  # iteration 4 of 6
     threads = torch.get_num_threads()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     torch.set_num_threads(1)
     try:
-        rc = train.main(TINY + ["--iters", "8", "--out", str(run_dir), "--resume", "auto"])
+        rc = train.main(TINY + ["--out", str(run_dir), "--resume", "auto"])
     finally:
         torch.set_num_threads(threads)
         for sig, handler in handlers.items():
@@ -102,8 +102,8 @@ def test_resume_with_another_number_of_processes(two_processes, tmp_path):
     log = (run_dir / "log.txt").read_text()
     assert ("resume: the checkpoint was written by 2 processes, this run has 1: random streams "
             "restart (the run is not bit-exact)") in log
-    assert f"resume: {run_dir / 'last.pt'} at iteration {ITERS}" in log
-    assert torch.load(run_dir / "last.pt", weights_only=True)["iter"] == 8
+    assert f"resume: {run_dir / 'last.pt'} at iteration 4" in log
+    assert torch.load(run_dir / "last.pt", weights_only=True)["iter"] == ITERS
 
 
 def test_two_nodes_over_loopback(tmp_path):
@@ -125,18 +125,24 @@ def test_two_nodes_over_loopback(tmp_path):
     assert [agent.returncode for agent in agents] == [0, 0], both
     assert count_lines(both, REPLICAS) == 1
     assert count_lines(both, "final: ") == 1
-    assert "on 2 process(es)" in both
+    assert "2 processes on cpu" in both
     assert (out / "final.json").exists()
 
 
 def test_global_batch_must_split_over_processes(tmp_path):
-    done = subprocess.run(torchrun(["--standalone", "--nproc_per_node=2"], tmp_path / "odd",
-                                   "--batch-size", "3"),
+    """Checked before any file is written, printed once (rank 0), exit code 2, no traceback
+    through train.py (torchrun's launcher adds its own failure report after it)."""
+    out = tmp_path / "odd"
+    done = subprocess.run(torchrun(["--standalone", "--nproc_per_node=2"], out, "--batch-size", "3"),
                           cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode != 0
-    assert ("error: --batch-size 3 (global) does not split over 2 processes; pass a multiple "
-            "of 2, e.g. --batch-size 4") in output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --batch-size 3 (global) does not split over 2 processes; pass a "
+                      "multiple of 2, e.g. --batch-size 4"], output
+    assert "train.py\", line" not in output  # no traceback of the trainer
+    assert "exitcode  : 2" in output
+    assert not out.exists()  # no split lists, no log.txt
 
 
 # ------------------------------------------------------------------ check_replicas_equal
@@ -233,3 +239,41 @@ def test_progress_losses_are_averaged_over_processes(tmp_path):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         # losses: the mean of 1, 2, 3 (x 1, 10, 100); non-finite steps: 0 + 2 + 4, summed
         assert result.tolist() == [2.0, 20.0, 200.0, 6.0]
+
+
+# ------------------------------------------------------------------ stopping on a signal
+
+def stop_vote_worker(rank, world, init_file, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world)
+    try:
+        received = []
+        vote = train.StopVote(received, world)
+        stopped_at = None
+        for it in range(20):
+            if rank == world - 1 and it == 3:  # the signal reaches one process only
+                received.append(signal.SIGTERM)
+            if vote():
+                stopped_at = it
+                break
+        vote.close()
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(str(stopped_at))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_signal_to_one_process_stops_all_at_the_next_iteration(tmp_path):
+    """The vote launched at iteration 3 (after the signal) is read at iteration 4 by every
+    process: all stop there together, none waits in a collective for the others."""
+    torch.multiprocessing.spawn(stop_vote_worker, args=(3, str(tmp_path / "init"), str(tmp_path)),
+                                nprocs=3, join=True)
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(3)] == ["4"] * 3
+
+
+def test_a_single_process_stops_at_once():
+    received = []
+    vote = train.StopVote(received, 1)
+    assert not vote()
+    received.append(signal.SIGINT)
+    assert vote()

@@ -333,7 +333,8 @@ def test_proto_head_chunks_are_bounded(monkeypatch):
     class Recorder(nn.Module):
         def forward(self, features):
             sizes.append(features.numel() * 4)
-            return features.new_zeros(len(features), 2), None
+            zeros = features.new_zeros(len(features), 2)
+            return zeros, zeros.long()
 
     ev.prototype_logits_map(torch.zeros(1, 512, 4, 8), Recorder(), (64, 2048))
     ev.prototype_logits_map(torch.zeros(1, 512, 4, 8), Recorder(), (64, 2048),
@@ -503,7 +504,8 @@ def test_cli_subprocess_reproduces_in_process_evaluation(toy_run, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     done = subprocess.run(
         [sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(checkpoint),
-         "--head", "both", "--save-dir", str(tmp_path / "pictures"), "--device", "cpu"],
+         "--head", "both", "--save-dir", str(tmp_path / "pictures"), "--device", "cpu",
+         "--prototype-map"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     expected = _in_process(run_dir, "teacher", heads=("linear", "proto"))
@@ -516,12 +518,18 @@ def test_cli_subprocess_reproduces_in_process_evaluation(toy_run, tmp_path):
     assert record["miou"] == expected["linear"]["miou"]
     assert record["miou_proto"] == expected["proto"]["miou"]
     assert record["iou"] == expected["linear"]["iou"]
-    # pictures: coloured prediction + image | truth | prediction | errors, 80 x 80 toy images
+    # pictures of both heads: palette masks at the image's size (80 x 80 toy images), and
+    # image | truth | per head prediction, errors, enlarged 4x to 320 px, plus captions
+    # and a legend; the prototype map: image | map
     from PIL import Image
     for name in ("val_0000", "val_0001"):
-        assert Image.open(tmp_path / "pictures" / f"{name}.png").size == (80, 80)
+        for suffix in ("", "_proto"):
+            mask = Image.open(tmp_path / "pictures" / f"{name}{suffix}.png")
+            assert mask.size == (80, 80) and mask.mode == "P"
         compare = Image.open(tmp_path / "pictures" / f"{name}_compare.png")
-        assert compare.size == (4 * 80 + 3 * 4, 80)  # 4 panels, 3 gaps of 4 pixels
+        assert compare.width == 6 * 320 + 5 * 4 and compare.height > 320 + 20
+        pair = Image.open(tmp_path / "pictures" / f"{name}_prototypes.png")
+        assert pair.width == 2 * 320 + 4 and pair.height > 320 + 20
 
 
 def test_cli_student_and_flag_overrides(toy_run, capsys, tmp_path):
@@ -553,7 +561,8 @@ def test_cli_uses_student_before_the_teacher_exists(toy_run, capsys):
     assert record["miou"] == expected["linear"]["miou"]
 
 
-def test_cli_images_writes_one_mask_per_image_at_its_size(toy_run, tmp_path):
+def test_cli_images_writes_palette_masks_that_read_back_as_the_predicted_ids(
+        toy_run, tmp_path, capsys):
     import numpy as np
     from PIL import Image
     import data
@@ -568,18 +577,50 @@ def test_cli_images_writes_one_mask_per_image_at_its_size(toy_run, tmp_path):
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "masks"
     assert ev.main(["--checkpoint", str(checkpoint), "--images", str(folder),
-                    "--save-dir", str(out), "--device", "cpu"]) == 0
+                    "--save-dir", str(out), "--device", "cpu", "--prototype-map"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "tall_mask.png", "tall_overlay.png", "wide_mask.png", "wide_overlay.png"]
+        "tall_mask.png", "tall_overlay.png", "tall_prototypes.png",
+        "wide_mask.png", "wide_overlay.png", "wide_prototypes.png"]
+    progress = [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("images ")]
+    assert len(progress) == 1 and progress[0].startswith("images 2/2")  # < 10 s: last only
     _, teacher, _ = _toy_models()
     palette = data.voc_palette()
-    for name, size in sizes.items():
+    for name, (width, height) in sizes.items():
         stem = Path(name).stem
-        mask = Image.open(out / f"{stem}_mask.png")
-        assert mask.size == size and Image.open(out / f"{stem}_overlay.png").size == size
         image = data.normalize(data.read_image(folder / name))[None]
         pred = ev.predict(teacher.eval(), image, TOY_CLASSES)[0].argmax(0).numpy()
-        assert np.array_equal(np.asarray(mask), palette[pred])
+        mask = Image.open(out / f"{stem}_mask.png")
+        assert mask.size == (width, height) and mask.mode == "P"
+        assert np.array_equal(np.asarray(mask), pred)  # pixel value = class id
+        assert np.array_equal(np.asarray(mask.convert("RGB")), palette[pred])  # VOC colours
+        # what --dataset folder reads: the same ids
+        assert np.array_equal(data.read_label(out / f"{stem}_mask.png", TOY_CLASSES), pred)
+        # the overlay is enlarged to a short side >= 256 (integer factor), legend below;
+        # background (class 0) shows the image itself, other classes are blended
+        factor = -(-256 // min(width, height))
+        overlay = np.asarray(Image.open(out / f"{stem}_overlay.png"))
+        assert overlay.shape[1] == factor * width and overlay.shape[0] > factor * height
+        top_left = overlay[:factor * height:factor, ::factor]
+        rgb = np.asarray(data.read_image(folder / name))
+        blend = ev.overlay_picture(rgb, palette[pred])
+        expected = np.where((pred == 0)[..., None], rgb, blend)
+        assert np.array_equal(top_left, expected)
+    # the masks serve as labels of a --dataset folder as they are
+    import shutil
+    root = tmp_path / "folder"
+    for sub in ("JPEGImages", "SegmentationClass"):
+        (root / sub).mkdir(parents=True)
+    for name in sizes:
+        shutil.copy(folder / name, root / "JPEGImages" / name)
+        shutil.copy(out / f"{Path(name).stem}_mask.png",
+                    root / "SegmentationClass" / f"{Path(name).stem}.png")
+    for which, stem in (("labeled", "wide"), ("unlabeled", "tall"), ("val", "tall")):
+        (root / f"{which}.txt").write_text(stem + "\n")
+    folder_data = data.build_data("folder", str(root), num_classes=TOY_CLASSES,
+                                  log=lambda *a: None)
+    _, label, _ = folder_data.val[0]
+    assert np.array_equal(label.numpy(), np.asarray(Image.open(out / "tall_mask.png")))
 
 
 def test_cli_errors_are_one_clear_message(toy_run, tmp_path, capsys):
@@ -599,6 +640,11 @@ def test_cli_errors_are_one_clear_message(toy_run, tmp_path, capsys):
     no_bank = _save_toy_checkpoint(tmp_path, iteration=7, prototypes=None)
     assert "holds no prototypes" in error_of("--checkpoint", str(no_bank), "--head", "proto",
                                              "--device", "cpu")
+    assert "--prototype-map: --checkpoint" in error_of(
+        "--checkpoint", str(no_bank), "--prototype-map", "--save-dir", str(tmp_path / "p"),
+        "--device", "cpu")
+    assert "--prototype-map needs --save-dir" in error_of("--checkpoint", str(checkpoint),
+                                                          "--prototype-map", "--device", "cpu")
     assert "--images needs --save-dir" in error_of("--checkpoint", str(checkpoint), "--images",
                                                    str(tmp_path), "--device", "cpu")
     assert "--scales" in error_of("--checkpoint", str(checkpoint), "--scales", "1,x",
@@ -621,3 +667,176 @@ def test_error_picture_and_side_by_side():
     assert joined.shape == (2, 3 + 4 + 3, 3) and (joined[:, 3:7] == 255).all()
     assert (joined[:, 7:] == picture).all()
     assert ev.overlay_picture(image, np.zeros_like(image))[0, 0].tolist() == [100, 100, 100]
+
+
+# ------------------------------------------------------------------ pictures, progress
+
+class RedThresholdNet(nn.Module):
+    """Class 2 where the (normalised) red channel is positive, class 0 elsewhere; the
+    feature is the image itself, at stride 1."""
+
+    def forward(self, x):
+        red = x[:, :1]
+        logits = torch.cat([-red, torch.zeros_like(red), red], dim=1)
+        return logits, x, None
+
+
+def test_palette_mask_reads_back_as_class_ids(tmp_path):
+    import numpy as np
+    from PIL import Image
+    import data
+    ids = np.random.default_rng(0).integers(0, 21, (9, 13)).astype(np.uint8)
+    ids[0, :3] = 255
+    palette = data.voc_palette()
+    ev.palette_mask(ids, palette).save(tmp_path / "mask.png")
+    mask = Image.open(tmp_path / "mask.png")
+    assert mask.mode == "P" and np.array_equal(np.asarray(mask), ids)
+    assert np.array_equal(np.asarray(mask.convert("RGB")), palette[ids])
+    assert np.array_equal(data.read_label(tmp_path / "mask.png", 21), ids)
+
+
+def test_enlarge_is_nearest_neighbour_by_an_integer_factor():
+    import numpy as np
+    picture = np.random.default_rng(1).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    big = ev.enlarge(picture)
+    assert big.shape == (300, 400, 3)  # ceil(256 / 60) = 5
+    assert np.array_equal(big[::5, ::5], picture) and np.array_equal(big[4::5, 4::5], picture)
+    assert ev.enlarge(np.zeros((256, 300, 3), np.uint8)).shape == (256, 300, 3)
+    assert ev.enlarge(np.zeros((2, 5000, 3), np.uint8)).shape == (2, 5000, 3)  # long side
+
+
+def test_overlay_leaves_the_cleared_class_transparent():
+    import numpy as np
+    image = np.full((2, 2, 3), 100, np.uint8)
+    mask = np.full((2, 2, 3), 200, np.uint8)
+    clear = np.array([[True, False], [False, True]])
+    overlay = ev.overlay_picture(image, mask, clear=clear)
+    assert overlay[0, 0].tolist() == [100] * 3 and overlay[1, 1].tolist() == [100] * 3
+    assert overlay[0, 1].tolist() == [150] * 3 and overlay[1, 0].tolist() == [150] * 3
+
+
+def test_legend_wraps_and_draws_every_entry():
+    import numpy as np
+    import data
+    palette = data.voc_palette()
+    one = ev.legend([(palette[[1]], "aeroplane")], 300)
+    many = ev.legend([(palette[[k]], name) for k, name in enumerate(data.VOC_CLASSES)], 300)
+    assert one.shape[1] == many.shape[1] == 300 and many.shape[0] > 3 * one.shape[0] // 2
+    # the swatch of every class is drawn with its palette colour
+    colours = {tuple(c) for c in many.reshape(-1, 3).tolist()}
+    assert all(tuple(palette[k].tolist()) in colours for k in range(21))
+    assert (one < 128).all(axis=2).any()  # dark text pixels on the white strip
+
+
+def test_predict_images_overlay_shows_the_image_where_background_is_predicted(tmp_path):
+    import numpy as np
+    from PIL import Image
+    import data
+    pixels = np.zeros((40, 64, 3), np.uint8)
+    pixels[:, 32:] = 250  # bright right half: red > mean -> class 2; dark left: class 0
+    pixels[:, :32] = (10, 60, 20)
+    Image.fromarray(pixels).save(tmp_path / "half.png")
+    palette = data.voc_palette()
+    settings = dict(mode="whole", crop_size=64, stride=None, scales=(1.0,), flip=False,
+                    amp=None)
+    lines = []
+    ev.predict_images(RedThresholdNet(), [tmp_path / "half.png"], tmp_path / "out", 3, palette,
+                      ("linear",), None, settings, "cpu", log=lines.append,
+                      class_names=["background", "a", "b"], background=0)
+    ids = np.asarray(Image.open(tmp_path / "out" / "half_mask.png"))
+    assert (ids[:, :32] == 0).all() and (ids[:, 32:] == 2).all()
+    overlay = np.asarray(Image.open(tmp_path / "out" / "half_overlay.png"))[:280:7, ::7]
+    assert overlay.shape == (40, 64, 3)  # enlarged 7x (ceil(256 / 40))
+    assert np.array_equal(overlay[:, :32], pixels[:, :32])  # background: the image itself
+    blend = np.round(0.5 * pixels[:, 32:] + 0.5 * palette[2].astype(float)).astype(np.uint8)
+    assert np.array_equal(overlay[:, 32:], blend)
+    assert len(lines) == 1 and lines[0].startswith("images 1/1: half.png (64 x 40)")
+
+
+def test_evaluate_progress_is_time_based(tmp_path):
+    model, dataset = make_model("strided"), make_dataset(count=5)
+    ticks = iter([0.0, 3.0, 6.0, 9.0, 12.0, 15.0])  # start, then after each image
+    logs = []
+    ev.evaluate(model, dataset, 4, "cpu", log=logs.append, clock=lambda: next(ticks))
+    # a line once 10 s have passed since the last one (image 4 at 12 s), and the last
+    assert [line.split()[1] for line in logs] == ["4/5", "5/5"]
+    assert "0.33 img/s" in logs[0] and "ETA 3s" in logs[0]
+    logs.clear()
+    ev.evaluate(model, dataset, 4, "cpu", log=logs.append, clock=lambda: 0.0)
+    assert [line.split()[1] for line in logs] == ["5/5"]
+
+
+def test_nearest_prototype_map_hand_made_case():
+    # K = 2 classes x M = 3 prototypes on the axes of R^3 (class 1: negative axes); the
+    # feature map at the image's own size (no interpolation): pixel = a mix of axes
+    bank = PrototypeBank(2, 3, 3)
+    eye = torch.eye(3)
+    bank.prototypes.copy_(torch.stack([eye, -eye]))
+    feature = torch.tensor([[[0.9, 0.1, 0.0], [0.1, 0.9, 0.2], [0.0, 0.2, 0.9]],
+                            [[-0.9, 0.0, 0.1], [0.2, -0.8, 0.1], [0.1, 0.2, -0.7]]])  # (2, 3, D)
+    feature = feature.permute(2, 0, 1).unsqueeze(0)  # (1, D, 2, 3)
+    classes = torch.tensor([[[0, 0, 0], [1, 1, 1]]])
+    expected = torch.tensor([[[0, 1, 2], [0, 1, 2]]])
+    assert torch.equal(ev.nearest_prototype_map(feature, bank, classes), expected)
+    # the class decides which prototypes compete: under class 1 a pixel takes the axis
+    # with its smallest component (largest cosine with a negative axis), under class 0
+    # the axis with its largest
+    expected_other = torch.tensor([[[2, 0, 0], [2, 0, 1]]])
+    got = ev.nearest_prototype_map(feature, bank, 1 - classes)
+    assert torch.equal(got, expected_other)
+
+
+def test_nearest_prototype_map_matches_slow_loop_after_upsampling():
+    torch.manual_seed(0)
+    bank = PrototypeBank(3, 4, 5)
+    feature = torch.randn(2, 5, 3, 4)
+    size = (7, 10)
+    classes = torch.randint(0, 3, (2, *size))
+    full = F.interpolate(feature, size=size, mode="bilinear", align_corners=True).double()
+    units = F.normalize(bank.prototypes.double(), dim=2)
+    expected = torch.empty(2, *size, dtype=torch.long)
+    for b in range(2):
+        for y in range(size[0]):
+            for x in range(size[1]):
+                f = F.normalize(full[b, :, y, x], dim=0)
+                expected[b, y, x] = (units[classes[b, y, x]] @ f).argmax()
+    for chunk_pixels in (1, 25, None):
+        got = ev.nearest_prototype_map(feature, bank, classes, chunk_pixels=chunk_pixels)
+        assert torch.equal(got, expected)
+
+
+def test_prototype_shades_and_picture():
+    import numpy as np
+    import data
+    palette = data.voc_palette()
+    shades = ev.prototype_shades(palette, 21, 5)
+    assert shades.shape == (21, 5, 3) and shades.dtype == np.uint8
+    assert np.array_equal(shades[1:, 2], palette[1:21])  # the middle shade is the colour
+    for k in range(21):  # M distinct shades per class, background (black) included
+        assert len({tuple(c) for c in shades[k].tolist()}) == 5, k
+    assert (shades[0, :, 0] == shades[0, :, 1]).all()  # black -> greys
+    brightness = shades[1].astype(int).sum(axis=1)
+    assert (np.diff(brightness) > 0).all()  # darker to lighter
+    classes = np.array([[0, 1], [1, 2]])
+    nearest = np.array([[4, 0], [3, 1]])
+    picture = ev.prototype_picture(classes, nearest, shades)
+    assert picture[0, 0].tolist() == shades[0, 4].tolist()
+    assert picture[1, 0].tolist() == shades[1, 3].tolist()
+    assert ev.prototype_shades(palette, 3, 1)[1:, 0].tolist() == palette[1:3].tolist()
+
+
+def test_cli_checkpoint_may_be_a_run_directory(toy_run, tmp_path, capsys):
+    import shutil
+    _, checkpoint = toy_run
+    run = tmp_path / "run"
+    run.mkdir()
+    assert ev.main(["--checkpoint", str(run), "--device", "cpu"]) == 2
+    assert "without best.pt or last.pt" in capsys.readouterr().err
+    shutil.copy(checkpoint, run / "last.pt")
+    args = ["--checkpoint", str(run), "--device", "cpu", "--mode", "center", "--crop-size", "16"]
+    assert ev.main(args) == 0
+    assert f"using {run / 'last.pt'} (it has no best.pt yet)" in capsys.readouterr().out
+    shutil.copy(checkpoint, run / "best.pt")
+    assert ev.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"using {run / 'best.pt'}" in out and f"evaluate {run / 'best.pt'}" in out

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import prototypes
 import train
 
 
 def slow_ohem(logits, target, thresh, min_kept):
-    """Reference: a direct float64 reading of METHOD.md step 5."""
+    """Reference: a direct float64 reading of docs/METHOD.md step 5."""
     logits = logits.double().permute(0, 2, 3, 1).reshape(-1, logits.shape[1]).numpy()
     target = target.flatten().numpy()
     prob = np.exp(logits - logits.max(1, keepdims=True))
@@ -68,7 +69,10 @@ def slow_entropy_ce(logits, pseudo_label, entropy, drop):
     valid = [i for i in range(len(y)) if y[i] != 255]
     valid.sort(key=lambda i: h[i])
     kept = valid[: int(math.floor(len(valid) * (1 - drop)))]
-    return float(np.mean([-log_prob[i, y[i]] for i in kept])) if kept else 0.0
+    if not kept:
+        return 0.0
+    # U2PL's weight: all pixels of the batch (padding included) over the kept ones
+    return len(y) / len(kept) * float(np.mean([-log_prob[i, y[i]] for i in kept]))
 
 
 @pytest.mark.parametrize("drop", [0.0, 0.05, 0.2, 0.5, 0.99])
@@ -88,9 +92,72 @@ def test_entropy_filter_drops_the_most_uncertain():
     logits[0, 0, 0, 8:] = -50.0  # huge loss on pixels 8, 9 (label 0)
     pseudo_label = torch.zeros(1, 1, 10, dtype=torch.long)
     entropy = torch.arange(10.0).view(1, 1, 10)
+    # 8 kept pixels of loss log 2 each, weighted by 10 pixels / 8 kept
     assert train.entropy_filtered_cross_entropy(logits, pseudo_label, entropy, 0.2).item() == \
-        pytest.approx(math.log(2), rel=1e-5)
+        pytest.approx(10 / 8 * math.log(2), rel=1e-5)
     assert train.entropy_filtered_cross_entropy(logits, pseudo_label, entropy, 0.0).item() > 5
+
+
+@pytest.mark.parametrize("drop, padded, expected_weight", [
+    (0.2, 0, 20 / 16),   # 20 valid, 16 kept: 1.25 x the plain mean, as early in training
+    (0.0, 0, 1.0),       # nothing dropped, nothing padded: the plain mean, as at the end
+    (0.2, 5, 20 / 12),   # 15 valid (5 padded, 255), floor(15 x 0.8) = 12 kept
+    (0.0, 5, 20 / 15),   # padding alone still counts in N
+])
+def test_unsupervised_loss_weight_is_all_pixels_over_kept(drop, padded, expected_weight):
+    """Hand case: 20 pixels with known per-pixel losses; L = N / #kept x mean over kept."""
+    torch.manual_seed(4)
+    logits = torch.randn(1, 3, 4, 5, dtype=torch.float64)
+    pseudo_label = torch.randint(0, 3, (1, 4, 5))
+    pseudo_label.view(-1)[:padded] = 255
+    entropy = torch.randperm(20).double().view(1, 4, 5)  # distinct: the drop is unambiguous
+    nll = -torch.log_softmax(logits, 1).gather(1, pseudo_label.clamp(max=2)[:, None])[:, 0]
+    valid = pseudo_label != 255
+    num_keep = math.floor(int(valid.sum()) * (1 - drop))
+    kept_entropy = entropy[valid].sort().values[:num_keep]
+    kept = valid & (entropy <= kept_entropy.max())
+    assert int(kept.sum()) == num_keep and 20 / num_keep == pytest.approx(expected_weight)
+    expected = expected_weight * float(nll[kept].mean())
+    got = train.entropy_filtered_cross_entropy(logits.float(), pseudo_label, entropy.float(), drop)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_unsupervised_loss_with_a_quarter_padded_is_1_6x_the_plain_mean():
+    """The issue's measurement: 23% padding and drop 0.2 give about 1 / (0.77 x 0.8) = 1.62."""
+    torch.manual_seed(5)
+    logits = torch.randn(2, 4, 10, 10)
+    pseudo_label = torch.randint(0, 4, (2, 10, 10))
+    pseudo_label[:, :, 8:] = 255  # 20 + 3 of every 100 pixels padded
+    pseudo_label[:, 0, :3] = 255
+    entropy = torch.rand(2, 10, 10)
+    got = train.entropy_filtered_cross_entropy(logits, pseudo_label, entropy, 0.2)
+    valid = pseudo_label != 255
+    num_keep = math.floor(int(valid.sum()) * 0.8)
+    threshold = entropy[valid].sort().values[num_keep]
+    kept = valid & (entropy < threshold)
+    plain = F.cross_entropy(logits, torch.where(kept, pseudo_label, 255), ignore_index=255)
+    assert got.item() / plain.item() == pytest.approx(200 / num_keep, rel=1e-5)
+
+
+@pytest.mark.parametrize("images, expected", [(1, 50000), (2, 100000), (4, 200000), (16, 800000)])
+def test_ohem_min_kept_scales_with_the_labeled_images_of_the_process(images, expected):
+    cfg = train.resolve_config(train.parse_args(["--dataset", "voc"]))
+    assert train.ohem_min_kept(cfg, images) == expected
+    # the reference's 2 images per GPU at crop 513 keep ~19% of the pixels; so does any count
+    assert train.ohem_min_kept(cfg, images) / (images * 513 * 513) == pytest.approx(0.19, abs=0.005)
+
+
+@pytest.mark.parametrize("images", [1, 2, 4])
+def test_supervised_loss_uses_min_kept_of_its_batch(images):
+    torch.manual_seed(6)
+    # threshold 0: OHEM keeps exactly the min_kept hardest pixels, so min_kept shows
+    cfg = dict(ohem_thresh=0.0, ohem_min_kept_per_image=7, aux_weight=0.0)
+    logits = torch.randn(images, 4, 5, 6) * 3
+    label = torch.randint(0, 4, (images, 5, 6))
+    got = train.supervised_losses(logits, None, label, cfg)
+    assert got.item() == pytest.approx(slow_ohem(logits, label, 0.0, 7 * images), rel=1e-5)
+    if images > 1:
+        assert got.item() != pytest.approx(slow_ohem(logits, label, 0.0, 7), rel=1e-3)
 
 
 def test_drop_schedule():
@@ -105,8 +172,8 @@ def test_prototype_loss_ignores_255():
     target = torch.randint(0, 4, (20,))
     target[::3] = 255
     expected = F.cross_entropy(logits.double(), target, ignore_index=255)
-    assert train.prototype_loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert train.prototype_loss(logits, torch.full((20,), 255)).item() == 0.0
+    assert prototypes.prototype_loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert prototypes.prototype_loss(logits, torch.full((20,), 255)).item() == 0.0
 
 
 def test_poly_lr():

@@ -395,3 +395,93 @@ def test_bad_arguments_are_named():
         DeepLabV3Plus(0, "resnet18")
     with pytest.raises(ValueError, match=r"\(B,3,H,W\)"):
         DeepLabV3Plus(3, "resnet18").eval()(torch.randn(1, 1, 33, 33))
+
+
+# ---------------------------------------------------------------- downloaded weights, offline
+
+def test_hub_weights_download_once_into_torch_cache_and_load(tmp_path, monkeypatch):
+    """hub:resnet50s with the download replaced by a file in the hand-written deep-stem
+    layout (+ fc, as timm's files hold): cached under $TORCH_HOME/hub/checkpoints, loaded
+    key for key, and not downloaded again."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    checkpoint = random_checkpoint(expected_deep_stem_bottleneck_keys((3, 4, 6, 3)), seed=5)
+    fetched = []
+
+    def fake_download(url, path):
+        fetched.append(url)
+        torch.save(checkpoint, path)
+
+    monkeypatch.setattr(model_module, "_download", fake_download)
+    net = build_model(3, "resnet50", output_stride=16, pretrained="hub:resnet50s")
+    assert fetched == [model_module.HUB_WEIGHTS["resnet50s"][1]]
+    assert fetched[0].startswith("https://huggingface.co/timm/resnet50s.gluon_in1k/")
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "timm_resnet50s.gluon_in1k.bin"
+    assert model_module.hub_weights_path("resnet50s") == str(cached) and cached.is_file()
+    loaded = net.backbone.state_dict()
+    assert set(loaded) | {"fc.weight", "fc.bias"} == set(checkpoint)
+    for key, value in loaded.items():
+        assert torch.equal(value, checkpoint[key]), key
+    build_model(3, "resnet50", output_stride=16, pretrained="hub:resnet50s")
+    assert len(fetched) == 1  # the cached file is used
+
+
+def test_hub_weights_offline_and_bad_names_give_one_line_errors(tmp_path, monkeypatch):
+    import urllib.error
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_network(url, path):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(model_module, "_download", no_network)
+    with pytest.raises(ValueError) as error:
+        build_model(21, "resnet101", pretrained="hub:resnet101s")
+    message = str(error.value)
+    assert "\n" not in message and "could not download" in message
+    assert model_module.HUB_WEIGHTS["resnet101s"][1] in message
+    assert "name resolution" in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "timm_resnet101s.gluon_in1k.bin") \
+        in message
+    with pytest.raises(ValueError, match="hub:resnet50s holds resnet50 weights but --backbone "
+                                         "is resnet101"):
+        build_model(21, "resnet101", pretrained="hub:resnet50s")
+    with pytest.raises(ValueError, match="hub:resnet18s: unknown; choose one of hub:resnet101s"):
+        build_model(21, "resnet18", pretrained="hub:resnet18s")
+
+
+def test_torchvision_weights_offline_give_one_line_error(tmp_path, monkeypatch):
+    import urllib.error
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+
+    class OfflineWeights:
+        def get_state_dict(self, progress=True):
+            raise urllib.error.URLError("[Errno 101] Network is unreachable")
+
+    OfflineWeights.url = url
+
+    class FakeEnum:
+        DEFAULT = OfflineWeights()
+
+    monkeypatch.setattr(model_module, "get_model_weights", lambda name: FakeEnum)
+    with pytest.raises(ValueError) as error:
+        build_model(5, "resnet18", pretrained="torchvision")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("--pretrained torchvision: could not")
+    assert url in message and "Network is unreachable" in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
+
+
+def test_train_reports_an_offline_hub_download_as_one_error_line(tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import train
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_network(url, path):
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(model_module, "_download", no_network)
+    code = train.main(["--out", str(tmp_path / "run"), "--backbone", "resnet50", "--width", "1",
+                       "--pretrained", "hub:resnet50s", "--iters", "2", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: --pretrained hub:resnet50s: could not download https://")

@@ -46,7 +46,7 @@ def train_here(out, *extra, base=RUN):
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     torch.set_num_threads(1)
     try:
-        return train.main(base + ["--out", str(out), *extra])
+        return train.main(base + (["--out", str(out)] if out is not None else []) + list(extra))
     finally:
         torch.set_num_threads(threads)
         for sig, handler in handlers.items():
@@ -162,6 +162,62 @@ def test_resume_of_a_finished_run_does_nothing(uninterrupted, tmp_path):
     before = (out / "last.pt").read_bytes()
     assert train_here(out, "--resume", "auto") == 0
     assert "the run already finished (16/16 iterations)" in (out / "log.txt").read_text()
+    assert (out / "last.pt").read_bytes() == before
+
+
+# ------------------------------------------------------------------ the run's settings
+
+def test_resume_without_flags_continues_the_stored_run(uninterrupted, tmp_path):
+    """`--out DIR --resume auto` alone: the schedule (--iters 16, --warm-up 3), the network,
+    crop and batch all come from the checkpoint, not from the toy preset (720 iterations,
+    width 0.25, crop 64, ...); no second k-means; config.json is kept. A harmless flag
+    (--log-every) may change, and the log says so."""
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copy(uninterrupted / "last.prev.pt", out / "last.pt")
+    shutil.copy(uninterrupted / "config.json", out / "config.json")
+    config_before = (out / "config.json").read_bytes()
+    assert load(out / "last.pt")["iter"] == 12
+    assert train_here(out, "--resume", "auto", "--log-every", "4", base=[]) == 0
+    log = (out / "log.txt").read_text()
+    assert f"resume: {out / 'last.pt'} at iteration 12" in log
+    assert "resume: --log-every 2 -> 4 (does not change training)" in log
+    assert "schedule: 16 iterations" in log and "the first 3 supervised" in log
+    assert "k-means" not in log
+    assert (out / "config.json").read_bytes() == config_before
+    assert_same_training_state(load(out / "last.pt"), load(uninterrupted / "last.pt"))
+
+
+def test_plain_resume_auto_continues_the_default_run_directory(uninterrupted, tmp_path, monkeypatch):
+    """`python train.py --resume auto` finds the quick start's runs/toy_16_pcr_s0, even
+    when the run was written elsewhere and moved there, and continues it in place."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "runs" / "toy_16_pcr_s0"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "final.json").unlink()
+    shutil.copy(run_dir / "last.prev.pt", run_dir / "last.pt")
+    stamp = (uninterrupted / "last.pt").stat().st_mtime_ns
+    assert train_here(None, "--resume", "auto", base=[]) == 0  # no --out
+    assert (run_dir / "final.json").exists()
+    assert "at iteration 12" in (run_dir / "log.txt").read_text()
+    assert (uninterrupted / "last.pt").stat().st_mtime_ns == stamp  # not written to
+
+
+def test_resume_with_a_conflicting_flag_stops_naming_both_values(uninterrupted, tmp_path, capsys):
+    out = tmp_path / "conflict"
+    shutil.copytree(uninterrupted, out)
+    (out / "final.json").unlink()
+    shutil.copy(out / "last.prev.pt", out / "last.pt")
+    before = (out / "last.pt").read_bytes()
+    assert train_here(out, "--resume", "auto", "--batch-size", "4", "--crop-size", "32",
+                      "--lr", "0.02", base=[]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    # every conflict at once; --crop-size 32 is the stored value, so no conflict
+    assert len(errors) == 2, errors
+    assert errors[0].startswith(f"error: --batch-size 4 differs from the run's --batch-size 2 "
+                                f"({out / 'last.pt'})")
+    assert errors[1].startswith("error: --lr 0.02 differs from the run's --lr 0.01")
+    assert "error: --batch-size 4 differs" in (out / "log.txt").read_text()  # the run's log has it
     assert (out / "last.pt").read_bytes() == before
 
 

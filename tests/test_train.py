@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -77,9 +78,13 @@ def test_toy_run_writes_the_run_directory(tmp_path, capsys):
     assert "background" in stdout and "mIoU" in stdout
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["iter"] == 6 and ckpt["prototypes"]["prototypes"].shape == (6, 4, 64)
-    # a second run into the same folder must not overwrite it silently
+    # a second run into the same folder must not overwrite it silently; it says whether
+    # the folder holds this run or one with other settings, and which
     code, _, err = run_main(TINY + ["--iters", "6", "--out", str(out)], capsys)
-    assert code == 2 and "--resume auto" in err
+    assert code == 2 and f"--out {out} already holds this run (last.pt); continue it with --resume auto" in err
+    code, _, err = run_main(TINY + ["--iters", "6", "--lr", "0.02", "--seed", "1", "--out", str(out)], capsys)
+    assert code == 2 and (f"--out {out} already holds a run with other settings (--lr 0.01 there, "
+                          "0.02 here; --seed 0 there, 1 here)") in err
 
 
 @pytest.mark.parametrize("method", ["supervised", "meanteacher"])
@@ -119,7 +124,9 @@ def test_voc_layout_with_published_split_lists_trains(tmp_path, capsys):
                                  capsys)
     assert code == 0, err
     assert "20 labeled / 80 unlabeled / 4 val" in stdout
-    assert '"head_lr_mult": 10.0' in stdout and '"num_classes": 21' in stdout
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["head_lr_mult"] == 10.0 and config["num_classes"] == 21
+    assert "heads x10.0" in stdout and "21 classes" in stdout  # the few lines of the preset
 
 
 def test_cityscapes_layout_trains_with_aux_head(tmp_path, capsys):
@@ -135,7 +142,9 @@ def test_cityscapes_layout_trains_with_aux_head(tmp_path, capsys):
                                  capsys)
     assert code == 0, err
     assert "4 labeled / 8 unlabeled / 2 val" in stdout
-    assert '"aux": true' in stdout and '"eval_mode": "sliding"' in stdout
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["aux"] is True and config["eval_mode"] == "sliding"
+    assert "aux head x0.4" in stdout and "evaluation: sliding" in stdout
 
 
 def test_paper_presets():
@@ -144,7 +153,7 @@ def test_paper_presets():
                     head_lr_mult=10.0, weight_decay=1e-4, num_prototypes=4, conf_threshold=0.8,
                     aux=False, batch_size=16, num_classes=21, width=1.0, temperature=0.1,
                     proto_momentum=0.99, ema_decay=0.99, grid=32, ohem_thresh=0.7,
-                    ohem_min_kept=100000, drop_start=0.2, cutmix_prob=0.5, momentum=0.9)
+                    ohem_min_kept_per_image=50000, drop_start=0.2, cutmix_prob=0.5, momentum=0.9)
     assert {k: cfg[k] for k in expected} == expected
     cfg = train.resolve_config(train.parse_args(["--dataset", "cityscapes", "--lr", "0.02"]))
     expected = dict(crop_size=769, epochs=200, lr=0.02, head_lr_mult=1.0, weight_decay=5e-4,
@@ -311,3 +320,143 @@ def test_training_iteration_reads_nothing_on_the_host(method, monkeypatch):
         with HostReads():
             terms, finite = train.train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, rng, semi)
         assert bool(finite) and set(terms) == ({"sup", "unsup", "proto"} if semi else {"sup"})
+
+
+def test_teacher_is_the_student_in_the_first_semi_supervised_epoch_then_an_ema():
+    """docs/METHOD.md step 10: during the first semi-supervised epoch (here iterations 1-3 of
+    3 per epoch after 1 warm-up iteration) the teacher equals the student bit for bit
+    after every iteration; afterwards teacher = a teacher + (1 - a) student with
+    a = min(1 - 1/(t + 1), 0.99), t = iterations since the semi-supervised phase began."""
+    torch.manual_seed(0)
+    cfg = train.resolve_config(train.parse_args(TINY))
+    cfg.update(iters_per_epoch=3, epochs=4, warmup_iters=1, local_batch=2)
+    ctx = train.Context("cpu")
+    data, student, teacher, bank, optimizer, scaler = train.build_everything(cfg, ctx)
+    batch = {"labeled": [torch.stack(x) for x in zip(*(data.labeled[(i, i)] for i in range(2)))],
+             "unlabeled": [torch.stack(x) for x in zip(*(data.unlabeled[(i, i)] for i in range(2)))]}
+    rng = torch.Generator().manual_seed(0)
+    models = (student, teacher, bank)
+    train.train_iteration(batch, models, optimizer, scaler, cfg, ctx, 0, rng, semi=False)
+    train.init_prototypes(bank, student, data.labeled, cfg, ctx)
+    teacher.load_state_dict(student.state_dict())  # as main does when the warm-up ends
+    for it in range(1, 7):
+        before = {k: v.double().clone() for k, v in teacher.state_dict().items()}
+        train.train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, rng, semi=True)
+        t = it - cfg["warmup_iters"]
+        for name, value in teacher.state_dict().items():
+            own = student.state_dict()[name]
+            if t < cfg["iters_per_epoch"] or not value.dtype.is_floating_point:
+                assert torch.equal(value, own), (it, name)
+            else:
+                alpha = min(1 - 1 / (t + 1), 0.99)  # 0.75, 0.8, 0.833
+                expected = alpha * before[name] + (1 - alpha) * own.double()
+                assert torch.allclose(value.double(), expected, rtol=0, atol=1e-6), (it, name)
+        if t >= cfg["iters_per_epoch"]:
+            params = [(teacher.state_dict()[k], v) for k, v in student.named_parameters()]
+            assert any(not torch.equal(a, b) for a, b in params), it  # the EMA lags
+
+
+# ------------------------------------------------------------------ a user's first hour
+
+def test_out_defaults_to_a_directory_named_after_the_run():
+    def out(*flags):
+        return train.resolve_config(train.parse_args(list(flags)))["out"]
+    assert out() == os.path.join("runs", "toy_16_pcr_s0")
+    assert out("--dataset", "voc", "--labeled", "732", "--method", "supervised", "--seed", "2") == \
+        os.path.join("runs", "voc_732_supervised_s2")
+    assert out("--dataset", "folder", "--data-root", "/data/coins/") == \
+        os.path.join("runs", "folder-coins_lists_pcr_s0")
+    assert out("--out", "elsewhere") == "elsewhere"
+
+
+def test_every_setup_error_is_reported_at_once_and_nothing_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no pretrained/resnet101.pth here
+    out = tmp_path / "run"
+    code, _, err = run_main(["--dataset", "voc", "--data-root", "/nonexistent", "--lr", "-1",
+                             "--out", str(out)], capsys)
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3, err
+    assert errors[0] == "error: --lr -1.0: must be > 0"
+    assert errors[1] == "error: --data-root /nonexistent does not exist"
+    assert errors[2].startswith("error: --pretrained: ImageNet weights not found at pretrained/resnet101.pth")
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_an_error_after_the_run_directory_exists_is_in_its_log(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_main(TINY + ["--num-classes", "9", "--out", str(out)], capsys)
+    assert code == 2
+    assert "error: --num-classes 9: the toy dataset has 6 classes" in err
+    assert "error: --num-classes 9: the toy dataset has 6 classes" in (out / "log.txt").read_text()
+
+
+def test_help_shows_preset_values_instead_of_none(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text
+    assert "(preset: toy, cityscapes 0.01; voc, folder 0.001)" in text  # --lr
+    assert "(preset: toy 64; voc, folder 513; cityscapes 769)" in text  # --crop-size
+    assert "(default: 0.99)" in text and "(default: pcr)" in text
+    assert "runs/DATASET_LABELED_METHOD_sSEED" in text
+
+
+def test_config_is_described_in_a_few_lines():
+    cfg = train.resolve_config(train.parse_args(["--method", "meanteacher"]))
+    cfg.update(iters_per_epoch=60, total_iters=60, epochs=1, warmup_iters=30, eval_every=60,
+               save_every=60, num_classes=1, local_batch=8)
+    ctx = types.SimpleNamespace(world=1, device=torch.device("cpu"))
+    lines = train.describe_config(cfg, ctx)
+    assert 3 <= len(lines) <= 6 and all(len(line) < 240 for line in lines)
+    text = "\n".join(lines)
+    assert "60 iterations = 1 epoch of 60" in text and "1 class," in text and "1 process on cpu" in text
+    assert "unlabeled x1.0" in text and "prototypes" not in text  # mean teacher has none
+    assert "min kept 50000 x 8 = 400000 per process" in text
+
+
+def test_speed_and_eta_on_a_fake_clock():
+    """Warm-up 1 s / iteration, k-means 10 s, semi-supervised 3 s / iteration, evaluation
+    5 s. Speed counts training only; the ETA adds each phase at its own measured speed
+    (the semi-supervised one guessed at SEMI_COST_GUESS x the warm-up until measured) and
+    the evaluations once one has been measured."""
+    now = [100.0]
+    cfg = dict(method="pcr", warmup_iters=4, total_iters=12, eval_every=6, batch_size=2)
+    progress = train.Progress(cfg, 0, torch.device("cpu"), clock=lambda: now[0])
+    guess = train.Progress.SEMI_COST_GUESS
+    now[0] += 2  # iterations 0, 1
+    assert progress.speed(2) == pytest.approx(2 * 2 / 2)  # labeled images only in the warm-up
+    # 2 warm-up iterations left at 1 s, 8 semi-supervised at the guess; evaluations at 6 and 12
+    assert progress.eta(2) == (pytest.approx(2 * 1 + 8 * guess), 2)
+    now[0] += 2  # iterations 2, 3
+    with progress.pause(4):  # prototype k-means
+        now[0] += 10
+    now[0] += 6  # iterations 4, 5
+    # since the last line: 2 warm-up iterations (2 images each) in 2 s and 2 semi-supervised
+    # ones (2 + 2 images) in 6 s; the 10 s of k-means left out
+    assert progress.speed(6) == pytest.approx((2 * 2 + 2 * 4) / 8)
+    assert progress.eta(6) == (pytest.approx(6 * 3), 2)
+    with progress.pause(6, evaluation=True):
+        now[0] += 5
+    now[0] += 6  # iterations 6, 7
+    # the evaluation's 5 s are neither in the speed nor counted as iterations
+    assert progress.speed(8) == pytest.approx(2 * 4 / 6)
+    assert progress.eta(8) == (pytest.approx(4 * 3 + 1 * 5), 0)
+    # a resumed run (no warm-up left, nothing measured yet) guesses nothing it need not
+    resumed = train.Progress(cfg, 8, torch.device("cpu"), clock=lambda: now[0])
+    now[0] += 6  # iterations 8, 9
+    assert resumed.speed(10) == pytest.approx(2 * 4 / 6)
+    assert resumed.eta(10) == (pytest.approx(2 * 3), 1)
+
+
+def test_progress_keeps_the_loss_bookkeeping_on_the_device():
+    cfg = dict(method="pcr", warmup_iters=0, total_iters=4, eval_every=4, batch_size=2)
+    progress = train.Progress(cfg, 0, torch.device("cpu"))
+    ok, bad = torch.tensor(True), torch.tensor(False)
+    progress.add({"sup": torch.tensor(1.0), "unsup": torch.tensor(2.0)}, ok, 0)
+    progress.add({"sup": torch.tensor(math.nan), "unsup": torch.tensor(2.0)}, bad, 1)
+    progress.add({"sup": torch.tensor(3.0), "unsup": torch.tensor(2.0)}, ok, 2)
+    means, skipped, longest, bad_iter, last_bad = progress.take(1)
+    assert means == [pytest.approx(4 / 3), pytest.approx(4 / 3), 0.0]  # skipped step counts 0
+    assert (skipped, longest, bad_iter, last_bad) == (1, 1, 1, [1.0, 0.0, 0.0])
+    assert progress.take(1)[:3] == ([0.0, 0.0, 0.0], 0, 0)  # reset
