@@ -294,30 +294,42 @@ def weak_augment(image, label, crop_size, rng):
 
 
 # --------------------------------------------------------------------------- the toy dataset
-# Background + 5 shape classes. Each class has two appearances (colour family, texture) and
-# colour families are shared between classes, so colour alone never identifies a class: the
+# Background + 5 shape classes. Each class has three appearances (colour family, texture): two
+# common ones (A, B) and one in a colour family that no common appearance uses (C, purple or
+# cyan); independently, an object may be elongated (a shape variant) and small or large.
+# Colour families are shared between classes, so colour alone never identifies a class: the
 # network must use shape, texture and size (small fg-coloured specks and thin lines are
 # background clutter). Objects overlap; the last drawn is on top and owns the label.
+#
+# Labels are the bottleneck by construction, as in the field's low-label splits: the default
+# labeled images (the first TOY_LABELED of the labeled pool) show only large, regular objects
+# in the common appearances; appearance C, elongated and small objects are absent from them.
+# The rest of the pool, the unlabeled set and val draw every appearance (uniformly), outline
+# and size, so the unlabeled images show what the few labels miss.
 
 TOY_SIZE = 80  # images are TOY_SIZE x TOY_SIZE
 TOY_CLASSES = ["background", "disc", "square", "triangle", "ring", "cross"]
-TOY_APPEARANCES = [  # per foreground class: (colour family, texture) choices
-    (("red", "solid"), ("blue", "stripes")),  # disc
-    (("red", "stripes"), ("green", "solid")),  # square
-    (("blue", "solid"), ("yellow", "dots")),  # triangle
-    (("green", "dots"), ("red", "solid")),  # ring: red solid like a disc, told apart by its hole
-    (("yellow", "solid"), ("blue", "dots")),  # cross
+TOY_APPEARANCES = [  # per foreground class: A, B (common), C (a colour family A and B do not use)
+    (("red", "solid"), ("blue", "stripes"), ("purple", "solid")),  # disc
+    (("red", "stripes"), ("green", "solid"), ("cyan", "stripes")),  # square
+    (("blue", "solid"), ("yellow", "dots"), ("purple", "dots")),  # triangle
+    (("green", "dots"), ("red", "solid"), ("cyan", "solid")),  # ring: red solid like a disc, told apart by its hole
+    (("yellow", "solid"), ("blue", "dots"), ("purple", "stripes")),  # cross
 ]
-TOY_COLOURS = {"red": (205, 45, 40), "green": (45, 165, 60), "blue": (45, 85, 215), "yellow": (230, 200, 40)}
+TOY_COMMON = 2  # appearances 0 .. TOY_COMMON - 1 are the common ones
+TOY_ELONGATED = (1 / 3, 0.6)  # probability that an object is elongated, and its aspect ratio
+TOY_SMALL = 1 / 3  # probability that an object is small
+TOY_COLOURS = {"red": (205, 45, 40), "green": (45, 165, 60), "blue": (45, 85, 215), "yellow": (230, 200, 40),
+               "purple": (150, 60, 190), "cyan": (40, 185, 200)}
 TOY_BACKGROUND_COLOURS = [(125, 125, 120), (155, 145, 125), (95, 105, 100), (135, 125, 140), (175, 170, 155)]
 TOY_OBJECTS = (1, 4)  # objects per image, inclusive range
-TOY_RADIUS = (7.0, 19.0)  # object half-size in pixels
+TOY_RADIUS = {"small": (9.0, 13.0), "large": (13.0, 19.0)}  # object half-size in pixels
 TOY_COLOUR_JITTER = 30  # +- per channel, per object
-TOY_CLUTTER = (3, 7)  # background-coloured lines and blobs per image
-TOY_DISTRACTORS = (2, 6)  # fg-coloured thin lines and specks per image, labelled background
-TOY_NOISE = 6.0  # std of the per-pixel Gaussian noise
-TOY_SPLITS = {"labeled": (64, 101), "unlabeled": (480, 202), "val": (100, 303)}  # count, generator seed
-TOY_LABELED = 16  # default number of labeled images (the pool holds 64)
+TOY_CLUTTER = (2, 5)  # background-coloured lines and blobs per image
+TOY_DISTRACTORS = (0, 2)  # fg-coloured thin lines and specks per image, labelled background
+TOY_NOISE = 4.0  # std of the per-pixel Gaussian noise
+TOY_SPLITS = {"labeled": (128, 101), "unlabeled": (480, 202), "val": (100, 303)}  # count, generator seed
+TOY_LABELED = 16  # default number of labeled images: the first 16 of the pool, see above
 
 
 def _segment_mask(xx, yy, x0, y0, x1, y1, width):
@@ -327,23 +339,24 @@ def _segment_mask(xx, yy, x0, y0, x1, y1, width):
     return (xx - x0 - t * dx) ** 2 + (yy - y0 - t * dy) ** 2 <= (width / 2) ** 2
 
 
-def _shape_mask(shape, xx, yy, cx, cy, radius, angle):
-    """Boolean mask of one shape centred at (cx, cy) with half-size radius, rotated by angle."""
+def _shape_mask(shape, xx, yy, cx, cy, radius, angle, aspect=1.0):
+    """Boolean mask of one shape centred at (cx, cy) with half-size radius, rotated by angle and
+    squeezed to `aspect` times its size across (aspect < 1: elongated)."""
     dx, dy = xx - cx, yy - cy
     u = np.cos(angle) * dx + np.sin(angle) * dy
-    v = -np.sin(angle) * dx + np.cos(angle) * dy
+    v = (-np.sin(angle) * dx + np.cos(angle) * dy) / aspect
     if shape == "disc":
-        return dx * dx + dy * dy <= radius ** 2
+        return u * u + v * v <= radius ** 2
     if shape == "square":
         return np.maximum(np.abs(u), np.abs(v)) <= 0.85 * radius
     if shape == "triangle":  # equilateral, edges at 0.65 radius from the centre: about a disc's area
         inside = np.ones_like(dx, dtype=bool)
         for k in range(3):
-            normal = angle + 2 * np.pi * k / 3
-            inside &= np.cos(normal) * dx + np.sin(normal) * dy <= 0.65 * radius
+            normal = 2 * np.pi * k / 3
+            inside &= np.cos(normal) * u + np.sin(normal) * v <= 0.65 * radius
         return inside
     if shape == "ring":
-        distance2 = dx * dx + dy * dy
+        distance2 = u * u + v * v
         return (distance2 <= radius ** 2) & (distance2 >= (0.55 * radius) ** 2)
     if shape == "cross":
         arm = 0.3 * radius
@@ -363,6 +376,37 @@ def _texture(texture, xx, yy, rng):
     v = -np.sin(angle) * xx + np.cos(angle) * yy  # dots on a rotated grid
     du, dv = (u / period) % 1.0 - 0.5, (v / period) % 1.0 - 0.5
     return du * du + dv * dv <= 0.3 ** 2
+
+
+ToyObject = namedtuple("ToyObject", "class_id appearance elongated small")
+
+
+def toy_objects(split, index):
+    """The objects of toy image `index` of `split`, bottom to top: a list of ToyObject
+    (class_id, appearance index into TOY_APPEARANCES[class_id - 1], elongated, small).
+
+    The classes of one image are distinct, and image i features class i mod 5 + 1 on top,
+    so that every class is seen (not occluded) in any five consecutive images: a few dozen
+    labeled images then cover every class, as the field's labeled lists are made to.
+    The default labeled images hold large, regular objects in common appearances only (see
+    the top of this section).
+    """
+    count, split_seed = TOY_SPLITS[split]
+    if not 0 <= index < count:
+        raise DataError(f"toy image {split}_{index:04d} does not exist ({split} has {count} images)")
+    rng = np.random.default_rng([split_seed, index, 1])  # its own stream: drawing does not shift it
+    num_fg = len(TOY_CLASSES) - 1
+    featured = index % num_fg + 1
+    others = [k for k in range(1, num_fg + 1) if k != featured]
+    count = rng.integers(TOY_OBJECTS[0], TOY_OBJECTS[1] + 1)
+    objects = []
+    for class_id in [*rng.permutation(others)[:count - 1], featured]:
+        appearance, common = rng.integers(len(TOY_APPEARANCES[class_id - 1])), rng.integers(TOY_COMMON)
+        elongated, small = bool(rng.random() < TOY_ELONGATED[0]), bool(rng.random() < TOY_SMALL)
+        if split == "labeled" and index < TOY_LABELED:  # the default labeled images
+            appearance, elongated, small = common, False, False
+        objects.append(ToyObject(int(class_id), int(appearance), elongated, small))
+    return objects
 
 
 def toy_sample(split, index):
@@ -411,24 +455,18 @@ def toy_sample(split, index):
         image[mask] = colour
 
     # Objects, drawn in order: later ones occlude earlier ones.
-    # The classes of one image are distinct, and image i features class i mod 5 + 1 on top,
-    # so that every class is seen (not occluded) in any five consecutive images: a few
-    # dozen labeled images then cover every class, as the field's labeled lists are made to.
     label = np.zeros((size, size), np.uint8)
-    count = rng.integers(TOY_OBJECTS[0], TOY_OBJECTS[1] + 1)
-    featured = index % (len(TOY_CLASSES) - 1) + 1
-    others = [k for k in range(1, len(TOY_CLASSES)) if k != featured]
-    for class_id in [*rng.permutation(others)[:count - 1], featured]:
-        class_id = int(class_id)
-        family, texture = TOY_APPEARANCES[class_id - 1][rng.integers(2)]
-        radius = rng.uniform(*TOY_RADIUS)
+    for obj in toy_objects(split, index):
+        family, texture = TOY_APPEARANCES[obj.class_id - 1][obj.appearance]
+        aspect = TOY_ELONGATED[1] if obj.elongated else 1.0
+        radius = rng.uniform(*TOY_RADIUS["small" if obj.small else "large"]) / np.sqrt(aspect)  # same area
         cx, cy = rng.uniform(0.2 * radius, size - 0.2 * radius, 2)  # may leave the frame a little
-        mask = _shape_mask(TOY_CLASSES[class_id], xx, yy, cx, cy, radius, rng.uniform(0, 2 * np.pi))
+        mask = _shape_mask(TOY_CLASSES[obj.class_id], xx, yy, cx, cy, radius, rng.uniform(0, 2 * np.pi), aspect)
         colour = jitter(TOY_COLOURS[family], TOY_COLOUR_JITTER)
         shade = _texture(texture, xx, yy, rng)
         image[mask & ~shade] = colour
         image[mask & shade] = 0.4 * colour
-        label[mask] = class_id
+        label[mask] = obj.class_id
 
     image = image + rng.normal(0.0, TOY_NOISE, image.shape)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
@@ -436,7 +474,7 @@ def toy_sample(split, index):
 
 @functools.lru_cache(maxsize=None)
 def _toy_sample_cached(split, index):
-    """toy_sample, kept per process (all toy splits together are ~17 MB); arrays are read-only."""
+    """toy_sample, kept per process (all toy splits together are ~18 MB); arrays are read-only."""
     image, label = toy_sample(split, index)
     image.flags.writeable = label.flags.writeable = False
     return image, label
@@ -638,8 +676,8 @@ def _toy_resolver(fields, need_label):
         raise ValueError("expected one toy image name per line, e.g. labeled_0003")
     split, _, number = fields[0].rpartition("_")
     if split not in TOY_SPLITS or not number.isdigit() or int(number) >= TOY_SPLITS[split][0]:
-        raise ValueError(f"{fields[0]!r} is not a toy image name (labeled_0000..labeled_0063, "
-                         "unlabeled_0000..unlabeled_0479, val_0000..val_0099)")
+        ranges = ", ".join(f"{s}_0000..{s}_{n - 1:04d}" for s, (n, _) in TOY_SPLITS.items())
+        raise ValueError(f"{fields[0]!r} is not a toy image name ({ranges})")
     name = f"{split}_{int(number):04d}"
     return Sample(name, None, name, False)
 

@@ -111,10 +111,10 @@ def test_toy_splits_share_no_images():
 
 def test_toy_featured_class_is_visible_and_classes_are_balanced():
     """Image i shows class i mod 5 + 1 on top (so any 5 consecutive images cover every
-    class), and no class dominates the default 16 labeled images."""
+    class), and no class dominates the default labeled images."""
     num_fg = len(data.TOY_CLASSES) - 1
     objects_with_class = np.zeros(num_fg + 1)
-    for index in range(16):
+    for index in range(data.TOY_LABELED):
         _, label = data.toy_sample("labeled", index)
         counts = np.bincount(label.ravel(), minlength=num_fg + 1)
         assert counts[index % num_fg + 1] >= 30, (index, counts)
@@ -122,41 +122,94 @@ def test_toy_featured_class_is_visible_and_classes_are_balanced():
     assert objects_with_class[1:].min() >= 5, objects_with_class
 
 
-def test_toy_each_class_has_two_appearances_and_colour_is_shared():
-    """Measured from the pixels: each fg class shows >= 2 colour families and both solid and
-    textured instances; some colour family is used by >= 2 classes."""
-    families = {name: np.array(rgb, float) / sum(rgb) for name, rgb in data.TOY_COLOURS.items()}
-    names = list(families)
-    chroma = np.stack([families[n] for n in names])
-    family_votes = {k: set() for k in range(1, len(data.TOY_CLASSES))}
-    textures = {k: set() for k in range(1, len(data.TOY_CLASSES))}
-    for index in range(64):
-        image, label = data.toy_sample("labeled", index)
-        pixels = image.astype(float)
-        brightness = pixels.sum(-1)
-        for k in range(1, len(data.TOY_CLASSES)):
-            region = label == k
-            if region.sum() < 60:
-                continue
-            bright = region & (brightness > np.percentile(brightness[region], 50))
-            rgb = pixels[bright] / brightness[bright][:, None]
-            nearest = np.argmin(((rgb[:, None, :] - chroma[None]) ** 2).sum(-1), axis=1)
-            family_votes[k].add(names[np.bincount(nearest, minlength=len(names)).argmax()])
-            reference = np.median(brightness[bright])
-            dark_fraction = (brightness[region] < 0.6 * reference).mean()
-            textures[k].add("textured" if dark_fraction > 0.15 else "solid" if dark_fraction < 0.05 else "?")
-    for k in family_votes:
-        assert len(family_votes[k]) >= 2, (data.TOY_CLASSES[k], family_votes[k])
-        assert {"solid", "textured"} <= textures[k], (data.TOY_CLASSES[k], textures[k])
-    classes_per_family = {n: sum(n in votes for votes in family_votes.values()) for n in names}
-    assert max(classes_per_family.values()) >= 2
+def _colour_family(image, region):
+    """The colour family (TOY_COLOURS name) of a region, voted by its brighter half of pixels
+    (the darker shade of stripes, dots and checks would vote too), and whether it is textured."""
+    names = list(data.TOY_COLOURS)
+    chroma = np.stack([np.array(data.TOY_COLOURS[n], float) / sum(data.TOY_COLOURS[n]) for n in names])
+    pixels = image.astype(float)
+    brightness = pixels.sum(-1)
+    bright = region & (brightness > np.percentile(brightness[region], 50))
+    rgb = pixels[bright] / brightness[bright][:, None]
+    nearest = np.argmin(((rgb[:, None, :] - chroma[None]) ** 2).sum(-1), axis=1)
+    dark_fraction = (brightness[region] < 0.6 * np.median(brightness[bright])).mean()
+    return names[np.bincount(nearest, minlength=len(names)).argmax()], dark_fraction > 0.1
+
+
+def _aspect(region):
+    """sqrt(smallest / largest eigenvalue) of the pixel coordinates' covariance: 1 for a disc,
+    square, triangle, ring or cross at any rotation, the squeeze factor for a squeezed one."""
+    ys, xs = np.nonzero(region)
+    eigenvalues = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(float)))
+    return math.sqrt(eigenvalues[0] / eigenvalues[1])
+
+
+def test_toy_objects_are_what_the_pixels_show():
+    """toy_objects (the generator's plan) against the drawn pixels of the top object: class,
+    colour family, solid or textured, elongated or regular."""
+    checked = 0
+    for index in range(100):
+        image, label = data.toy_sample("unlabeled", index)
+        objects = data.toy_objects("unlabeled", index)
+        assert set(np.unique(label)) - {0} <= {o.class_id for o in objects}
+        top = objects[-1]
+        assert top.class_id == index % (len(data.TOY_CLASSES) - 1) + 1  # the featured class
+        region = label == top.class_id
+        border = region[0].any() or region[-1].any() or region[:, 0].any() or region[:, -1].any()
+        if border or region.sum() < 80:
+            continue
+        family, textured = _colour_family(image, region)
+        expected_family, texture = data.TOY_APPEARANCES[top.class_id - 1][top.appearance]
+        assert (family, textured) == (expected_family, texture != "solid"), (index, top)
+        aspect = _aspect(region)
+        assert (aspect < 0.75) == top.elongated, (index, top, aspect)
+        checked += 1
+    assert checked >= 30
+
+
+def test_toy_default_labels_miss_appearances_that_the_rest_show():
+    """Labels are the bottleneck by construction: the default labeled images show large,
+    regular objects in the common appearances only; the rest of the pool, the unlabeled set
+    and val show every appearance, outline and size."""
+    num_fg = len(data.TOY_CLASSES) - 1
+    appearances = len(data.TOY_APPEARANCES[0])
+    default = [o for i in range(data.TOY_LABELED) for o in data.toy_objects("labeled", i)]
+    assert not any(o.elongated or o.small for o in default)
+    counts = np.zeros((num_fg + 1, appearances), int)
+    for o in default:
+        counts[o.class_id, o.appearance] += 1
+    assert (counts[1:, :data.TOY_COMMON] >= 1).all(), counts
+    assert counts[1:, data.TOY_COMMON:].sum() == 0, counts
+    for split, first in (("labeled", data.TOY_LABELED), ("unlabeled", 0), ("val", 0)):
+        objects = [o for i in range(first, data.TOY_SPLITS[split][0]) for o in data.toy_objects(split, i)]
+        for class_id in range(1, num_fg + 1):
+            mine = [o for o in objects if o.class_id == class_id]
+            assert {o.appearance for o in mine} == set(range(appearances)), (split, class_id)
+            assert any(o.elongated for o in mine) and any(o.small for o in mine), (split, class_id)
+            assert any(not o.elongated and not o.small for o in mine), (split, class_id)
+    # each appearance of a class is in a colour family of its own
+    for appearances_of_class in data.TOY_APPEARANCES:
+        assert len({family for family, _ in appearances_of_class}) == appearances
+    # colour alone never identifies a class: every common colour family is used by >= 2 classes
+    common = [family for a in data.TOY_APPEARANCES for family, _ in a[:data.TOY_COMMON]]
+    assert min(common.count(family) for family in set(common)) >= 2
+
+
+def test_toy_shape_squeeze_keeps_the_area():
+    yy, xx = np.mgrid[0:200, 0:200].astype(np.float64) + 0.5
+    for shape in data.TOY_CLASSES[1:]:
+        regular = data._shape_mask(shape, xx, yy, 100, 100, 40, 0.3)
+        squeezed = data._shape_mask(shape, xx, yy, 100, 100, 40 / math.sqrt(0.6), 0.3, 0.6)
+        assert squeezed.sum() == pytest.approx(regular.sum(), rel=0.03), shape
+        assert _aspect(regular) == pytest.approx(1.0, abs=0.02), shape
+        assert _aspect(squeezed) == pytest.approx(0.6, abs=0.02), shape
 
 
 def test_toy_flag_errors():
     with pytest.raises(DataError, match="--num-classes"):
         build_data("toy", num_classes=21, log=Log())
     with pytest.raises(DataError, match="--labeled"):
-        build_data("toy", labeled=65, log=Log())
+        build_data("toy", labeled=data.TOY_SPLITS["labeled"][0] + 1, log=Log())
     with pytest.raises(DataError, match="--dataset"):
         build_data("imagenet", log=Log())
 
