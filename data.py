@@ -13,13 +13,14 @@ normalisation, label 255), horizontal flip with p = 0.5. Normalisation: (x / 255
 
 Bad input raises DataError with a one-line message naming the file or flag at fault.
 """
-import functools
 import datetime
+import functools
 import glob
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import time
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -930,6 +931,14 @@ def _check_chunk(task):
     return len(chunk), problems
 
 
+def _check_worker_init():
+    """A forked worker inherits the parent's signal handlers, which may be the trainer's
+    (SIGTERM: 'save and stop'): restore the default, so that Pool.terminate() ends it. Ctrl-C
+    is the parent's to handle."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _fingerprint(items, num_classes):
     """sha256 over the check's version, the class count and every file's path, size and mtime:
     equal fingerprints mean the same files, unchanged since they were checked."""
@@ -993,7 +1002,7 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
         f"{workers or 'no'} worker process(es) (--skip-data-check skips this)")
     start = last_report = clock()
     problems, done = [], 0
-    pool = multiprocessing.Pool(workers) if workers > 0 else None
+    pool = multiprocessing.Pool(workers, initializer=_check_worker_init) if workers > 0 else None
     try:
         results = pool.imap_unordered(_check_chunk, tasks) if pool else map(_check_chunk, tasks)
         for count, chunk_problems in results:
@@ -1006,9 +1015,11 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
                 log(f"data check: {done}/{len(items)} images ({100 * done // len(items)}%), "
                     f"{len(problems)} bad file(s) so far, "
                     f"eta {datetime.timedelta(seconds=int((len(items) - done) / rate))}")
+        if pool is not None:
+            pool.close()
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.terminate()  # after close(): a no-op for workers that already finished
             pool.join()
     seconds = clock() - start
     problems.sort()
