@@ -5,6 +5,8 @@ import json
 import math
 import os
 import re
+import signal
+import subprocess
 import sys
 from fractions import Fraction
 
@@ -875,3 +877,38 @@ def test_check_data_is_recorded_skipped_when_unchanged_and_shows_progress(tmp_pa
     assert not any("skipped" in line for line in log)
     # the toy set is generated: nothing to read
     assert data.check_data(build_data("toy", log=Log()), 0, Log(), record_path) is None
+
+
+def test_check_data_workers_stop_when_interrupted_under_the_trainers_signal_handlers(tmp_path):
+    """train.main leaves SIGTERM handled ('save and stop'); forked check workers must not
+    inherit that, or stopping the pool (here: Ctrl-C at the first progress line) would wait
+    for them forever. In a subprocess, with a timeout, so that a hang fails the test."""
+    script = f"""
+import itertools, signal, sys
+sys.path[:0] = [{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}, {os.path.dirname(os.path.abspath(__file__))!r}]
+import data
+from test_data import Log, make_folder_root
+signal.signal(signal.SIGTERM, lambda *args: None)
+make_folder_root({str(tmp_path / "mine")!r}, n_labeled=2, n_unlabeled=80, n_val=2)
+folder = data.build_data("folder", {str(tmp_path / "mine")!r}, num_classes=3, crop_size=16, log=Log())
+
+def log(line):
+    if "%)" in line:
+        raise KeyboardInterrupt
+
+ticks = itertools.count(0, 20)
+try:
+    data.check_data(folder, 2, log, clock=lambda: next(ticks))
+except KeyboardInterrupt:
+    print("stopped")
+"""
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # hung workers too, if any
+        except ProcessLookupError:
+            pass
+    assert child.returncode == 0 and stdout.strip() == "stopped", stderr

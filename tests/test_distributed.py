@@ -145,6 +145,23 @@ def test_global_batch_must_split_over_processes(tmp_path):
     assert not out.exists()  # no split lists, no log.txt
 
 
+def test_bad_data_under_two_processes_is_reported_once(tmp_path):
+    """Rank 0 checks the files, rank 1 waits for its verdict: one error line, both exit."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_data import break_folder_root, make_folder_root
+    root = tmp_path / "mine"
+    make_folder_root(str(root), n_labeled=4, n_unlabeled=6, n_val=3)
+    break_folder_root(str(root))
+    done = subprocess.run(torchrun(["--standalone", "--nproc_per_node=2"], tmp_path / "run",
+                                   "--dataset", "folder", "--data-root", str(root), "--num-classes",
+                                   "3", "--pretrained", "none", "--crop-size", "24"),
+                          cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert count_lines(output, "error: the data check found 3 bad file(s)") == 1, output
+    assert count_lines(output, "data check: val: mask") == 1
+
+
 # ------------------------------------------------------------------ check_replicas_equal
 
 def slow_bit_checksum(tensor):
