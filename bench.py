@@ -216,7 +216,7 @@ def build_run(args, device):
     cfg.update(backbone=args.backbone, output_stride=args.output_stride, crop_size=args.crop_size,
                batch_size=args.batch_size, num_classes=args.num_classes, width=args.width,
                amp=args.amp, channels_last=args.channels_last, aux_weight=0.0, aux=False,
-               method="pcr", warmup_iters=0, iters_per_epoch=1000, epochs=80)
+               method="pcr", warmup_iters=0, iters_per_epoch=1000, epochs=80, total_iters=80000)
     torch.manual_seed(0)
     student = build_model(args.num_classes, args.backbone, args.output_stride, aux=False,
                           width=args.width).to(device)
@@ -334,6 +334,7 @@ def pcr_iteration_parts(run, batch, clock):
     clock.lap("prototype logits")
     terms["proto"] = cfg["proto_weight"] * prototype_loss(prototype_logits, target)
     clock.lap("prototype loss")
+    train.set_learning_rate(run.optimizer, run.it, cfg)
     loss = sum(terms.values())
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()

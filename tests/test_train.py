@@ -408,7 +408,7 @@ def test_training_iteration_reads_nothing_on_the_host(method, monkeypatch):
                         functools.partial(prototypes.sum_rows_by_index, grouped=False))
     torch.manual_seed(0)
     cfg = train.resolve_config(train.parse_args(TINY + ["--method", method]))
-    cfg.update(iters_per_epoch=10, epochs=10, warmup_iters=1, local_batch=2)
+    cfg.update(iters_per_epoch=10, epochs=10, total_iters=100, warmup_iters=1, local_batch=2)
     ctx = train.Context("cpu")
     data, student, teacher, bank, optimizer, scaler = train.build_everything(cfg, ctx)
     batch = {"labeled": [torch.stack(x) for x in zip(*(data.labeled[(i, i)] for i in range(2)))],
@@ -431,7 +431,7 @@ def test_teacher_is_the_student_in_the_first_semi_supervised_epoch_then_an_ema()
     a = min(1 - 1/(t + 1), 0.99), t = iterations since the semi-supervised phase began."""
     torch.manual_seed(0)
     cfg = train.resolve_config(train.parse_args(TINY))
-    cfg.update(iters_per_epoch=3, epochs=4, warmup_iters=1, local_batch=2)
+    cfg.update(iters_per_epoch=3, epochs=4, total_iters=12, warmup_iters=1, local_batch=2)
     ctx = train.Context("cpu")
     data, student, teacher, bank, optimizer, scaler = train.build_everything(cfg, ctx)
     batch = {"labeled": [torch.stack(x) for x in zip(*(data.labeled[(i, i)] for i in range(2)))],
