@@ -886,14 +886,13 @@ def class_names_of(config, data_root=None):
     there (and names the right number of classes), else "class 0", "class 1", ..."""
     import data as data_lib
     num_classes = config["num_classes"]
-    fixed = {"toy": data_lib.TOY_CLASSES, "voc": data_lib.VOC_CLASSES,
-             "cityscapes": data_lib.CITYSCAPES_CLASSES}
-    if config["dataset"] in fixed and len(fixed[config["dataset"]]) == num_classes:
-        return list(fixed[config["dataset"]])
+    spec = data_lib.DATASETS.get(config["dataset"])
+    if spec is not None and len(spec.classes) == num_classes:
+        return list(spec.classes)
     root = data_root or config.get("data_root")
     if root and os.path.isfile(os.path.join(root, "classes.txt")):
         try:
-            return data_lib._folder_class_names(root, num_classes)
+            return data_lib._folder_classes(root, num_classes)
         except data_lib.DataError:
             pass
     return [f"class {k}" for k in range(num_classes)]
@@ -958,8 +957,8 @@ def run(args):
     if args.images:
         if mode == "center":
             settings["mode"] = "whole"  # every pixel of a new image gets a prediction
-        palette = (data_lib.cityscapes_palette() if config["dataset"] == "cityscapes"
-                   else data_lib.voc_palette())
+        spec = data_lib.DATASETS.get(config["dataset"], data_lib.DATASETS["voc"])
+        palette = spec.palette()
         predict_images(network, _image_files(args.images), args.save_dir, config["num_classes"],
                        palette, heads, bank, settings, device, rank, world_size, log,
                        class_names=class_names_of(config, args.data_root),

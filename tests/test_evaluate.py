@@ -840,3 +840,18 @@ def test_cli_checkpoint_may_be_a_run_directory(toy_run, tmp_path, capsys):
     assert ev.main(args) == 0
     out = capsys.readouterr().out
     assert f"using {run / 'best.pt'}" in out and f"evaluate {run / 'best.pt'}" in out
+
+
+def test_class_names_for_pictures_come_from_the_dataset_table_or_classes_txt(tmp_path):
+    """--images has no dataset to ask: the names of toy / voc / cityscapes come from
+    data.DATASETS, a folder run's from classes.txt of its root, else numbered names."""
+    import data as data_lib
+    assert ev.class_names_of({"dataset": "toy", "num_classes": len(data_lib.TOY_CLASSES)}) == \
+        list(data_lib.TOY_CLASSES)
+    assert ev.class_names_of({"dataset": "cityscapes", "num_classes": 19})[0] == "road"
+    (tmp_path / "classes.txt").write_text("background\ncoin\nring\n")
+    folder = {"dataset": "folder", "num_classes": 3, "data_root": str(tmp_path)}
+    assert ev.class_names_of(folder) == ["background", "coin", "ring"]
+    assert ev.class_names_of(dict(folder, num_classes=4)) == [f"class {k}" for k in range(4)]
+    assert ev.class_names_of({"dataset": "folder", "num_classes": 2, "data_root": None}) == \
+        ["class 0", "class 1"]
