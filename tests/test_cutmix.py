@@ -1,7 +1,5 @@
 """Tests for cutmix.py against Python loops and the box rules of docs/METHOD.md step 3."""
 
-import math
-
 import numpy as np
 import pytest
 import torch

@@ -716,7 +716,6 @@ def test_overlay_leaves_the_cleared_class_transparent():
 
 
 def test_legend_wraps_and_draws_every_entry():
-    import numpy as np
     import data
     palette = data.voc_palette()
     one = ev.legend([(palette[[1]], "aeroplane")], 300)
