@@ -1092,11 +1092,12 @@ class Progress:
 
     def __init__(self, cfg, start_iter, device, clock=time.monotonic):
         self.cfg, self.device, self.clock = cfg, device, clock
-        self.sums = torch.zeros(4, device=device)  # sup, unsup, proto, non-finite steps
+        terms = len(LOSS_TERMS)
+        self.sums = torch.zeros(terms + 1, device=device)  # one per LOSS_TERMS, non-finite steps
         # current and longest run of non-finite steps, last bad iteration and its terms
         self.streak = torch.zeros((), device=device, dtype=torch.long)
         self.longest, self.bad_iter = torch.zeros_like(self.streak), torch.zeros_like(self.streak)
-        self.last_bad = torch.zeros(3, device=device)
+        self.last_bad = torch.zeros(terms, device=device)
         self.count = 0  # iterations summed since the last take()
         self.seconds, self.iters = {False: 0.0, True: 0.0}, {False: 0, True: 0}  # by semi
         self.interval_seconds, self.interval_images = 0.0, 0  # since the last progress line
@@ -1109,7 +1110,7 @@ class Progress:
     def add(self, terms, finite, it):
         """One iteration's loss terms and finiteness (device tensors), without a sync."""
         values = torch.stack([terms.get(k, torch.zeros((), device=self.device)).detach().float()
-                              for k in ("sup", "unsup", "proto")])
+                              for k in LOSS_TERMS])
         self.sums += torch.cat([torch.nan_to_num(values * finite, nan=0.0, posinf=0.0, neginf=0.0),
                                 (~finite).float().view(1)])
         self.streak = torch.where(finite, 0, self.streak + 1)
@@ -1119,13 +1120,14 @@ class Progress:
         self.count += 1
 
     def take(self, world):
-        """(mean losses [3], non-finite steps, longest non-finite streak, last bad iteration,
-        its non-finite terms [3]) over the global batch since the last call, then reset."""
+        """(mean losses, one per LOSS_TERMS; non-finite steps; longest non-finite streak;
+        last bad iteration; which terms were non-finite there) over the global batch since
+        the last call, then reset."""
         if world > 1:  # a NaN on one process stops all of them together
             dist.all_reduce(self.longest, op=dist.ReduceOp.MAX)
             reduce_log_sums(self.sums, world)
         sums = self.sums.tolist()
-        result = ([s / max(self.count, 1) for s in sums[:3]], int(sums[3]), int(self.longest),
+        result = ([s / max(self.count, 1) for s in sums[:-1]], int(sums[-1]), int(self.longest),
                   int(self.bad_iter), self.last_bad.tolist())
         self.sums.zero_()
         self.longest.zero_()
