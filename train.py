@@ -54,9 +54,9 @@ LOSS_TERMS = ("sup", "unsup", "proto")
 # batch_size is the GLOBAL labeled batch; the unlabeled batch has the same size.
 PRESETS = {
     "toy": dict(backbone="resnet18", width=0.25, pretrained="none", output_stride=8, crop_size=64,
-                batch_size=8, epochs=12, lr=0.01, head_lr_mult=1.0, weight_decay=1e-4,
+                batch_size=8, epochs=24, lr=0.01, head_lr_mult=1.0, weight_decay=1e-4,
                 num_prototypes=4, conf_threshold=0.8, aux_weight=0.0, labeled=data_lib.TOY_LABELED,
-                eval_mode="whole", eval_every=300),
+                eval_mode="whole", eval_every=480),
     "voc": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth", output_stride=8,
                 crop_size=513, batch_size=16, epochs=80, lr=0.001, head_lr_mult=10.0,
                 weight_decay=1e-4, num_prototypes=4, conf_threshold=0.8, aux_weight=0.0,
