@@ -37,9 +37,11 @@ def test_main_prints_table_then_json(capsys):
     assert summary["peak_mem_bytes"] >= summary["peak_mem_bytes_by_step"]["supervised"] > 0
     breakdown = summary["breakdown_s"]
     assert list(breakdown) == PARTS and all(v > 0 for v in breakdown.values())
-    # the parts partition one PCR iteration; a separate run of it takes about as long
-    # (loose: one repeat on a shared machine)
-    assert 0.25 < sum(breakdown.values()) / summary["pcr_step_s"] < 4
+    # the table's "sum of parts" row is the JSON breakdown's sum (that the parts partition
+    # one PCR iteration is proved without timers in test_breakdown_is_train_step_...; a
+    # wall-clock ratio between two separately timed runs flaked on a loaded 2-core box)
+    sum_row = next(line for line in lines if line.strip().startswith("sum of parts"))
+    assert float(sum_row.split()[3]) == pytest.approx(1000 * sum(breakdown.values()), abs=0.051)
     inherent_parts = summary["inherent_breakdown_s"]  # with one repeat they sum to the step
     assert sum(inherent_parts.values()) == pytest.approx(summary["inherent_s"])
     assert set(bench.INHERENT_COUNTERPART) <= set(breakdown)
