@@ -54,9 +54,9 @@ LOSS_TERMS = ("sup", "unsup", "proto")
 # batch_size is the GLOBAL labeled batch; the unlabeled batch has the same size.
 PRESETS = {
     "toy": dict(backbone="resnet18", width=0.25, pretrained="none", output_stride=8, crop_size=64,
-                batch_size=8, epochs=24, lr=0.01, head_lr_mult=1.0, weight_decay=1e-4,
-                num_prototypes=4, conf_threshold=0.8, aux_weight=0.0, labeled=data_lib.TOY_LABELED,
-                eval_mode="whole", eval_every=480),
+                batch_size=8, epochs=30, lr=0.01, head_lr_mult=1.0,
+                weight_decay=1e-4, num_prototypes=4, conf_threshold=0.8, aux_weight=0.0,
+                labeled=data_lib.TOY_LABELED, eval_mode="whole", eval_every=600),
     "voc": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth", output_stride=8,
                 crop_size=513, batch_size=16, epochs=80, lr=0.001, head_lr_mult=10.0,
                 weight_decay=1e-4, num_prototypes=4, conf_threshold=0.8, aux_weight=0.0,
@@ -80,9 +80,9 @@ PRESETS = {
 
 
 # Settings shared by every dataset (docs/METHOD.md section 3).
-COMMON = dict(width=1.0, momentum=0.9, poly_power=0.9, ohem_thresh=0.7, ohem_min_kept_per_image=50000,
-              drop_start=0.2, cutmix_prob=0.5, unsup_weight=1.0, proto_weight=1.0,
-              temperature=0.1, proto_momentum=0.99, grid=32, ema_decay=0.99)
+COMMON = dict(width=1.0, warmup_epochs=1, momentum=0.9, poly_power=0.9, ohem_thresh=0.7,
+              ohem_min_kept_per_image=50000, drop_start=0.2, cutmix_prob=0.5, unsup_weight=1.0,
+              proto_weight=1.0, temperature=0.1, proto_momentum=0.99, grid=32, ema_decay=0.99)
 
 
 # ========================================================================================
@@ -457,8 +457,10 @@ def parse_args(argv=None):
     a("--batch-size", type=int, help="GLOBAL labeled batch over all processes; the unlabeled batch is equal")
     a("--epochs", type=int, help="epochs; one epoch = one pass over the unlabeled set")
     a("--iters", type=int, help="total iterations (overrides --epochs)", help_default=" (default: from --epochs)")
-    a("--warmup-iters", type=int, help="supervised-only iterations before the semi-supervised phase",
-      help_default=" (default: one epoch)")
+    a("--warmup-epochs", type=int, help="supervised-only epochs before the semi-supervised phase "
+      "(at most half the run)")
+    a("--warmup-iters", type=int, help="supervised-only iterations before the semi-supervised phase "
+      "(overrides --warmup-epochs)", help_default=" (default: from --warmup-epochs)")
     a("--lr", type=float, help="base learning rate of the backbone")
     a("--head-lr-mult", type=float, help="learning-rate multiplier of decoder and heads")
     a("--weight-decay", type=float, help="SGD weight decay")
@@ -535,6 +537,7 @@ FLAG_RANGES = {
     "--width": ("width", 0, math.inf, False), "--crop-size": ("crop_size", 16, math.inf, True),
     "--batch-size": ("batch_size", 1, math.inf, True), "--epochs": ("epochs", 1, math.inf, True),
     "--iters": ("iters", 1, math.inf, True), "--warmup-iters": ("warmup_iters", 0, math.inf, True),
+    "--warmup-epochs": ("warmup_epochs", 0, math.inf, True),
     "--lr": ("lr", 0, math.inf, False), "--head-lr-mult": ("head_lr_mult", 0, math.inf, False),
     "--weight-decay": ("weight_decay", 0, math.inf, True),
     "--num-prototypes": ("num_prototypes", 1, math.inf, True),
@@ -626,7 +629,7 @@ def check_batches(cfg, ctx, data):
     cfg["total_iters"] = cfg["iters"] or cfg["epochs"] * cfg["iters_per_epoch"]
     cfg["epochs"] = math.ceil(cfg["total_iters"] / cfg["iters_per_epoch"])
     if cfg["warmup_iters"] is None:
-        cfg["warmup_iters"] = min(cfg["iters_per_epoch"], cfg["total_iters"] // 2)
+        cfg["warmup_iters"] = min(cfg["warmup_epochs"] * cfg["iters_per_epoch"], cfg["total_iters"] // 2)
     elif cfg["method"] != "supervised" and cfg["warmup_iters"] >= cfg["total_iters"]:
         raise SetupError(f"--warmup-iters {cfg['warmup_iters']} leaves no semi-supervised iteration "
                          f"of {cfg['total_iters']} (--epochs {cfg['epochs']} x "
@@ -685,7 +688,7 @@ def resumed_config(cfg, given, stored, origin, log):
 
 def setting_differences(fresh, stored):
     """'--flag STORED there, FRESH here' for each training setting the two runs differ in
-    (settings the fresh run leaves to the data, like the warm-up of one epoch, are skipped)."""
+    (settings the fresh run leaves to the data, like the warm-up's iterations, are skipped)."""
     differences = []
     for key, value in fresh.items():
         if (key in RESUME_MAY_CHANGE or key in DERIVED or key not in stored

@@ -169,7 +169,7 @@ def test_resume_of_a_finished_run_does_nothing(uninterrupted, tmp_path):
 
 def test_resume_without_flags_continues_the_stored_run(uninterrupted, tmp_path):
     """`--out DIR --resume auto` alone: the schedule (--iters 16, --warm-up 3), the network,
-    crop and batch all come from the checkpoint, not from the toy preset (1,440 iterations,
+    crop and batch all come from the checkpoint, not from the toy preset (1,800 iterations,
     width 0.25, crop 64, ...); no second k-means; config.json is kept. A harmless flag
     (--log-every) may change, and the log says so."""
     out = tmp_path / "resumed"

@@ -188,6 +188,7 @@ def test_bad_inputs_exit_nonzero_naming_the_culprit(tmp_path, capsys):
     (["--cutmix-prob", "1.5"], "--cutmix-prob 1.5: must be >= 0 and <= 1"),
     (["--conf-threshold", "nan"], "--conf-threshold nan: must be >= 0 and <= 1"),
     (["--num-prototypes", "0"], "--num-prototypes 0: must be >= 1"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs -1: must be >= 0"),
     (["--iters", "4", "--warmup-iters", "4"], "--warmup-iters 4 leaves no semi-supervised iteration"),
 ])
 def test_out_of_range_flags_stop_before_anything_is_built(tmp_path, capsys, flags, message):
@@ -211,6 +212,21 @@ def test_warmup_longer_than_the_epochs_stops(tmp_path, capsys):
                             capsys)
     assert code == 2 and ("--warmup-iters 240 leaves no semi-supervised iteration of 240 "
                           "(--epochs 1 x 240 per epoch)") in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flags, warmup", [
+    ([], 60),                                        # every preset: one epoch
+    (["--warmup-epochs", "6", "--epochs", "8"], 240),  # at most half the run
+    (["--warmup-epochs", "2"], 120),
+    (["--warmup-epochs", "2", "--warmup-iters", "7"], 7),  # iterations override epochs
+    (["--dataset", "voc", "--iters", "1000"], 30),   # VOC's batch 16: 30 iterations per epoch
+    (["--method", "supervised", "--warmup-epochs", "9", "--epochs", "4"], 120),
+])
+def test_warmup_from_the_preset_epochs(flags, warmup):
+    cfg = train.resolve_config(train.parse_args(flags))
+    data = types.SimpleNamespace(labeled=[None] * 16, unlabeled=[None] * 480)
+    train.check_batches(cfg, None, data)
+    assert cfg["iters_per_epoch"] == 480 // cfg["batch_size"] and cfg["warmup_iters"] == warmup
 
 
 def test_a_skipped_first_step_leaves_the_optimizer_clean():
