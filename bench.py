@@ -313,7 +313,7 @@ def pcr_iteration_parts(run, batch, clock):
                                                   (image_u, pseudo_label, confidence, entropy))
     clock.lap("cutmix")
     num_l = len(image_l)
-    with train.autocast(cfg, ctx):
+    with train.autocast(cfg["amp"], ctx.device):
         logits, feature, aux_logits = run.model(torch.cat([image_l, image_u]))
     clock.lap("student forward")
     terms = {"sup": train.supervised_losses(logits[:num_l], None, label_l, cfg)}

@@ -213,11 +213,11 @@ def teacher_update(teacher, student, t, cfg):
 # ----------------------------------------------------------------------------------------
 # One iteration (steps 2-10)
 
-def autocast(cfg, ctx):
-    if cfg["amp"] == "none":
+def autocast(amp, device):
+    """Mixed precision for --amp 'bf16' / 'fp16' on `device`; 'none' (or None): full precision."""
+    if amp in (None, "none"):
         return nullcontext()
-    dtype = torch.bfloat16 if cfg["amp"] == "bf16" else torch.float16
-    return torch.autocast(ctx.device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def upsample(x, size):
@@ -227,7 +227,7 @@ def upsample(x, size):
 @torch.no_grad()
 def teacher_predict(teacher, image_u, padding, cfg, ctx):
     """Step 2: pseudo-label, confidence and entropy of the teacher at image size."""
-    with autocast(cfg, ctx):
+    with autocast(cfg["amp"], ctx.device):
         logits, _, _ = teacher(image_u)
     prob = upsample(logits.float(), image_u.shape[-2:]).softmax(dim=1)
     confidence, pseudo_label = prob.max(dim=1)
@@ -246,7 +246,7 @@ def train_step(batch, models, cfg, ctx, it, step_rng):
     semi = cfg["method"] != "supervised" and it >= cfg["warmup_iters"]
     terms = {}
     if not semi:  # supervised warm-up (epoch 0), or the supervised baseline
-        with autocast(cfg, ctx):
+        with autocast(cfg["amp"], ctx.device):
             logits, _, aux_logits = student(image_l)
         terms["sup"] = supervised_losses(logits, aux_logits, label_l, cfg)
         return terms, None
@@ -262,7 +262,7 @@ def train_step(batch, models, cfg, ctx, it, step_rng):
                                                   (image_u, pseudo_label, confidence, entropy))
     # 4. one student pass over labeled and mixed unlabeled images (BN sees both)
     num_l = len(image_l)
-    with autocast(cfg, ctx):
+    with autocast(cfg["amp"], ctx.device):
         logits, feature, aux_logits = student(torch.cat([image_l, image_u]))
     # 5. supervised loss, 6. unsupervised loss with the entropy-based drop
     terms["sup"] = supervised_losses(logits[:num_l],
@@ -343,7 +343,7 @@ def labeled_features(model, dataset, cfg, ctx, max_per_class=3000):
         images, masks = zip(*(dataset[(i, cfg["seed"] + i)] for i in chunk))
         images = torch.stack(images).to(ctx.device)
         masks = torch.stack(masks).to(ctx.device)
-        with autocast(cfg, ctx):
+        with autocast(cfg["amp"], ctx.device):
             _, feature, _ = model(images)
         ys, xs = sample_points(crop, crop, grid, generator=gen, device=ctx.device)
         feats.append(sample_features(feature.float(), ys, xs, (crop, crop)).flatten(0, 1))
@@ -804,15 +804,7 @@ class Context:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.main = self.rank == 0
         self.log_file, self.unwritten = None, []
-        use_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
-        if use_cuda and not torch.cuda.is_available():
-            raise SetupError("--device cuda, but no CUDA device is visible")
-        if use_cuda:
-            self.device = torch.device("cuda", local_rank if device_flag in ("auto", "cuda") else
-                                       torch.device(device_flag).index or 0)
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
+        self.device = pick_device(device_flag, local_rank)
 
     def connect(self):
         if self.world > 1:
@@ -839,6 +831,23 @@ class Context:
             self.log_file.flush()
         else:
             self.unwritten.append(line)
+
+
+def pick_device(flag, local_rank=0):
+    """--device 'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device (plain 'cuda' and 'auto'
+    take cuda:LOCAL_RANK under torchrun), made current; a bad value is a SetupError."""
+    if flag == "auto":
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise SetupError(f"--device {flag!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SetupError(f"--device {flag}, but no CUDA device is visible")
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    return device
 
 
 class CheckpointError(Exception):
@@ -881,12 +890,13 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, ctx):
-    """Read a checkpoint written by this script; a damaged file is a clear error."""
+def load_checkpoint(path, flag="--resume"):
+    """Read a checkpoint written by this script; a missing file is a SetupError, a damaged
+    one a CheckpointError, each naming the flag and the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise SetupError(f"--resume: checkpoint {path} does not exist")
+        raise SetupError(f"{flag}: checkpoint {path} does not exist")
     except Exception as e:  # truncated zip, pickle errors, ...
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
                               f"{type(e).__name__}: {e}")
@@ -895,13 +905,13 @@ def load_checkpoint(path, ctx):
 def find_resume_checkpoint(cfg, ctx):
     """--resume auto: OUT/last.pt, falling back to the previous one if it is damaged."""
     if cfg["resume"] != "auto":
-        return load_checkpoint(cfg["resume"], ctx), cfg["resume"]
+        return load_checkpoint(cfg["resume"]), cfg["resume"]
     candidates = [os.path.join(cfg["out"], n) for n in ("last.pt", "last.prev.pt")]
     for i, path in enumerate(candidates):
         if not os.path.exists(path):
             continue
         try:
-            return load_checkpoint(path, ctx), path
+            return load_checkpoint(path), path
         except CheckpointError as e:
             ctx.log(f"warning: {e}")
             if i + 1 < len(candidates):
