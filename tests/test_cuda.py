@@ -108,7 +108,7 @@ def test_training_iteration_learns_without_a_sync(amp):
     fixed batch: no host sync after the first one, finite losses, and the loss goes down."""
     torch.manual_seed(0)
     cfg = train.resolve_config(train.parse_args(TINY + ["--lr", "0.01", "--amp", amp]))
-    cfg.update(iters_per_epoch=10, epochs=10, total_iters=100, warmup_iters=0, local_batch=2)
+    cfg.update(iters_per_epoch=10, total_epochs=10, total_iters=100, warmup_iters=0, local_batch=2)
     ctx = train.Context("cuda")
     data, student, teacher, bank, optimizer, scaler = train.build_everything(cfg, ctx)
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in student.modules())

@@ -1,8 +1,10 @@
 """train.py under torchrun on CPU (gloo): 2 processes on one node, 2 nodes x 1 process
 over loopback, the global batch check, resuming with another number of processes, and
-check_replicas_equal (the end-of-evaluation proof that every process holds the same
-teacher and prototypes) against hand-made differences.
+tests/replicas.py's check_replicas_equal (the proof, after every evaluation of the
+2-process run, that every process holds the same teacher and prototypes) against
+hand-made differences.
 """
+import math
 import os
 import signal
 import socket
@@ -17,8 +19,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 import train  # noqa: E402
 from prototypes import PrototypeBank  # noqa: E402
+from replicas import bit_checksum, check_replicas_equal  # noqa: E402
 
 ITERS = 6
 # global batch 4 = 2 per process (the ASPP pooling BN needs 2); one evaluation at the end
@@ -35,8 +39,8 @@ def environment():
     return env
 
 
-def torchrun(launch, out, *extra):
-    return [sys.executable, "-m", "torch.distributed.run", *launch, str(ROOT / "train.py"),
+def torchrun(launch, out, *extra, script=ROOT / "train.py"):
+    return [sys.executable, "-m", "torch.distributed.run", *launch, str(script),
             *TINY, "--out", str(out), *extra]
 
 
@@ -53,7 +57,8 @@ def count_lines(text, start):
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("two-processes")
-    done = subprocess.run(torchrun(["--standalone", "--nproc_per_node=2"], out, "--save-every", "2"), cwd=ROOT,
+    done = subprocess.run(torchrun(["--standalone", "--nproc_per_node=2"], out, "--save-every", "2",
+                                   script=ROOT / "tests" / "replicas.py"), cwd=ROOT,
                           env=environment(), capture_output=True, text=True, timeout=300)
     return out, done.returncode, done.stdout + done.stderr
 
@@ -112,7 +117,8 @@ def test_two_nodes_over_loopback(tmp_path):
     port = free_port()
     agents = [subprocess.Popen(
         torchrun(["--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--rdzv-backend=c10d",
-                  f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=pcr-test-{port}"], out),
+                  f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=pcr-test-{port}"], out,
+                 script=ROOT / "tests" / "replicas.py"),
         cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for node in (0, 1)]
     try:
@@ -162,7 +168,7 @@ def test_bad_data_under_two_processes_is_reported_once(tmp_path):
     assert count_lines(output, "data check: val: mask") == 1
 
 
-# ------------------------------------------------------------------ check_replicas_equal
+# ------------------------------------------------------------------ replicas.check_replicas_equal
 
 def slow_bit_checksum(tensor):
     """Reference: numpy int32 bit patterns, Python integers (no overflow), then wrapped
@@ -180,9 +186,9 @@ def slow_bit_checksum(tensor):
 def test_bit_checksum_matches_reference():
     torch.manual_seed(0)
     for tensor in (torch.randn(3, 5), torch.randn(2500) * 1e30, torch.tensor([-0.0, 0.0, 1.0])):
-        assert train.bit_checksum(tensor).tolist() == slow_bit_checksum(tensor)
+        assert bit_checksum(tensor).tolist() == slow_bit_checksum(tensor)
     # int64 buffers (BN's num_batches_tracked) are summed as they are
-    assert train.bit_checksum(torch.tensor([3, 4])).tolist() == [7, 3 * 1 + 4 * 2]
+    assert bit_checksum(torch.tensor([3, 4])).tolist() == [7, 3 * 1 + 4 * 2]
 
 
 def make_replica(seed=0):
@@ -203,13 +209,13 @@ def check_against(monkeypatch, mine, other):
         for o in outputs:
             o.copy_(tensor)
 
-    monkeypatch.setattr(train.dist, "all_gather", capture)
-    train.check_replicas_equal(*other, ctx)
+    monkeypatch.setattr(torch.distributed, "all_gather", capture)
+    check_replicas_equal(*other, ctx)
     theirs = sent[0]
     sent.clear()
-    monkeypatch.setattr(train.dist, "all_gather",
+    monkeypatch.setattr(torch.distributed, "all_gather",
                         lambda outputs, tensor: (outputs[0].copy_(tensor), outputs[1].copy_(theirs)))
-    train.check_replicas_equal(*mine, ctx)
+    check_replicas_equal(*mine, ctx)
     return sent
 
 
@@ -242,9 +248,16 @@ def log_sums_worker(rank, world, init_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=world)
     try:
-        # rank r: loss sums (1 + r, 10 (1 + r), 100 (1 + r)) and 2r non-finite steps
-        mine = torch.tensor([1.0, 10.0, 100.0, 0.0]) * (1 + rank) + torch.tensor([0, 0, 0, 2.0 * rank])
-        torch.save(train.reduce_log_sums(mine, world), os.path.join(out_dir, f"rank{rank}.pt"))
+        # rank r: 4 steps with losses (1 + r, 10 (1 + r), 100 (1 + r)), the last r non-finite
+        cfg = dict(method="pcr", warmup_iters=0, total_iters=10, eval_every=10, batch_size=2)
+        progress = train.Progress(cfg, 0, torch.device("cpu"))
+        terms = dict(zip(train.LOSS_TERMS, torch.tensor([1.0, 10.0, 100.0]) * (1 + rank)))
+        for it in range(4):
+            finite = it < 4 - rank
+            progress.add({k: v if finite else v * math.nan for k, v in terms.items()},
+                         torch.tensor(finite), it)
+        means, skipped, longest, _, _ = progress.take(world)
+        torch.save((means, skipped, longest), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -253,9 +266,12 @@ def test_progress_losses_are_averaged_over_processes(tmp_path):
     torch.multiprocessing.spawn(log_sums_worker, args=(3, str(tmp_path / "init"), str(tmp_path)),
                                 nprocs=3, join=True)
     for rank in range(3):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        # losses: the mean of 1, 2, 3 (x 1, 10, 100); non-finite steps: 0 + 2 + 4, summed
-        assert result.tolist() == [2.0, 20.0, 200.0, 6.0]
+        means, skipped, longest = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        # losses: the mean over processes and steps, a non-finite step counting 0:
+        # (4 x 1 + 3 x 2 + 2 x 3) / 3 / 4 (x 1, 10, 100); non-finite steps 0 + 1 + 2, summed;
+        # the longest non-finite run, 2 on process 2, everywhere
+        assert means == pytest.approx([4 / 3, 40 / 3, 400 / 3])
+        assert (skipped, longest) == (3, 2)
 
 
 # ------------------------------------------------------------------ stopping on a signal

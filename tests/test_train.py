@@ -34,7 +34,7 @@ def test_training_step_lowers_the_loss_on_a_fixed_batch():
     """Ten PCR steps on one batch: every loss term is finite and the total goes down."""
     torch.manual_seed(0)
     cfg = train.resolve_config(train.parse_args(TINY + ["--lr", "0.01"]))
-    cfg.update(iters_per_epoch=10, epochs=10, warmup_iters=0, local_batch=2)
+    cfg.update(iters_per_epoch=10, total_epochs=10, warmup_iters=0, local_batch=2)
     ctx = train.Context("cpu")
     data, student, teacher, bank, optimizer, scaler = train.build_everything(cfg, ctx)
     batch = {"labeled": [torch.stack(x) for x in zip(*(data.labeled[(i, i)] for i in range(2)))],
@@ -85,8 +85,8 @@ def test_toy_run_writes_the_run_directory(tmp_path, capsys):
     code, _, err = run_main(TINY + ["--iters", "6", "--out", str(out)], capsys)
     assert code == 2 and f"--out {out} already holds this run (last.pt); continue it with --resume auto" in err
     code, _, err = run_main(TINY + ["--iters", "6", "--lr", "0.02", "--seed", "1", "--out", str(out)], capsys)
-    assert code == 2 and (f"--out {out} already holds a run with other settings (--lr 0.01 there, "
-                          "0.02 here; --seed 0 there, 1 here)") in err
+    assert code == 2 and (f"--out {out} already holds a run with other settings (--seed 0 there, 1 here; "
+                          "--lr 0.01 there, 0.02 here)") in err
 
 
 @pytest.mark.parametrize("method", ["supervised", "meanteacher"])
@@ -128,7 +128,7 @@ def test_voc_layout_with_published_split_lists_trains(tmp_path, capsys):
     assert "20 labeled / 80 unlabeled / 4 val" in stdout
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["head_lr_mult"] == 10.0 and config["num_classes"] == 21
-    assert "heads x10.0" in stdout and "21 classes" in stdout  # the few lines of the preset
+    assert "head lr mult 10.0" in stdout and "num classes 21" in stdout  # the preset's summary
 
 
 def test_cityscapes_layout_trains_with_aux_head(tmp_path, capsys):
@@ -146,7 +146,7 @@ def test_cityscapes_layout_trains_with_aux_head(tmp_path, capsys):
     assert "4 labeled / 8 unlabeled / 2 val" in stdout
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["aux"] is True and config["eval_mode"] == "sliding"
-    assert "aux head x0.4" in stdout and "evaluation: sliding" in stdout
+    assert "aux weight 0.4" in stdout and "evaluation: eval mode sliding" in stdout
 
 
 def test_paper_presets():
@@ -225,7 +225,7 @@ def test_warmup_longer_than_the_epochs_stops(tmp_path, capsys):
 def test_warmup_from_the_preset_epochs(flags, warmup):
     cfg = train.resolve_config(train.parse_args(flags))
     data = types.SimpleNamespace(labeled=[None] * 16, unlabeled=[None] * 480)
-    train.check_batches(cfg, None, data)
+    train.check_batches(cfg, types.SimpleNamespace(world=1), data)
     assert cfg["iters_per_epoch"] == 480 // cfg["batch_size"] and cfg["warmup_iters"] == warmup
 
 
@@ -424,7 +424,7 @@ def test_training_iteration_reads_nothing_on_the_host(method, monkeypatch):
                         functools.partial(prototypes.sum_rows_by_index, grouped=False))
     torch.manual_seed(0)
     cfg = train.resolve_config(train.parse_args(TINY + ["--method", method]))
-    cfg.update(iters_per_epoch=10, epochs=10, total_iters=100, warmup_iters=1, local_batch=2)
+    cfg.update(iters_per_epoch=10, total_epochs=10, total_iters=100, warmup_iters=1, local_batch=2)
     ctx = train.Context("cpu")
     data, student, teacher, bank, optimizer, scaler = train.build_everything(cfg, ctx)
     batch = {"labeled": [torch.stack(x) for x in zip(*(data.labeled[(i, i)] for i in range(2)))],
@@ -447,7 +447,7 @@ def test_teacher_is_the_student_in_the_first_semi_supervised_epoch_then_an_ema()
     a = min(1 - 1/(t + 1), 0.99), t = iterations since the semi-supervised phase began."""
     torch.manual_seed(0)
     cfg = train.resolve_config(train.parse_args(TINY))
-    cfg.update(iters_per_epoch=3, epochs=4, total_iters=12, warmup_iters=1, local_batch=2)
+    cfg.update(iters_per_epoch=3, total_epochs=4, total_iters=12, warmup_iters=1, local_batch=2)
     ctx = train.Context("cpu")
     data, student, teacher, bank, optimizer, scaler = train.build_everything(cfg, ctx)
     batch = {"labeled": [torch.stack(x) for x in zip(*(data.labeled[(i, i)] for i in range(2)))],
@@ -522,14 +522,17 @@ def test_help_shows_preset_values_instead_of_none(capsys):
 
 def test_config_is_described_in_a_few_lines():
     cfg = train.resolve_config(train.parse_args(["--method", "meanteacher"]))
-    cfg.update(iters_per_epoch=60, total_iters=60, epochs=1, warmup_iters=30, eval_every=60,
+    cfg.update(iters_per_epoch=60, total_iters=60, total_epochs=1, warmup_iters=30, eval_every=60,
                save_every=60, num_classes=1, local_batch=8)
     ctx = types.SimpleNamespace(world=1, device=torch.device("cpu"))
     lines = train.describe_config(cfg, ctx)
-    assert 3 <= len(lines) <= 6 and all(len(line) < 240 for line in lines)
+    assert len(lines) <= 10 and all(len(line) < 240 for line in lines)
     text = "\n".join(lines)
-    assert "60 iterations = 1 epoch of 60" in text and "1 class," in text and "1 process on cpu" in text
-    assert "unlabeled x1.0" in text and "prototypes" not in text  # mean teacher has none
+    sections = [line.split(":")[0] for line in lines]
+    assert sections == ["run", "model", "training", "optimizer", "losses", "unlabeled", "evaluation",
+                        "process", "schedule"]  # mean teacher has no prototypes
+    assert "60 iterations = 1 epoch of 60, the first 30 supervised" in text
+    assert "1 process on cpu, 8 + 8 images each" in text and "unsup weight 1.0" in text
     assert "min kept 50000 x 8 = 400000 per process" in text
 
 
