@@ -225,11 +225,6 @@ def normalize(image):
     return torch.from_numpy(_normalize_array(np.asarray(image.convert("RGB"))))
 
 
-def colorize(label, palette):
-    """Class ids (H, W) -> RGB PIL image through a (256, 3) palette."""
-    return Image.fromarray(palette[np.asarray(label).astype(np.int64)].astype(np.uint8), "RGB")
-
-
 # --------------------------------------------------------------------------- weak augmentation
 
 def augment_params(rng, width, height, crop_size):
@@ -487,17 +482,24 @@ def _size_message(sample, image_size, label):
             f"is {image_size[0]}x{image_size[1]}")
 
 
-class Source:
-    """The listed images of one split: load(index) -> (RGB PIL image, uint8 label (H, W) or None,
-    name). Files are read on every load; toy images (generated) are made from their name."""
+class ImageList(Dataset):
+    """The listed images of one split: Samples, read from their files on every item (toy images:
+    generated from their name). With a crop_size, training items, (index, seed) or index (seed =
+    index), weakly augmented (docs/METHOD.md step 1) with np.random.default_rng(seed):
+      labeled:   image float32 (3, c, c), label int64 (c, c) (255 on padding);
+      unlabeled: image float32 (3, c, c), padding bool (c, c) (True = no image there).
+    Without, val items: index -> image float32 (3, H, W), label int64 (H, W), name (original size).
+    """
 
-    def __init__(self, samples, num_classes, generated=False):
+    def __init__(self, samples, num_classes, generated=False, crop_size=None, labeled=True):
         self.samples, self.num_classes, self.generated = list(samples), num_classes, generated
+        self.crop_size, self.labeled = crop_size, labeled
 
     def __len__(self):
         return len(self.samples)
 
     def load(self, index, with_label=True):
+        """(RGB PIL image, uint8 label (H, W) or None, name) of sample `index`."""
         sample = self.samples[index]
         if self.generated:
             split, number = sample.name.rsplit("_", 1)
@@ -511,45 +513,16 @@ class Source:
             raise DataError(_size_message(sample, image.size, label))
         return image, label, sample.name
 
-
-def _index_and_seed(item):
-    """ds[(index, seed)] (tuple, list or 2-element array/tensor) or ds[index] (seed = index)."""
-    if isinstance(item, (tuple, list)) or getattr(item, "ndim", 0) == 1:
-        index, seed = item
-        return int(index), int(seed)
-    return int(item), int(item)
-
-
-class TrainDataset(Dataset):
-    """Weakly augmented training crops (docs/METHOD.md step 1), item (index, seed) ->
-    labeled:   image float32 (3, c, c), label int64 (c, c) (255 on padding);
-    unlabeled: image float32 (3, c, c), padding bool (c, c) (True = no image there)."""
-
-    def __init__(self, source, crop_size, labeled):
-        self.source, self.crop_size, self.labeled = source, crop_size, labeled
-
-    def __len__(self):
-        return len(self.source)
-
     def __getitem__(self, item):
-        index, seed = _index_and_seed(item)
-        image, label, _ = self.source.load(index, with_label=self.labeled)
+        if self.crop_size is None:
+            image, label, name = self.load(int(item))
+            return normalize(image), torch.from_numpy(label.astype(np.int64)), name
+        # (index, seed) as a tuple, list or 2-element array/tensor (samplers may yield tensors)
+        two = isinstance(item, (tuple, list)) or getattr(item, "ndim", 0) == 1
+        index, seed = (int(item[0]), int(item[1])) if two else (int(item), int(item))
+        image, label, _ = self.load(index, with_label=self.labeled)
         image, label, padding = weak_augment(image, label, self.crop_size, np.random.default_rng(seed))
         return image, (label if self.labeled else padding)
-
-
-class ValDataset(Dataset):
-    """item index -> image float32 (3, H, W), label int64 (H, W), name; original size, no augmentation."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, index):
-        image, label, name = self.source.load(int(index))
-        return normalize(image), torch.from_numpy(label.astype(np.int64)), name
 
 
 @dataclass
@@ -961,8 +934,8 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
     after a passed check (a resumed run) skips the reading. Generated data (the toy set) needs
     no check. Returns the record (None for generated data).
     """
-    items = [(which, sample) for which in SPLITS if not getattr(data, which).source.generated
-             for sample in getattr(data, which).source.samples]
+    items = [(which, sample) for which in SPLITS if not getattr(data, which).generated
+             for sample in getattr(data, which).samples]
     if not items:
         return None
     fingerprint = _fingerprint(items, data.num_classes)
@@ -1050,8 +1023,10 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
         for which, lines in lists.items():
             with open(os.path.join(out_dir, which + ".txt"), "w", encoding="utf-8") as handle:
                 handle.write("".join(line + "\n" for line in lines))
-    source = {which: Source(splits[which][0], len(class_names), spec.generated) for which in SPLITS}
+    def images(which, **training):
+        return ImageList(splits[which][0], len(class_names), spec.generated, **training)
+
     return Data(name=dataset, num_classes=len(class_names), class_names=class_names,
-                palette=spec.palette(), labeled=TrainDataset(source["labeled"], crop_size, labeled=True),
-                unlabeled=TrainDataset(source["unlabeled"], crop_size, labeled=False),
-                val=ValDataset(source["val"]), lists=lists)
+                palette=spec.palette(), labeled=images("labeled", crop_size=crop_size),
+                unlabeled=images("unlabeled", crop_size=crop_size, labeled=False),
+                val=images("val"), lists=lists)

@@ -400,11 +400,10 @@ def test_cityscapes_raw_ids_map_to_official_train_ids(tmp_path):
     assert len(data.CITYSCAPES_CLASSES) == 19 and len(data.VOC_CLASSES) == 21
 
 
-def test_colorize_and_normalize():
+def test_palettes_and_normalize():
     label = np.array([[0, 1], [15, 255]])
-    picture = data.colorize(label, data.voc_palette())
-    assert picture.mode == "RGB" and picture.size == (2, 2)
-    assert np.array(picture).reshape(4, 3).tolist() == [[0, 0, 0], [128, 0, 0], [192, 128, 128], [224, 224, 192]]
+    picture = data.voc_palette()[label]
+    assert picture.reshape(4, 3).tolist() == [[0, 0, 0], [128, 0, 0], [192, 128, 128], [224, 224, 192]]
     assert data.cityscapes_palette()[13].tolist() == [0, 0, 142]
     tensor = data.normalize(Image.fromarray(np.full((2, 3, 3), 255, np.uint8)))
     expected = [(1 - m) / s for m, s in zip(data.MEAN, data.STD)]
@@ -463,7 +462,7 @@ def test_folder_ids_with_or_without_extension(tmp_path):
     make_folder_root(root)  # l0.jpg l1.png l2.jpg l3.png
     write_lines(os.path.join(root, "labeled.txt"), ["l0.jpg", "JPEGImages/l1.png", "l2", "/JPEGImages/l3.png"])
     folder = build_data("folder", root, num_classes=3, crop_size=16, log=Log())
-    samples = folder.labeled.source.samples
+    samples = folder.labeled.samples
     assert [s.name for s in samples] == ["l0", "l1", "l2", "l3"]
     assert [os.path.relpath(s.image, root) for s in samples] == [
         os.path.join("JPEGImages", n) for n in ("l0.jpg", "l1.png", "l2.jpg", "l3.png")]
@@ -618,7 +617,7 @@ def test_voc_split_dir_all_three_formats(tmp_path):
         assert any("warning" in line and "--labeled 366" in line for line in log)
         assert voc.lists["val"] == val
         samples[name] = [(os.path.normpath(s.image), os.path.normpath(s.label))
-                         for s in voc.labeled.source.samples]
+                         for s in voc.labeled.samples]
     assert samples["ids"] == samples["paths"] == samples["pairs"]
     assert samples["ids"][0] == (str(root / "JPEGImages" / f"{train[0]}.jpg"),
                                  str(root / "SegmentationClassAug" / f"{train[0]}.png"))
@@ -647,7 +646,7 @@ def test_voc_lists_written_to_out_dir_are_reusable(tmp_path):
         assert (tmp_path / "run" / f"{which}.txt").read_text() == "".join(line + "\n" for line in lines)
     again = build_data("voc", str(root), split_dir=str(tmp_path / "run"), log=Log())
     assert again.lists == first.lists
-    assert again.labeled.source.samples == first.labeled.source.samples
+    assert again.labeled.samples == first.labeled.samples
 
 
 def test_voc_missing_files_and_overlaps_name_the_culprit(tmp_path):
@@ -728,7 +727,7 @@ def test_cityscapes_generated_split_and_raw_id_mapping(tmp_path):
     assert name == "lindau_000000_000019" and image.shape == (3, H, W)
     assert label[0, : len(TRAIN_ROW)].tolist() == TRAIN_ROW and (label[:, len(RAW_ROW):] == 255).all()
     for index in range(len(city.labeled)):
-        sample = city.labeled.source.samples[index]
+        sample = city.labeled.samples[index]
         expected = {5, 255} if "bremen" in sample.image else set(TRAIN_ROW)
         assert sample.map_ids == ("aachen" in sample.image)
         assert sample.label.endswith("_labelIds.png" if sample.map_ids else "_labelTrainIds.png")
@@ -757,7 +756,7 @@ def test_cityscapes_split_dir_formats(tmp_path):
         write_lines(str(lists / name / "unlabeled.txt"), ["", *rest])
         city = build_data("cityscapes", str(root), split_dir=str(lists / name), crop_size=16, log=Log())
         assert (len(city.labeled), len(city.unlabeled), len(city.val)) == (2, 4, 5)
-        first, second = city.labeled.source.samples
+        first, second = city.labeled.samples
         assert first.image == str(root / chosen[0]) and first.map_ids and first.label.endswith("_labelIds.png")
         assert second.image == str(root / chosen[1])
         if name == "pairs":  # the listed labelIds mask is used, mapped
@@ -824,11 +823,11 @@ def test_check_data_sizes_colours_off_palette_and_cityscapes_ids(tmp_path):
     make_folder_root(root, n_labeled=2, n_unlabeled=2, n_val=2)
     folder = build_data("folder", root, num_classes=3, crop_size=16, log=Log())
     # a mask of another size than its image
-    folder.val.source.samples[0] = folder.val.source.samples[0]._replace(
+    folder.val.samples[0] = folder.val.samples[0]._replace(
         label=write_palette_mask(str(tmp_path / "wide.png"), np.zeros((H, W + 3), int)))
     speckled = data.voc_palette()[np.zeros((H, W), int)]
     speckled[0, 0] = (7, 7, 9)  # a colour of no class
-    folder.val.source.samples[1] = folder.val.source.samples[1]._replace(
+    folder.val.samples[1] = folder.val.samples[1]._replace(
         label=write_image(str(tmp_path / "speckled.png"), speckled))
     log = Log()
     with pytest.raises(DataError, match="2 bad file"):
