@@ -4,13 +4,9 @@ Every dataset yields three torch Datasets:
   labeled[(index, seed)]   -> image float32 (3, c, c), label int64 (c, c)      (weak augmentation)
   unlabeled[(index, seed)] -> image float32 (3, c, c), padding bool (c, c)     (weak augmentation)
   val[index]               -> image float32 (3, H, W), label int64 (H, W), name (original size)
-All augmentation randomness comes from np.random.default_rng(seed), so a training sample is
-a pure function of (index, seed) whatever the number of DataLoader workers.
-
-Weak augmentation (docs/METHOD.md section 3 step 1): rescale by s ~ U[0.5, 2.0] (image bilinear,
-label nearest), random crop c x c, pad where the rescaled image is smaller (image 0 after
-normalisation, label 255), horizontal flip with p = 0.5. Normalisation: (x / 255 - MEAN) / STD.
-
+All augmentation randomness (weak_augment) comes from np.random.default_rng(seed), so a
+training sample is a pure function of (index, seed) whatever the number of DataLoader workers.
+The splits come from list files or are drawn in code (DATASETS says which, per dataset).
 Bad input raises DataError with a one-line message naming the file or flag at fault.
 """
 import datetime
@@ -243,7 +239,9 @@ def augment_params(rng, width, height, crop_size):
 
 
 def weak_augment(image, label, crop_size, rng):
-    """Rescale, crop, pad and flip an RGB PIL image and its uint8 (H, W) label (or None).
+    """Rescale, crop, pad and flip an RGB PIL image and its uint8 (H, W) label (or None), as
+    docs/METHOD.md section 3 step 1: image bilinear, label nearest, image 0 after normalisation
+    and label 255 on padding. Normalisation: (x / 255 - MEAN) / STD.
 
     Returns image float32 (3, c, c) (0 on padding, after normalisation), label int64 (c, c)
     (255 on padding; None when label is None) and padding bool (c, c).
@@ -280,18 +278,13 @@ def weak_augment(image, label, crop_size, rng):
 
 
 # --------------------------------------------------------------------------- the toy dataset
-# Background + 5 shape classes. Each class has three appearances (colour family, texture): two
-# common ones (A, B) and one in a colour family that no common appearance uses (C, purple or
-# cyan); independently, an object may be elongated (a shape variant) and small or large.
-# Colour families are shared between classes, so colour alone never identifies a class: the
-# network must use shape, texture and size (small fg-coloured specks and thin lines are
-# background clutter). Objects overlap; the last drawn is on top and owns the label.
-#
-# Labels are the bottleneck by construction, as in the field's low-label splits: the default
-# labeled images (the first TOY_LABELED of the labeled pool) show only large, regular objects
-# in the common appearances; appearance C, elongated and small objects are absent from them.
-# The rest of the pool, the unlabeled set and val draw every appearance (uniformly), outline
-# and size, so the unlabeled images show what the few labels miss.
+# Background + 5 shape classes, each in three appearances (colour family, texture): two common
+# ones and a third in a colour family no common one uses; an object may also be elongated and
+# small. Colour families are shared between classes, so the network must use shape, texture
+# and size (fg-coloured specks and thin lines are background). The last object drawn owns its
+# pixels. Labels are the bottleneck by construction, as in the field's low-label splits: the
+# default labeled images (the first TOY_LABELED) show only large, regular objects in common
+# appearances; the rest of the pool, the unlabeled set and val show every variant.
 
 TOY_SIZE = 80  # images are TOY_SIZE x TOY_SIZE
 TOY_CLASSES = ["background", "disc", "square", "triangle", "ring", "cross"]
@@ -578,8 +571,10 @@ def _voc_resolver(root, use_aug=True):
     use_aug = use_aug and os.path.isdir(aug_folder)
 
     def mask_of(image_id):
-        path = os.path.join(aug_folder, image_id + ".png")
-        return path if use_aug and os.path.isfile(path) else os.path.join(root, "SegmentationClass", image_id + ".png")
+        aug = os.path.join(aug_folder, image_id + ".png")
+        if use_aug and os.path.isfile(aug):
+            return aug
+        return os.path.join(root, "SegmentationClass", image_id + ".png")
 
     def resolve(fields, need_label):
         if len(fields) == 2:
@@ -639,14 +634,12 @@ def _toy_resolver(root):
     """Line -> Sample for toy image names ('labeled_0003'); there is no root."""
 
     def resolve(fields, need_label):
-        if len(fields) != 1:
-            raise ValueError("expected one toy image name per line, e.g. labeled_0003")
         split, _, number = fields[0].rpartition("_")
-        if split not in TOY_SPLITS or not number.isdigit() or int(number) >= TOY_SPLITS[split][0]:
+        valid = split in TOY_SPLITS and number.isdigit() and int(number) < TOY_SPLITS[split][0]
+        if len(fields) > 1 or not valid:
             ranges = ", ".join(f"{s}_0000..{s}_{n - 1:04d}" for s, (n, _) in TOY_SPLITS.items())
-            raise ValueError(f"{fields[0]!r} is not a toy image name ({ranges})")
-        name = f"{split}_{int(number):04d}"
-        return Sample(name, None, name, False)
+            raise ValueError(f"{' '.join(fields)!r} is not a toy image name ({ranges})")
+        return Sample(f"{split}_{int(number):04d}", None, f"{split}_{int(number):04d}", False)
 
     return resolve
 
@@ -1023,6 +1016,7 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
         for which, lines in lists.items():
             with open(os.path.join(out_dir, which + ".txt"), "w", encoding="utf-8") as handle:
                 handle.write("".join(line + "\n" for line in lines))
+
     def images(which, **training):
         return ImageList(splits[which][0], len(class_names), spec.generated, **training)
 
