@@ -533,7 +533,7 @@ class Data:
 # --------------------------------------------------------------------------- split lists
 # A split is first a list: (numbered lines, origin), the lines [(line number, fields)] of a list
 # file or of a split drawn in code, and origin the file (or the draw) for error messages. The
-# dataset's resolver then turns each line into a Sample.
+# dataset's resolve function then turns each line into a Sample.
 
 def read_list(path):
     """[(line number, fields)] for the non-blank lines of a list file (CRLF, no final newline: fine)."""
@@ -561,95 +561,77 @@ def _stem(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def _voc_resolver(root, use_aug=True):
+def _resolve_voc(root, fields, need_label, use_aug=True):
     """Line -> Sample for VOC layouts: 'id', 'id.jpg', 'JPEGImages/id.jpg' or 'image label'.
 
-    The mask of an id is SegmentationClassAug/<id>.png when that exists (VOC only), else
-    SegmentationClass/<id>.png; images are JPEGImages/<id>.jpg (or .png/.jpeg).
+    Images are JPEGImages/<id>.jpg (or .png/.jpeg); the mask of an id is
+    SegmentationClassAug/<id>.png when that exists (VOC, not folders), else SegmentationClass/<id>.png.
     """
-    aug_folder = os.path.join(root, "SegmentationClassAug")
-    use_aug = use_aug and os.path.isdir(aug_folder)
-
-    def mask_of(image_id):
-        aug = os.path.join(aug_folder, image_id + ".png")
-        if use_aug and os.path.isfile(aug):
-            return aug
-        return os.path.join(root, "SegmentationClass", image_id + ".png")
-
-    def resolve(fields, need_label):
-        if len(fields) == 2:
-            image, label = _relative(root, fields[0]), _relative(root, fields[1])
-            return Sample(image, label if need_label else None, _stem(image), False)
-        if len(fields) != 1:
-            raise ValueError("expected 'id', 'image_path' or 'image_path label_path'")
-        token = fields[0]
-        if "/" in token:  # a path from the root, as in published lists: JPEGImages/<id>.jpg
-            image, image_id = _relative(root, token), _stem(token)
-        elif token.lower().endswith(IMAGE_EXTENSIONS):  # a file name in JPEGImages: <id>.jpg
-            image, image_id = os.path.join(root, "JPEGImages", token), _stem(token)
-        else:  # an id: the first image file of that name
-            candidates = [os.path.join(root, "JPEGImages", token + ext) for ext in IMAGE_EXTENSIONS]
-            image, image_id = next((p for p in candidates if os.path.isfile(p)), candidates[0]), token
-        return Sample(image, mask_of(image_id) if need_label else None, image_id, False)
-
-    return resolve
+    if len(fields) == 2:
+        image, label = _relative(root, fields[0]), _relative(root, fields[1])
+        return Sample(image, label if need_label else None, _stem(image), False)
+    if len(fields) != 1:
+        raise ValueError("expected 'id', 'image_path' or 'image_path label_path'")
+    token = fields[0]
+    if "/" in token:  # a path from the root, as in published lists: JPEGImages/<id>.jpg
+        image, image_id = _relative(root, token), _stem(token)
+    elif token.lower().endswith(IMAGE_EXTENSIONS):  # a file name in JPEGImages: <id>.jpg
+        image, image_id = os.path.join(root, "JPEGImages", token), _stem(token)
+    else:  # an id: the first image file of that name
+        candidates = [os.path.join(root, "JPEGImages", token + ext) for ext in IMAGE_EXTENSIONS]
+        image, image_id = next((p for p in candidates if os.path.isfile(p)), candidates[0]), token
+    if not need_label:
+        return Sample(image, None, image_id, False)
+    aug = os.path.join(root, "SegmentationClassAug", image_id + ".png")
+    mask = os.path.join(root, "SegmentationClass", image_id + ".png")
+    return Sample(image, aug if use_aug and os.path.isfile(aug) else mask, image_id, False)
 
 
-def _cityscapes_resolver(root):
+def _resolve_cityscapes(root, fields, need_label):
     """Line -> Sample for Cityscapes: 'leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png',
     'image label' or a bare '<stem>'. Masks: gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png,
     else _gtFine_labelIds.png mapped to train ids on the fly."""
-
-    def mask_of(image_relative):
-        parts = image_relative.split("/")
-        if len(parts) != 4 or parts[0] != "leftImg8bit" or not parts[3].endswith("_leftImg8bit.png"):
-            raise ValueError(f"cannot derive a gtFine mask from {image_relative!r} "
-                             "(expected leftImg8bit/<split>/<city>/<name>_leftImg8bit.png)")
-        base = os.path.join(root, "gtFine", parts[1], parts[2], parts[3][: -len("_leftImg8bit.png")])
-        if os.path.isfile(base + "_gtFine_labelTrainIds.png"):
-            return base + "_gtFine_labelTrainIds.png", False
-        return base + "_gtFine_labelIds.png", True
-
-    def resolve(fields, need_label):
-        if len(fields) == 2:
-            image, label = _relative(root, fields[0]), _relative(root, fields[1])
-            name = _stem(image).replace("_leftImg8bit", "")
-            return Sample(image, label if need_label else None, name, label.endswith("_labelIds.png"))
-        if len(fields) != 1:
-            raise ValueError("expected 'image_path', 'image_path label_path' or an image name")
-        token = fields[0].lstrip("/")
-        if "/" not in token:  # bare name like aachen_000000_000019: find its split
-            stem = token.replace("_leftImg8bit.png", "")
-            city = stem.split("_")[0]
-            options = [f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png" for split in ("train", "val")]
-            token = next((o for o in options if os.path.isfile(os.path.join(root, o))), options[0])
-        name = _stem(token).replace("_leftImg8bit", "")
-        label, map_ids = mask_of(token) if need_label else (None, False)
-        return Sample(os.path.join(root, token), label, name, map_ids)
-
-    return resolve
+    if len(fields) == 2:
+        image, label = _relative(root, fields[0]), _relative(root, fields[1])
+        name = _stem(image).replace("_leftImg8bit", "")
+        return Sample(image, label if need_label else None, name, label.endswith("_labelIds.png"))
+    if len(fields) != 1:
+        raise ValueError("expected 'image_path', 'image_path label_path' or an image name")
+    token = fields[0].lstrip("/")
+    if "/" not in token:  # bare name like aachen_000000_000019: find its split
+        stem = token.replace("_leftImg8bit.png", "")
+        city = stem.split("_")[0]
+        options = [f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png" for split in ("train", "val")]
+        token = next((o for o in options if os.path.isfile(os.path.join(root, o))), options[0])
+    image, name = os.path.join(root, token), _stem(token).replace("_leftImg8bit", "")
+    if not need_label:
+        return Sample(image, None, name, False)
+    parts = token.split("/")
+    if len(parts) != 4 or parts[0] != "leftImg8bit" or not parts[3].endswith("_leftImg8bit.png"):
+        raise ValueError(f"cannot derive a gtFine mask from {token!r} "
+                         "(expected leftImg8bit/<split>/<city>/<name>_leftImg8bit.png)")
+    base = os.path.join(root, "gtFine", parts[1], parts[2], parts[3][: -len("_leftImg8bit.png")])
+    if os.path.isfile(base + "_gtFine_labelTrainIds.png"):
+        return Sample(image, base + "_gtFine_labelTrainIds.png", name, False)
+    return Sample(image, base + "_gtFine_labelIds.png", name, True)
 
 
-def _toy_resolver(root):
+def _resolve_toy(root, fields, need_label):
     """Line -> Sample for toy image names ('labeled_0003'); there is no root."""
-
-    def resolve(fields, need_label):
-        split, _, number = fields[0].rpartition("_")
-        valid = split in TOY_SPLITS and number.isdigit() and int(number) < TOY_SPLITS[split][0]
-        if len(fields) > 1 or not valid:
-            ranges = ", ".join(f"{s}_0000..{s}_{n - 1:04d}" for s, (n, _) in TOY_SPLITS.items())
-            raise ValueError(f"{' '.join(fields)!r} is not a toy image name ({ranges})")
-        return Sample(f"{split}_{int(number):04d}", None, f"{split}_{int(number):04d}", False)
-
-    return resolve
+    split, _, number = fields[0].rpartition("_")
+    valid = split in TOY_SPLITS and number.isdigit() and int(number) < TOY_SPLITS[split][0]
+    if len(fields) > 1 or not valid:
+        ranges = ", ".join(f"{s}_0000..{s}_{n - 1:04d}" for s, (n, _) in TOY_SPLITS.items())
+        raise ValueError(f"{' '.join(fields)!r} is not a toy image name ({ranges})")
+    return Sample(f"{split}_{int(number):04d}", None, f"{split}_{int(number):04d}", False)
 
 
-def _resolve(numbered, origin, resolve, need_label):
+def _resolve_list(root, numbered, origin, resolve, need_label):
     """(samples, lines, origin) for a list; a malformed line is a DataError naming file and line."""
     samples = []
     for number, fields in numbered:
         try:
-            samples.append(resolve(fields, need_label))
+            samples.append(resolve(root, fields, need_label))
         except ValueError as error:
             raise DataError(f"{origin} line {number}: {error}") from None
     return samples, [" ".join(fields) for _, fields in numbered], origin
@@ -746,12 +728,12 @@ def _folder_classes(root, num_classes):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One dataset as build_data sees it. A new dataset is one entry in DATASETS, plus a resolver
-    (list line -> Sample, like _voc_resolver) when its files are laid out otherwise."""
+    """One dataset as build_data sees it. A new dataset is one entry in DATASETS, plus a resolve
+    function (list line -> Sample, like _resolve_voc) when its files are laid out otherwise."""
     layout: str  # what --data-root holds, for error messages
     classes: tuple  # class names, id 0 first; empty: from the data root (see _folder_classes)
     palette: object  # () -> (256, 3) uint8 colours of the class ids, for pictures
-    resolver: object  # root -> resolve(fields, need_label) -> Sample
+    resolve: object  # (root, fields of a list line, need_label) -> Sample
     val: object  # root -> the dataset's own val list, used when --split-dir has no val.txt
     draw: object = None  # the split for --labeled without --split-dir; None: lists in the root
     generated: bool = False  # images made in code: no data root, no files to check
@@ -760,21 +742,21 @@ class DatasetSpec:
 DATASETS = {
     "toy": DatasetSpec(
         layout="none: generated in code", classes=tuple(TOY_CLASSES), palette=voc_palette,
-        resolver=_toy_resolver, val=lambda root: _toy_list("val"), draw=_toy_draw, generated=True),
+        resolve=_resolve_toy, val=lambda root: _toy_list("val"), draw=_toy_draw, generated=True),
     "voc": DatasetSpec(
         layout="the VOC2012 folder: JPEGImages/, SegmentationClass/ (and SegmentationClassAug/), "
                "ImageSets/Segmentation/",
-        classes=tuple(VOC_CLASSES), palette=voc_palette, resolver=_voc_resolver, draw=_voc_draw,
+        classes=tuple(VOC_CLASSES), palette=voc_palette, resolve=_resolve_voc, draw=_voc_draw,
         val=lambda root: _listed(os.path.join(root, "ImageSets", "Segmentation", "val.txt"))),
     "cityscapes": DatasetSpec(
         layout="leftImg8bit/{train,val}/<city>/ and gtFine/{train,val}/<city>/",
-        classes=tuple(CITYSCAPES_CLASSES), palette=cityscapes_palette, resolver=_cityscapes_resolver,
+        classes=tuple(CITYSCAPES_CLASSES), palette=cityscapes_palette, resolve=_resolve_cityscapes,
         val=lambda root: _drawn(_cityscapes_images(root, "val"), f"{root}/leftImg8bit/val"),
         draw=_cityscapes_draw),
     "folder": DatasetSpec(
         layout="JPEGImages/<id>.jpg, SegmentationClass/<id>.png, labeled.txt, unlabeled.txt, "
                "val.txt (optional classes.txt)",
-        classes=(), palette=voc_palette, resolver=lambda root: _voc_resolver(root, use_aug=False),
+        classes=(), palette=voc_palette, resolve=functools.partial(_resolve_voc, use_aug=False),
         val=lambda root: _listed(os.path.join(root, "val.txt"))),
 }
 
@@ -999,8 +981,8 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
     class_names = list(spec.classes) or _folder_classes(data_root, num_classes)
 
     lists = _lists(spec, data_root, labeled, split_dir, seed, log)
-    resolve = spec.resolver(data_root)
-    splits = {which: _resolve(*lists[which], resolve, which != "unlabeled") for which in SPLITS}
+    splits = {which: _resolve_list(data_root, *lists[which], spec.resolve, which != "unlabeled")
+              for which in SPLITS}
     _check_overlaps(splits, log)
     for which in SPLITS:
         samples, lines, origin = splits[which]
