@@ -772,7 +772,8 @@ def _lists(spec, root, labeled, split_dir, seed, log):
         raise DataError(f"--split-dir {split_dir} does not exist")
     lists = {which: _listed(os.path.join(list_dir, which + ".txt")) for which in ("labeled", "unlabeled")}
     vals = [os.path.normpath(os.path.join(list_dir, *parts, "val.txt")) for parts in ((), (os.pardir,))]
-    lists["val"] = next((_listed(path) for path in vals if os.path.isfile(path)), None) or spec.val(root)
+    vals = [path for path in vals if os.path.isfile(path)]
+    lists["val"] = _listed(vals[0]) if vals else spec.val(root)
     log(f"data: lists from {list_dir} (val: {lists['val'][1]})")
     if labeled is not None and labeled != len(lists["labeled"][0]):
         log(f"warning: --labeled {labeled} but {lists['labeled'][1]} lists {len(lists['labeled'][0])} "
