@@ -4,13 +4,9 @@ Every dataset yields three torch Datasets:
   labeled[(index, seed)]   -> image float32 (3, c, c), label int64 (c, c)      (weak augmentation)
   unlabeled[(index, seed)] -> image float32 (3, c, c), padding bool (c, c)     (weak augmentation)
   val[index]               -> image float32 (3, H, W), label int64 (H, W), name (original size)
-All augmentation randomness comes from np.random.default_rng(seed), so a training sample is
-a pure function of (index, seed) whatever the number of DataLoader workers.
-
-Weak augmentation (docs/METHOD.md section 3 step 1): rescale by s ~ U[0.5, 2.0] (image bilinear,
-label nearest), random crop c x c, pad where the rescaled image is smaller (image 0 after
-normalisation, label 255), horizontal flip with p = 0.5. Normalisation: (x / 255 - MEAN) / STD.
-
+All augmentation randomness (weak_augment) comes from np.random.default_rng(seed), so a
+training sample is a pure function of (index, seed) whatever the number of DataLoader workers.
+The splits come from list files or are drawn in code (DATASETS says which, per dataset).
 Bad input raises DataError with a one-line message naming the file or flag at fault.
 """
 import datetime
@@ -55,8 +51,7 @@ CITYSCAPES_TRAIN_IDS = {
     24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }
 CITYSCAPES_ID_TO_TRAIN = np.full(256, IGNORE_INDEX, np.uint8)
-for _raw, _train in CITYSCAPES_TRAIN_IDS.items():
-    CITYSCAPES_ID_TO_TRAIN[_raw] = _train
+CITYSCAPES_ID_TO_TRAIN[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
 CITYSCAPES_COLOURS = [
     (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
     (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
@@ -65,6 +60,9 @@ CITYSCAPES_COLOURS = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
+SPLITS = ("labeled", "unlabeled", "val")
+# What PIL raises for a file it cannot decode (missing, truncated, not an image, too large).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 class DataError(Exception):
@@ -96,7 +94,7 @@ def read_image(path):
         with Image.open(path) as image:
             image.load()
             return _to_rgb(image)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+    except DECODE_ERRORS as error:
         raise DataError(f"cannot decode image {path}: {error}") from None
 
 
@@ -120,41 +118,39 @@ def _to_rgb(image):
 def read_label(path, num_classes, raw_to_train=None, palette=None):
     """Read a mask of class ids as uint8 (H, W); 255 = ignore.
 
-    Palette PNGs are read by index (never converted to RGB); single-channel 8/16-bit PNGs by
-    value; an RGB mask is accepted only when it is gray (r = g = b). raw_to_train, a (256,)
-    lookup table, maps raw ids (Cityscapes labelIds) to train ids. Any value that is neither in
-    0..num_classes-1 nor 255 is a DataError naming the file and the values. A colour-coded
-    mask is a DataError saying how to convert it (which class colours it holds, when the
-    dataset's (256, 3) palette is given).
+    Palette PNGs are read by index (never converted to RGB), single-channel 8/16-bit PNGs by
+    value, an RGB mask only when it is gray (r = g = b). raw_to_train, a (256,) lookup table,
+    maps raw ids (Cityscapes labelIds) to train ids. A value that is neither a class id nor 255
+    is a DataError naming the file and the values; so is a colour-coded mask, with how to
+    convert it (and its classes, when the dataset's (256, 3) palette is given).
     """
     try:
         with Image.open(path) as mask:
             mask.load()
-            mode = mask.mode
-            values = np.array(mask)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+            mode, values = mask.mode, np.array(mask)
+    except DECODE_ERRORS as error:
         raise DataError(f"cannot decode mask {path}: {error}") from None
     if values.ndim == 3:
-        if mode in ("LA", "PA"):
-            values = values[..., 0]
-        elif (values[..., :3] == values[..., :1]).all():
-            values = values[..., 0]
-        else:
+        if mode not in ("LA", "PA") and (values[..., :3] != values[..., :1]).any():
             raise DataError(_colour_mask_message(path, mode, values[..., :3], num_classes, palette))
-    if values.dtype != np.uint8:  # 16/32-bit masks: any id above 255 is an error
+        values = values[..., 0]  # gray, or the index of LA / PA
+
+    def refuse(bad):
+        return DataError(f"mask {path} has values {_some(bad.tolist())} that are neither class ids "
+                         f"0..{num_classes - 1} nor {IGNORE_INDEX}: a palette mask read as RGB, a "
+                         "16-bit mask, or a wrong --num-classes?")
+
+    if values.dtype != np.uint8:  # 16/32-bit masks: a value above 255 is never a class id
         too_big = np.unique(values[(values > 255) | (values < 0)])
         if too_big.size:
-            raise DataError(f"mask {path} has values {_some(too_big.tolist())} that are neither "
-                            f"class ids 0..{num_classes - 1} nor {IGNORE_INDEX} (wrong mask format?)")
+            raise refuse(too_big)
         values = values.astype(np.uint8)
     if raw_to_train is not None:
         return raw_to_train[values]  # every raw id maps to a train id or 255
     counts = np.bincount(values.ravel(), minlength=256)
     bad = np.flatnonzero(counts[num_classes:IGNORE_INDEX]) + num_classes
     if bad.size:
-        raise DataError(f"mask {path} has values {_some(bad.tolist())} that are neither class ids "
-                        f"0..{num_classes - 1} nor {IGNORE_INDEX}: a palette mask read as RGB, "
-                        "or a wrong --num-classes?")
+        raise refuse(bad)
     return values
 
 
@@ -184,25 +180,15 @@ def _colour_mask_message(path, mode, rgb, num_classes, palette=None):
     colours = np.unique(_pack(rgb))
     text = (f"mask {path} is a colour-coded {mode} image ({colours.size} colours); masks must hold "
             f"class ids (pixel value = class id 0..{num_classes - 1}, {IGNORE_INDEX} = ignore)")
-    how = ("convert it: map each colour to its class id and save the ids as a single-channel or "
-           "palette PNG (data.colours_to_ids; the README's 'Your own data' shows how)")
-    if palette is None:
-        return f"{text}; {how}"
-    ids, found = _palette_ids(colours, palette)
-    if not found.all():
-        return (f"{text}; {int((~found).sum())} of its colours are not in the dataset's palette "
-                f"(a lossy JPEG mask, or other colours?); {how}")
-    return (f"{text}; its colours are the palette colours of ids {_some(sorted(ids.tolist()))}: a "
-            f"palette mask saved as RGB. {how[0].upper() + how[1:]}")
-
-
-def _header_size(path):
-    """(width, height) from the file header only (no full decode)."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image {path}: {error}") from None
+    if palette is not None:
+        ids, found = _palette_ids(colours, palette)
+        if found.all():
+            text += f"; its colours are the palette colours of ids {_some(sorted(ids.tolist()))}"
+        else:
+            text += (f"; {int((~found).sum())} of its colours are not in the dataset's palette "
+                     "(a lossy JPEG mask, or other colours?)")
+    return text + ("; convert it: map each colour to its class id and save the ids as a single-"
+                   "channel or palette PNG (data.colours_to_ids; the README's 'Your own data')")
 
 
 def _some(items, shown=5):
@@ -235,11 +221,6 @@ def normalize(image):
     return torch.from_numpy(_normalize_array(np.asarray(image.convert("RGB"))))
 
 
-def colorize(label, palette):
-    """Class ids (H, W) -> RGB PIL image through a (256, 3) palette."""
-    return Image.fromarray(palette[np.asarray(label).astype(np.int64)].astype(np.uint8), "RGB")
-
-
 # --------------------------------------------------------------------------- weak augmentation
 
 def augment_params(rng, width, height, crop_size):
@@ -258,7 +239,9 @@ def augment_params(rng, width, height, crop_size):
 
 
 def weak_augment(image, label, crop_size, rng):
-    """Rescale, crop, pad and flip an RGB PIL image and its uint8 (H, W) label (or None).
+    """Rescale, crop, pad and flip an RGB PIL image and its uint8 (H, W) label (or None), as
+    docs/METHOD.md section 3 step 1: image bilinear, label nearest, image 0 after normalisation
+    and label 255 on padding. Normalisation: (x / 255 - MEAN) / STD.
 
     Returns image float32 (3, c, c) (0 on padding, after normalisation), label int64 (c, c)
     (255 on padding; None when label is None) and padding bool (c, c).
@@ -295,18 +278,13 @@ def weak_augment(image, label, crop_size, rng):
 
 
 # --------------------------------------------------------------------------- the toy dataset
-# Background + 5 shape classes. Each class has three appearances (colour family, texture): two
-# common ones (A, B) and one in a colour family that no common appearance uses (C, purple or
-# cyan); independently, an object may be elongated (a shape variant) and small or large.
-# Colour families are shared between classes, so colour alone never identifies a class: the
-# network must use shape, texture and size (small fg-coloured specks and thin lines are
-# background clutter). Objects overlap; the last drawn is on top and owns the label.
-#
-# Labels are the bottleneck by construction, as in the field's low-label splits: the default
-# labeled images (the first TOY_LABELED of the labeled pool) show only large, regular objects
-# in the common appearances; appearance C, elongated and small objects are absent from them.
-# The rest of the pool, the unlabeled set and val draw every appearance (uniformly), outline
-# and size, so the unlabeled images show what the few labels miss.
+# Background + 5 shape classes, each in three appearances (colour family, texture): two common
+# ones and a third in a colour family no common one uses; an object may also be elongated and
+# small. Colour families are shared between classes, so the network must use shape, texture
+# and size (fg-coloured specks and thin lines are background). The last object drawn owns its
+# pixels. Labels are the bottleneck by construction, as in the field's low-label splits: the
+# default labeled images (the first TOY_LABELED) show only large, regular objects in common
+# appearances; the rest of the pool, the unlabeled set and val show every variant.
 
 TOY_SIZE = 80  # images are TOY_SIZE x TOY_SIZE
 TOY_CLASSES = ["background", "disc", "square", "triangle", "ring", "cross"]
@@ -314,7 +292,7 @@ TOY_APPEARANCES = [  # per foreground class: A, B (common), C (a colour family A
     (("red", "solid"), ("blue", "stripes"), ("purple", "solid")),  # disc
     (("red", "stripes"), ("green", "solid"), ("cyan", "stripes")),  # square
     (("blue", "solid"), ("yellow", "dots"), ("purple", "dots")),  # triangle
-    (("green", "dots"), ("red", "solid"), ("cyan", "solid")),  # ring: red solid like a disc, told apart by its hole
+    (("green", "dots"), ("red", "solid"), ("cyan", "solid")),  # ring: red solid as a disc; has a hole
     (("yellow", "solid"), ("blue", "dots"), ("purple", "stripes")),  # cross
 ]
 TOY_COMMON = 2  # appearances 0 .. TOY_COMMON - 1 are the common ones
@@ -382,6 +360,14 @@ def _texture(texture, xx, yy, rng):
 ToyObject = namedtuple("ToyObject", "class_id appearance elongated small")
 
 
+def _toy_seed(split, index):
+    """The generator seed of `split`; a DataError when the split has no image `index`."""
+    count, split_seed = TOY_SPLITS[split]
+    if not 0 <= index < count:
+        raise DataError(f"toy image {split}_{index:04d} does not exist ({split} has {count} images)")
+    return split_seed
+
+
 def toy_objects(split, index):
     """The objects of toy image `index` of `split`, bottom to top: a list of ToyObject
     (class_id, appearance index into TOY_APPEARANCES[class_id - 1], elongated, small).
@@ -392,10 +378,7 @@ def toy_objects(split, index):
     The default labeled images hold large, regular objects in common appearances only (see
     the top of this section).
     """
-    count, split_seed = TOY_SPLITS[split]
-    if not 0 <= index < count:
-        raise DataError(f"toy image {split}_{index:04d} does not exist ({split} has {count} images)")
-    rng = np.random.default_rng([split_seed, index, 1])  # its own stream: drawing does not shift it
+    rng = np.random.default_rng([_toy_seed(split, index), index, 1])  # not toy_sample's stream
     num_fg = len(TOY_CLASSES) - 1
     featured = index % num_fg + 1
     others = [k for k in range(1, num_fg + 1) if k != featured]
@@ -415,10 +398,7 @@ def toy_sample(split, index):
 
     Deterministic: the generator is seeded by (the split's fixed seed, index) only.
     """
-    count, split_seed = TOY_SPLITS[split]
-    if not 0 <= index < count:
-        raise DataError(f"toy image {split}_{index:04d} does not exist ({split} has {count} images)")
-    rng = np.random.default_rng([split_seed, index])
+    rng = np.random.default_rng([_toy_seed(split, index), index])
     size = TOY_SIZE
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
 
@@ -462,7 +442,8 @@ def toy_sample(split, index):
         aspect = TOY_ELONGATED[1] if obj.elongated else 1.0
         radius = rng.uniform(*TOY_RADIUS["small" if obj.small else "large"]) / np.sqrt(aspect)  # same area
         cx, cy = rng.uniform(0.2 * radius, size - 0.2 * radius, 2)  # may leave the frame a little
-        mask = _shape_mask(TOY_CLASSES[obj.class_id], xx, yy, cx, cy, radius, rng.uniform(0, 2 * np.pi), aspect)
+        mask = _shape_mask(TOY_CLASSES[obj.class_id], xx, yy, cx, cy, radius,
+                           rng.uniform(0, 2 * np.pi), aspect)
         colour = jitter(TOY_COLOURS[family], TOY_COLOUR_JITTER)
         shade = _texture(texture, xx, yy, rng)
         image[mask & ~shade] = colour
@@ -483,88 +464,58 @@ def _toy_sample_cached(split, index):
 
 # --------------------------------------------------------------------------- sources and datasets
 
-# One listed image: paths (label None where not needed), display name, and whether the mask
-# holds raw Cityscapes ids to map to train ids.
+# One listed image: paths (label None where not needed; a toy image's path is its name), display
+# name, and whether the mask holds raw Cityscapes ids to map to train ids.
 Sample = namedtuple("Sample", "image label name map_ids")
 
 
-class FileSource:
-    """Reads listed files: load(index) -> (RGB PIL image, uint8 label (H, W) or None, name)."""
+def _size_message(sample, image_size, label):
+    """The error for a mask whose size is not its image's (width, height)."""
+    return (f"mask {sample.label} is {label.shape[1]}x{label.shape[0]} but its image {sample.image} "
+            f"is {image_size[0]}x{image_size[1]}")
 
-    def __init__(self, samples, num_classes):
-        self.samples = list(samples)
-        self.num_classes = num_classes
+
+class ImageList(Dataset):
+    """The listed images of one split: Samples, read from their files on every item (toy images:
+    generated from their name). With a crop_size, training items, (index, seed) or index (seed =
+    index), weakly augmented (docs/METHOD.md step 1) with np.random.default_rng(seed):
+      labeled:   image float32 (3, c, c), label int64 (c, c) (255 on padding);
+      unlabeled: image float32 (3, c, c), padding bool (c, c) (True = no image there).
+    Without, val items: index -> image float32 (3, H, W), label int64 (H, W), name (original size).
+    """
+
+    def __init__(self, samples, num_classes, generated=False, crop_size=None, labeled=True):
+        self.samples, self.num_classes, self.generated = list(samples), num_classes, generated
+        self.crop_size, self.labeled = crop_size, labeled
 
     def __len__(self):
         return len(self.samples)
 
     def load(self, index, with_label=True):
+        """(RGB PIL image, uint8 label (H, W) or None, name) of sample `index`."""
         sample = self.samples[index]
+        if self.generated:
+            split, number = sample.name.rsplit("_", 1)
+            image, label = _toy_sample_cached(split, int(number))
+            return Image.fromarray(image, "RGB"), (label if with_label else None), sample.name
         image = read_image(sample.image)
         if not with_label:
             return image, None, sample.name
-        lookup = CITYSCAPES_ID_TO_TRAIN if sample.map_ids else None
-        label = read_label(sample.label, self.num_classes, lookup)
+        label = read_label(sample.label, self.num_classes, CITYSCAPES_ID_TO_TRAIN if sample.map_ids else None)
         if label.shape != (image.height, image.width):
-            raise DataError(f"mask {sample.label} is {label.shape[1]}x{label.shape[0]} but its image "
-                            f"{sample.image} is {image.width}x{image.height}")
+            raise DataError(_size_message(sample, image.size, label))
         return image, label, sample.name
 
-
-class ToySource:
-    """Generates toy images by name ('labeled_0003'): load(index) -> (PIL image, label, name)."""
-
-    def __init__(self, names):
-        self.names = list(names)
-
-    def __len__(self):
-        return len(self.names)
-
-    def load(self, index, with_label=True):
-        name = self.names[index]
-        split, number = name.rsplit("_", 1)
-        image, label = _toy_sample_cached(split, int(number))
-        return Image.fromarray(image, "RGB"), (label if with_label else None), name
-
-
-def _index_and_seed(item):
-    """ds[(index, seed)] (tuple, list or 2-element array/tensor) or ds[index] (seed = index)."""
-    if isinstance(item, (tuple, list)) or getattr(item, "ndim", 0) == 1:
-        index, seed = item
-        return int(index), int(seed)
-    return int(item), int(item)
-
-
-class TrainDataset(Dataset):
-    """Weakly augmented training crops (docs/METHOD.md step 1), item (index, seed) ->
-    labeled:   image float32 (3, c, c), label int64 (c, c) (255 on padding);
-    unlabeled: image float32 (3, c, c), padding bool (c, c) (True = no image there)."""
-
-    def __init__(self, source, crop_size, labeled):
-        self.source, self.crop_size, self.labeled = source, crop_size, labeled
-
-    def __len__(self):
-        return len(self.source)
-
     def __getitem__(self, item):
-        index, seed = _index_and_seed(item)
-        image, label, _ = self.source.load(index, with_label=self.labeled)
+        if self.crop_size is None:
+            image, label, name = self.load(int(item))
+            return normalize(image), torch.from_numpy(label.astype(np.int64)), name
+        # (index, seed) as a tuple, list or 2-element array/tensor (samplers may yield tensors)
+        two = isinstance(item, (tuple, list)) or getattr(item, "ndim", 0) == 1
+        index, seed = (int(item[0]), int(item[1])) if two else (int(item), int(item))
+        image, label, _ = self.load(index, with_label=self.labeled)
         image, label, padding = weak_augment(image, label, self.crop_size, np.random.default_rng(seed))
         return image, (label if self.labeled else padding)
-
-
-class ValDataset(Dataset):
-    """item index -> image float32 (3, H, W), label int64 (H, W), name; original size, no augmentation."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, index):
-        image, label, name = self.source.load(int(index))
-        return normalize(image), torch.from_numpy(label.astype(np.int64)), name
 
 
 @dataclass
@@ -580,6 +531,9 @@ class Data:
 
 
 # --------------------------------------------------------------------------- split lists
+# A split is first a list: (numbered lines, origin), the lines [(line number, fields)] of a list
+# file or of a split drawn in code, and origin the file (or the draw) for error messages. The
+# dataset's resolve function then turns each line into a Sample.
 
 def read_list(path):
     """[(line number, fields)] for the non-blank lines of a list file (CRLF, no final newline: fine)."""
@@ -588,6 +542,14 @@ def read_list(path):
     with open(path, encoding="utf-8") as handle:
         lines = handle.read().splitlines()
     return [(number, line.split()) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def _listed(path):
+    return read_list(path), path
+
+
+def _drawn(lines, origin):
+    return [(number, [line]) for number, line in enumerate(lines, 1)], origin
 
 
 def _relative(root, path):
@@ -599,245 +561,146 @@ def _stem(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def _voc_resolver(root, mask_folder="SegmentationClass", use_aug=True):
+def _resolve_voc(root, fields, need_label, use_aug=True):
     """Line -> Sample for VOC layouts: 'id', 'id.jpg', 'JPEGImages/id.jpg' or 'image label'.
 
-    The mask of an id is SegmentationClassAug/<id>.png when that exists, else
-    <mask_folder>/<id>.png; images are JPEGImages/<id>.jpg (or .png/.jpeg for folders).
+    Images are JPEGImages/<id>.jpg (or .png/.jpeg); the mask of an id is
+    SegmentationClassAug/<id>.png when that exists (VOC, not folders), else SegmentationClass/<id>.png.
     """
-    aug_folder = os.path.join(root, "SegmentationClassAug")
-    use_aug = use_aug and os.path.isdir(aug_folder)
-
-    def image_of(image_id):
-        candidates = [os.path.join(root, "JPEGImages", image_id + ext) for ext in IMAGE_EXTENSIONS]
-        return next((path for path in candidates if os.path.isfile(path)), candidates[0])
-
-    def mask_of(image_id):
-        if use_aug:
-            path = os.path.join(aug_folder, image_id + ".png")
-            if os.path.isfile(path):
-                return path
-        return os.path.join(root, mask_folder, image_id + ".png")
-
-    def resolve(fields, need_label):
-        if len(fields) == 2:
-            image, label = _relative(root, fields[0]), _relative(root, fields[1])
-            return Sample(image, label if need_label else None, _stem(image), False)
-        if len(fields) != 1:
-            raise ValueError("expected 'id', 'image_path' or 'image_path label_path'")
-        token = fields[0]
-        if "/" in token:  # a path from the root, as in published lists: JPEGImages/<id>.jpg
-            image, image_id = _relative(root, token), _stem(token)
-        elif token.lower().endswith(IMAGE_EXTENSIONS):  # a file name in JPEGImages: <id>.jpg
-            image, image_id = os.path.join(root, "JPEGImages", token), _stem(token)
-        else:
-            image, image_id = image_of(token), token
-        return Sample(image, mask_of(image_id) if need_label else None, image_id, False)
-
-    return resolve
+    if len(fields) == 2:
+        image, label = _relative(root, fields[0]), _relative(root, fields[1])
+        return Sample(image, label if need_label else None, _stem(image), False)
+    if len(fields) != 1:
+        raise ValueError("expected 'id', 'image_path' or 'image_path label_path'")
+    token = fields[0]
+    if "/" in token:  # a path from the root, as in published lists: JPEGImages/<id>.jpg
+        image, image_id = _relative(root, token), _stem(token)
+    elif token.lower().endswith(IMAGE_EXTENSIONS):  # a file name in JPEGImages: <id>.jpg
+        image, image_id = os.path.join(root, "JPEGImages", token), _stem(token)
+    else:  # an id: the first image file of that name
+        candidates = [os.path.join(root, "JPEGImages", token + ext) for ext in IMAGE_EXTENSIONS]
+        image, image_id = next((p for p in candidates if os.path.isfile(p)), candidates[0]), token
+    if not need_label:
+        return Sample(image, None, image_id, False)
+    aug = os.path.join(root, "SegmentationClassAug", image_id + ".png")
+    mask = os.path.join(root, "SegmentationClass", image_id + ".png")
+    return Sample(image, aug if use_aug and os.path.isfile(aug) else mask, image_id, False)
 
 
-def _cityscapes_resolver(root):
+def _resolve_cityscapes(root, fields, need_label):
     """Line -> Sample for Cityscapes: 'leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png',
     'image label' or a bare '<stem>'. Masks: gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png,
     else _gtFine_labelIds.png mapped to train ids on the fly."""
-
-    def mask_of(image_relative):
-        parts = image_relative.split("/")
-        if len(parts) != 4 or parts[0] != "leftImg8bit" or not parts[3].endswith("_leftImg8bit.png"):
-            raise ValueError(f"cannot derive a gtFine mask from {image_relative!r} "
-                             "(expected leftImg8bit/<split>/<city>/<name>_leftImg8bit.png)")
-        base = os.path.join(root, "gtFine", parts[1], parts[2], parts[3][: -len("_leftImg8bit.png")])
-        if os.path.isfile(base + "_gtFine_labelTrainIds.png"):
-            return base + "_gtFine_labelTrainIds.png", False
-        return base + "_gtFine_labelIds.png", True
-
-    def resolve(fields, need_label):
-        if len(fields) == 2:
-            image, label = _relative(root, fields[0]), _relative(root, fields[1])
-            name = _stem(image).replace("_leftImg8bit", "")
-            return Sample(image, label if need_label else None, name, label.endswith("_labelIds.png"))
-        if len(fields) != 1:
-            raise ValueError("expected 'image_path', 'image_path label_path' or an image name")
-        token = fields[0].lstrip("/")
-        if "/" not in token:  # bare name like aachen_000000_000019: find its split
-            stem = token.replace("_leftImg8bit.png", "")
-            city = stem.split("_")[0]
-            options = [f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png" for split in ("train", "val")]
-            token = next((o for o in options if os.path.isfile(os.path.join(root, o))), options[0])
-        name = _stem(token).replace("_leftImg8bit", "")
-        label, map_ids = mask_of(token) if need_label else (None, False)
-        return Sample(os.path.join(root, token), label, name, map_ids)
-
-    return resolve
-
-
-def _toy_resolver(fields, need_label):
+    if len(fields) == 2:
+        image, label = _relative(root, fields[0]), _relative(root, fields[1])
+        name = _stem(image).replace("_leftImg8bit", "")
+        return Sample(image, label if need_label else None, name, label.endswith("_labelIds.png"))
     if len(fields) != 1:
-        raise ValueError("expected one toy image name per line, e.g. labeled_0003")
+        raise ValueError("expected 'image_path', 'image_path label_path' or an image name")
+    token = fields[0].lstrip("/")
+    if "/" not in token:  # bare name like aachen_000000_000019: find its split
+        stem = token.replace("_leftImg8bit.png", "")
+        city = stem.split("_")[0]
+        options = [f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png" for split in ("train", "val")]
+        token = next((o for o in options if os.path.isfile(os.path.join(root, o))), options[0])
+    image, name = os.path.join(root, token), _stem(token).replace("_leftImg8bit", "")
+    if not need_label:
+        return Sample(image, None, name, False)
+    parts = token.split("/")
+    if len(parts) != 4 or parts[0] != "leftImg8bit" or not parts[3].endswith("_leftImg8bit.png"):
+        raise ValueError(f"cannot derive a gtFine mask from {token!r} "
+                         "(expected leftImg8bit/<split>/<city>/<name>_leftImg8bit.png)")
+    base = os.path.join(root, "gtFine", parts[1], parts[2], parts[3][: -len("_leftImg8bit.png")])
+    if os.path.isfile(base + "_gtFine_labelTrainIds.png"):
+        return Sample(image, base + "_gtFine_labelTrainIds.png", name, False)
+    return Sample(image, base + "_gtFine_labelIds.png", name, True)
+
+
+def _resolve_toy(root, fields, need_label):
+    """Line -> Sample for toy image names ('labeled_0003'); there is no root."""
     split, _, number = fields[0].rpartition("_")
-    if split not in TOY_SPLITS or not number.isdigit() or int(number) >= TOY_SPLITS[split][0]:
+    valid = split in TOY_SPLITS and number.isdigit() and int(number) < TOY_SPLITS[split][0]
+    if len(fields) > 1 or not valid:
         ranges = ", ".join(f"{s}_0000..{s}_{n - 1:04d}" for s, (n, _) in TOY_SPLITS.items())
-        raise ValueError(f"{fields[0]!r} is not a toy image name ({ranges})")
-    name = f"{split}_{int(number):04d}"
-    return Sample(name, None, name, False)
+        raise ValueError(f"{' '.join(fields)!r} is not a toy image name ({ranges})")
+    return Sample(f"{split}_{int(number):04d}", None, f"{split}_{int(number):04d}", False)
 
 
-def _resolve_list(path, resolve, need_label):
-    """(samples, lines) from a list file; a malformed line is a DataError naming file and line."""
-    samples, lines = [], []
-    for number, fields in read_list(path):
+def _resolve_list(root, numbered, origin, resolve, need_label):
+    """(samples, lines, origin) for a list; a malformed line is a DataError naming file and line."""
+    samples = []
+    for number, fields in numbered:
         try:
-            samples.append(resolve(fields, need_label))
+            samples.append(resolve(root, fields, need_label))
         except ValueError as error:
-            raise DataError(f"{path} line {number}: {error}") from None
-        lines.append(" ".join(fields))
-    return samples, lines
+            raise DataError(f"{origin} line {number}: {error}") from None
+    return samples, [" ".join(fields) for _, fields in numbered], origin
 
 
-def _resolve_generated(lines, resolve, need_label):
-    return [resolve([line], need_label) for line in lines], list(lines)
+# --------------------------------------------------------------------------- drawn splits
+# Each draw(root, labeled, seed, log) returns the labeled and unlabeled lists for --labeled.
+
+def _draw(labeled, counts, pool, seed, name, where, labeled_pool=None):
+    """`labeled` images of labeled_pool (default: pool) drawn with np.random.default_rng(seed),
+    kept in pool order; the rest of pool is unlabeled. counts: the paper's --labeled values."""
+    if labeled not in counts:
+        raise DataError(f"--labeled {labeled}: {name} splits are {', '.join(map(str, counts))}; for "
+                        "other splits pass --split-dir with labeled.txt and unlabeled.txt")
+    labeled_pool = pool if labeled_pool is None else labeled_pool
+    if labeled > len(labeled_pool):
+        raise DataError(f"--labeled {labeled}: only {len(labeled_pool)} images to draw from in {where}")
+    picked = np.random.default_rng(seed).choice(len(labeled_pool), size=labeled, replace=False)
+    chosen = [labeled_pool[i] for i in sorted(picked)]
+    taken, origin = set(chosen), f"the {name} split drawn with --seed {seed}"
+    return {"labeled": _drawn(chosen, origin),
+            "unlabeled": _drawn([item for item in pool if item not in taken], origin)}
 
 
-def _choose(pool, count, seed):
-    """`count` items of the sorted pool, drawn with np.random.default_rng(seed); kept in pool order."""
-    chosen = np.random.default_rng(seed).choice(len(pool), size=count, replace=False)
-    return [pool[i] for i in sorted(chosen)]
-
-
-def _split_dir_lists(split_dir, resolve, default_val, log):
-    """Splits from --split-dir: labeled.txt, unlabeled.txt; val.txt there, in its parent, or default_val
-    (a list path, or a function giving (samples, lines, origin))."""
-    if not os.path.isdir(split_dir):
-        raise DataError(f"--split-dir {split_dir} does not exist")
-    splits = {}
-    for which in ("labeled", "unlabeled"):
-        path = os.path.join(split_dir, which + ".txt")
-        splits[which] = _resolve_list(path, resolve, which == "labeled") + (path,)
-    for path in (os.path.join(split_dir, "val.txt"), os.path.join(split_dir, os.pardir, "val.txt")):
-        if os.path.isfile(path):
-            splits["val"] = _resolve_list(os.path.normpath(path), resolve, True) + (os.path.normpath(path),)
-            break
-    else:
-        splits["val"] = (_resolve_list(default_val, resolve, True) + (default_val,)
-                         if isinstance(default_val, str) else default_val())
-    log(f"data: lists from {split_dir} (val: {splits['val'][2]})")
-    return splits
-
-
-def _check_labeled_count(labeled, splits):
-    if labeled is not None and labeled != len(splits["labeled"][0]):
-        return (f"warning: --labeled {labeled} but {splits['labeled'][2]} lists "
-                f"{len(splits['labeled'][0])} images; the list decides")
-    return None
-
-
-# --------------------------------------------------------------------------- per-dataset splits
-# Each returns {"labeled"/"unlabeled"/"val": (samples, lines, origin)}; origin names the list
-# file (or the generator) for error messages.
-
-def _toy_splits(labeled, split_dir, log):
-    if split_dir is not None:
-        splits = _split_dir_lists(split_dir, _toy_resolver, lambda: _toy_generated("val", None), log)
-        warning = _check_labeled_count(labeled, splits)
-        if warning:
-            log(warning)
-        return splits
-    labeled = TOY_LABELED if labeled is None else labeled
-    if not 1 <= labeled <= TOY_SPLITS["labeled"][0]:
-        raise DataError(f"--labeled {labeled}: the toy dataset has {TOY_SPLITS['labeled'][0]} "
-                        f"labeled images; choose 1..{TOY_SPLITS['labeled'][0]}")
-    return {which: _toy_generated(which, labeled if which == "labeled" else None)
-            for which in ("labeled", "unlabeled", "val")}
-
-
-def _toy_generated(which, count):
+def _toy_list(which, count=None):
     count = TOY_SPLITS[which][0] if count is None else count
-    lines = [f"{which}_{i:04d}" for i in range(count)]
-    return _resolve_generated(lines, _toy_resolver, False) + (f"the toy {which} split",)
+    return _drawn([f"{which}_{i:04d}" for i in range(count)], f"the toy {which} split")
 
 
-def _voc_splits(root, labeled, split_dir, seed, log):
-    resolve = _voc_resolver(root)
-    val_list = os.path.join(root, "ImageSets", "Segmentation", "val.txt")
-    if split_dir is not None:
-        splits = _split_dir_lists(split_dir, resolve, val_list, log)
-        warning = _check_labeled_count(labeled, splits)
-        if warning:
-            log(warning)
-        return splits
-    valid = VOC_CLASSIC_LABELED + VOC_BLENDED_LABELED
-    if labeled not in valid:
-        raise DataError(f"--labeled {labeled}: Pascal VOC splits are {', '.join(map(str, valid))} "
-                        "(classic: 92..1464, blended: 662..5291); for other splits pass --split-dir "
-                        "with labeled.txt and unlabeled.txt")
-    train_list = os.path.join(root, "ImageSets", "Segmentation", "train.txt")
-    train_ids = sorted({fields[0] for _, fields in read_list(train_list)})
-    val_ids = [fields[0] for _, fields in read_list(val_list)]
+def _toy_draw(root, labeled, seed, log):
+    """The first --labeled images of the toy's labeled pool (see its section), all unlabeled ones."""
+    labeled = TOY_LABELED if labeled is None else labeled
+    total = TOY_SPLITS["labeled"][0]
+    if not 1 <= labeled <= total:
+        raise DataError(f"--labeled {labeled}: the toy dataset has {total} labeled images; choose 1..{total}")
+    return {"labeled": _toy_list("labeled", labeled), "unlabeled": _toy_list("unlabeled")}
+
+
+def _voc_draw(root, labeled, seed, log):
+    """Classic splits draw from the 1,464 train ids, blended ones from the 10,582 augmented ids
+    (SegmentationClassAug minus val); the unlabeled set is the 10,582 minus the labeled."""
+    lists = os.path.join(root, "ImageSets", "Segmentation")
+    train_ids = sorted({fields[0] for _, fields in read_list(os.path.join(lists, "train.txt"))})
     aug_folder = os.path.join(root, "SegmentationClassAug")
-    if os.path.isdir(aug_folder):  # the 10,582 = augmented set minus val
-        val_set = set(val_ids)
+    if os.path.isdir(aug_folder):
+        val_ids = {fields[0] for _, fields in read_list(os.path.join(lists, "val.txt"))}
         pool = sorted(_stem(name) for name in os.listdir(aug_folder)
-                      if name.endswith(".png") and _stem(name) not in val_set)
+                      if name.endswith(".png") and _stem(name) not in val_ids)
     else:
         pool = train_ids
         log(f"warning: {aug_folder} not found: the unlabeled pool is the {len(train_ids)} train "
             "images, not the paper's 10,582, so counts differ from the paper")
-    source_pool = train_ids if labeled in VOC_CLASSIC_LABELED else pool
-    if labeled > len(source_pool):
-        raise DataError(f"--labeled {labeled}: only {len(source_pool)} images to draw from in {root} "
-                        "(blended splits need SegmentationClassAug)")
-    labeled_ids = _choose(source_pool, labeled, seed)
-    chosen = set(labeled_ids)
-    unlabeled_ids = [image_id for image_id in pool if image_id not in chosen]
-    origin = f"the VOC split drawn with --seed {seed}"
-    return {"labeled": _resolve_generated(labeled_ids, resolve, True) + (origin,),
-            "unlabeled": _resolve_generated(unlabeled_ids, resolve, False) + (origin,),
-            "val": _resolve_list(val_list, resolve, True) + (val_list,)}
+    return _draw(labeled, VOC_CLASSIC_LABELED + VOC_BLENDED_LABELED, pool, seed, "VOC",
+                 f"{root} (blended splits need SegmentationClassAug)",
+                 labeled_pool=train_ids if labeled in VOC_CLASSIC_LABELED else pool)
 
 
-def _cityscapes_splits(root, labeled, split_dir, seed, log):
-    resolve = _cityscapes_resolver(root)
-
-    def images_of(split):
-        folder = os.path.join(root, "leftImg8bit", split)
-        paths = sorted(glob.glob(os.path.join(folder, "*", "*_leftImg8bit.png")))
-        if not paths:
-            raise DataError(f"no images in {folder}/<city>/*_leftImg8bit.png")
-        return [os.path.relpath(path, root).replace(os.sep, "/") for path in paths]
-
-    def own_val():
-        return _resolve_generated(images_of("val"), resolve, True) + (f"{root}/leftImg8bit/val",)
-
-    if split_dir is not None:
-        splits = _split_dir_lists(split_dir, resolve, own_val, log)
-        warning = _check_labeled_count(labeled, splits)
-        if warning:
-            log(warning)
-        return splits
-    if labeled not in CITYSCAPES_LABELED:
-        raise DataError(f"--labeled {labeled}: Cityscapes splits are "
-                        f"{', '.join(map(str, CITYSCAPES_LABELED))}; for other splits pass --split-dir "
-                        "with labeled.txt and unlabeled.txt")
-    pool = images_of("train")
-    if labeled > len(pool):
-        raise DataError(f"--labeled {labeled}: only {len(pool)} train images in {root}/leftImg8bit/train")
-    labeled_paths = _choose(pool, labeled, seed)
-    chosen = set(labeled_paths)
-    origin = f"the Cityscapes split drawn with --seed {seed}"
-    return {"labeled": _resolve_generated(labeled_paths, resolve, True) + (origin,),
-            "unlabeled": _resolve_generated([p for p in pool if p not in chosen], resolve, False) + (origin,),
-            "val": own_val()}
+def _cityscapes_images(root, split):
+    """The image paths of leftImg8bit/<split>/<city>/, relative to the root, sorted."""
+    folder = os.path.join(root, "leftImg8bit", split)
+    paths = sorted(glob.glob(os.path.join(folder, "*", "*_leftImg8bit.png")))
+    if not paths:
+        raise DataError(f"no images in {folder}/<city>/*_leftImg8bit.png")
+    return [os.path.relpath(path, root).replace(os.sep, "/") for path in paths]
 
 
-def _folder_splits(root, labeled, split_dir, seed, log):
-    resolve = _voc_resolver(root, use_aug=False)
-    list_dir = root if split_dir is None else split_dir
-    splits = _split_dir_lists(list_dir, resolve, os.path.join(root, "val.txt"), log)
-    warning = _check_labeled_count(labeled, splits)
-    if warning:
-        log(warning)
-    return splits
+def _cityscapes_draw(root, labeled, seed, log):
+    return _draw(labeled, CITYSCAPES_LABELED, _cityscapes_images(root, "train"), seed, "Cityscapes",
+                 f"{root}/leftImg8bit/train")
 
 
 def _folder_classes(root, num_classes):
@@ -865,34 +728,57 @@ def _folder_classes(root, num_classes):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One dataset as build_data sees it. A new dataset is one entry in DATASETS, plus one
-    resolver (list line -> Sample, like _voc_resolver) when its files are laid out otherwise."""
-    layout: str  # what --data-root holds, for --help and error messages
+    """One dataset as build_data sees it. A new dataset is one entry in DATASETS, plus a resolve
+    function (list line -> Sample, like _resolve_voc) when its files are laid out otherwise."""
+    layout: str  # what --data-root holds, for error messages
     classes: tuple  # class names, id 0 first; empty: from the data root (see _folder_classes)
     palette: object  # () -> (256, 3) uint8 colours of the class ids, for pictures
-    # split rules: (root, labeled, split_dir, seed, log) -> {"labeled"/"unlabeled"/"val":
-    # (samples, lines, origin)}, the lists of split_dir or the dataset's own split for --labeled
-    splits: object
+    resolve: object  # (root, fields of a list line, need_label) -> Sample
+    val: object  # root -> the dataset's own val list, used when --split-dir has no val.txt
+    draw: object = None  # the split for --labeled without --split-dir; None: lists in the root
     generated: bool = False  # images made in code: no data root, no files to check
 
 
 DATASETS = {
     "toy": DatasetSpec(
         layout="none: generated in code", classes=tuple(TOY_CLASSES), palette=voc_palette,
-        generated=True,
-        splits=lambda root, labeled, split_dir, seed, log: _toy_splits(labeled, split_dir, log)),
+        resolve=_resolve_toy, val=lambda root: _toy_list("val"), draw=_toy_draw, generated=True),
     "voc": DatasetSpec(
         layout="the VOC2012 folder: JPEGImages/, SegmentationClass/ (and SegmentationClassAug/), "
                "ImageSets/Segmentation/",
-        classes=tuple(VOC_CLASSES), palette=voc_palette, splits=_voc_splits),
+        classes=tuple(VOC_CLASSES), palette=voc_palette, resolve=_resolve_voc, draw=_voc_draw,
+        val=lambda root: _listed(os.path.join(root, "ImageSets", "Segmentation", "val.txt"))),
     "cityscapes": DatasetSpec(
         layout="leftImg8bit/{train,val}/<city>/ and gtFine/{train,val}/<city>/",
-        classes=tuple(CITYSCAPES_CLASSES), palette=cityscapes_palette, splits=_cityscapes_splits),
+        classes=tuple(CITYSCAPES_CLASSES), palette=cityscapes_palette, resolve=_resolve_cityscapes,
+        val=lambda root: _drawn(_cityscapes_images(root, "val"), f"{root}/leftImg8bit/val"),
+        draw=_cityscapes_draw),
     "folder": DatasetSpec(
         layout="JPEGImages/<id>.jpg, SegmentationClass/<id>.png, labeled.txt, unlabeled.txt, "
                "val.txt (optional classes.txt)",
-        classes=(), palette=voc_palette, splits=_folder_splits),
+        classes=(), palette=voc_palette, resolve=functools.partial(_resolve_voc, use_aug=False),
+        val=lambda root: _listed(os.path.join(root, "val.txt"))),
 }
+
+
+def _lists(spec, root, labeled, split_dir, seed, log):
+    """{"labeled"/"unlabeled"/"val": list}: labeled.txt and unlabeled.txt of split_dir (a folder
+    dataset: of its root), with val.txt there, in its parent (the published layout) or the
+    dataset's own; without split_dir, the dataset's split drawn for --labeled."""
+    if split_dir is None and spec.draw is not None:
+        return {**spec.draw(root, labeled, seed, log), "val": spec.val(root)}
+    list_dir = root if split_dir is None else split_dir
+    if not os.path.isdir(list_dir):
+        raise DataError(f"--split-dir {split_dir} does not exist")
+    lists = {which: _listed(os.path.join(list_dir, which + ".txt")) for which in ("labeled", "unlabeled")}
+    vals = [os.path.normpath(os.path.join(list_dir, *parts, "val.txt")) for parts in ((), (os.pardir,))]
+    vals = [path for path in vals if os.path.isfile(path)]
+    lists["val"] = _listed(vals[0]) if vals else spec.val(root)
+    log(f"data: lists from {list_dir} (val: {lists['val'][1]})")
+    if labeled is not None and labeled != len(lists["labeled"][0]):
+        log(f"warning: --labeled {labeled} but {lists['labeled'][1]} lists {len(lists['labeled'][0])} "
+            "images; the list decides")
+    return lists
 
 
 # --------------------------------------------------------------------------- pre-flight checks
@@ -904,15 +790,6 @@ def _check_files(samples, origin, need_label):
                if not os.path.isfile(path)]
     if missing:
         raise DataError(f"{len(missing)} file(s) listed in {origin} do not exist: {_some(missing, 3)}")
-
-
-def _check_sizes(samples, origin):
-    """Each mask has its image's size (file headers only)."""
-    for sample in samples:
-        image_size, label_size = _header_size(sample.image), _header_size(sample.label)
-        if image_size != label_size:
-            raise DataError(f"mask {sample.label} is {label_size[0]}x{label_size[1]} but its image "
-                            f"{sample.image} is {image_size[0]}x{image_size[1]} (listed in {origin})")
 
 
 def _check_overlaps(splits, log):
@@ -937,9 +814,9 @@ def _check_overlaps(splits, log):
 
 
 # --------------------------------------------------------------------------- the full data check
-# build_data's checks read file headers only. check_data decodes every listed file before the
-# first iteration: about half a minute of one core for VOC's 12,031 images, against a crash
-# hours into a run.
+# build_data checks that the listed files exist. check_data decodes every one before the first
+# iteration: about half a minute of one core for VOC's 12,031 images, against a crash hours
+# into a run.
 
 CHECK_VERSION = 1  # bump when check_data checks more, so that old records are not trusted
 CHECK_CHUNK = 16  # samples per task handed to a worker
@@ -965,9 +842,7 @@ def _check_chunk(task):
             problems.append((which, sample.label, str(error)))
             continue
         if size is not None and label.shape != (size[1], size[0]):
-            message = (f"mask {sample.label} is {label.shape[1]}x{label.shape[0]} but its image "
-                       f"{sample.image} is {size[0]}x{size[1]}")
-            problems.append((which, sample.label, message))
+            problems.append((which, sample.label, _size_message(sample, size, label)))
     return len(chunk), problems
 
 
@@ -985,22 +860,41 @@ def _fingerprint(items, num_classes):
     digest = hashlib.sha256(f"{CHECK_VERSION} {num_classes}\n".encode())
     for which, sample in items:
         for path in (sample.image, sample.label):
-            if path is None:
-                continue
-            try:
-                stat = os.stat(path)
-                facts = f"{stat.st_size} {stat.st_mtime_ns}"
-            except OSError:
-                facts = "missing"
-            digest.update(f"{which} {int(sample.map_ids)} {os.path.abspath(path)} {facts}\n".encode())
+            if path is not None:
+                try:
+                    stat = os.stat(path)
+                    facts = f"{stat.st_size} {stat.st_mtime_ns}"
+                except OSError:
+                    facts = "missing"
+                digest.update(f"{which} {int(sample.map_ids)} {os.path.abspath(path)} {facts}\n".encode())
     return digest.hexdigest()
 
 
-def _write_json(record, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=1)
-    os.replace(tmp, path)
+def _read_chunks(tasks, workers, log, clock):
+    """Every task's problems, read by `workers` processes (0: this one), with a progress line at
+    most every CHECK_PROGRESS_SECONDS."""
+    total = sum(len(chunk) for chunk, _, _ in tasks)
+    start = last_report = clock()
+    problems, done = [], 0
+    pool = multiprocessing.Pool(workers, initializer=_check_worker_init) if workers > 0 else None
+    try:
+        for count, chunk_problems in (pool.imap_unordered(_check_chunk, tasks) if pool
+                                      else map(_check_chunk, tasks)):
+            problems += chunk_problems
+            done += count
+            now = clock()
+            if now - last_report >= CHECK_PROGRESS_SECONDS and done < total:
+                last_report = now
+                eta = datetime.timedelta(seconds=int((total - done) * (now - start) / done))
+                log(f"data check: {done}/{total} images ({100 * done // total}%), "
+                    f"{len(problems)} bad file(s) so far, eta {eta}")
+        if pool is not None:
+            pool.close()
+    finally:
+        if pool is not None:
+            pool.terminate()  # after close(): a no-op for workers that already finished
+            pool.join()
+    return sorted(problems), clock() - start
 
 
 def check_data(data, workers=0, log=print, record_path=None, clock=time.monotonic):
@@ -1009,30 +903,27 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
     Checks that each image and mask decodes in full, that a mask has its image's size, and
     that mask values are class ids or 255 (Cityscapes: after the raw-id mapping). Every bad
     file is collected, then one DataError names the first few and their count; the log gets
-    one line per bad file. `workers` processes read the files (0: this process), with a
-    progress line at most every CHECK_PROGRESS_SECONDS.
+    one line per bad file. `workers` processes read the files (0: this process).
 
-    record_path (a JSON file in the run directory) remembers a passed check with a
-    fingerprint of the file list, sizes and modification times: a later call with the same
-    fingerprint (a resumed run) skips the reading. A failed check is recorded there too,
-    with every problem. Generated data (the toy set) needs no check. Returns the record
-    (None for generated data).
+    record_path (a JSON file in the run directory) records the result with a fingerprint of
+    the files' paths, sizes and modification times: a later call with the same fingerprint
+    after a passed check (a resumed run) skips the reading. Generated data (the toy set) needs
+    no check. Returns the record (None for generated data).
     """
-    items = [(which, sample) for which in ("labeled", "unlabeled", "val")
-             for sample in getattr(getattr(data, which).source, "samples", ())]
+    items = [(which, sample) for which in SPLITS if not getattr(data, which).generated
+             for sample in getattr(data, which).samples]
     if not items:
         return None
     fingerprint = _fingerprint(items, data.num_classes)
-    if record_path is not None and os.path.isfile(record_path):
-        try:
-            with open(record_path, encoding="utf-8") as handle:
-                previous = json.load(handle)
-        except (OSError, ValueError):
-            previous = {}
-        if previous.get("ok") and previous.get("fingerprint") == fingerprint:
-            log(f"data check: skipped, the {len(items)} listed images and their masks are unchanged "
-                f"since the check recorded in {record_path}")
-            return previous
+    try:
+        with open(record_path, encoding="utf-8") as handle:
+            previous = json.load(handle)
+    except (TypeError, OSError, ValueError):  # no record_path, no record, or a broken one
+        previous = {}
+    if previous.get("ok") and previous.get("fingerprint") == fingerprint:
+        log(f"data check: skipped, the {len(items)} listed images and their masks are unchanged "
+            f"since the check recorded in {record_path}")
+        return previous
 
     masks = sum(sample.label is not None for _, sample in items)
     tasks = [(items[i:i + CHECK_CHUNK], data.num_classes, data.palette)
@@ -1040,43 +931,22 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
     workers = max(0, min(int(workers), len(tasks)))
     log(f"data check: reading {len(items)} images and {masks} masks with "
         f"{workers or 'no'} worker process(es) (--skip-data-check skips this)")
-    start = last_report = clock()
-    problems, done = [], 0
-    pool = multiprocessing.Pool(workers, initializer=_check_worker_init) if workers > 0 else None
-    try:
-        results = pool.imap_unordered(_check_chunk, tasks) if pool else map(_check_chunk, tasks)
-        for count, chunk_problems in results:
-            problems += chunk_problems
-            done += count
-            now = clock()
-            if now - last_report >= CHECK_PROGRESS_SECONDS and done < len(items):
-                last_report = now
-                rate = done / (now - start)
-                log(f"data check: {done}/{len(items)} images ({100 * done // len(items)}%), "
-                    f"{len(problems)} bad file(s) so far, "
-                    f"eta {datetime.timedelta(seconds=int((len(items) - done) / rate))}")
-        if pool is not None:
-            pool.close()
-    finally:
-        if pool is not None:
-            pool.terminate()  # after close(): a no-op for workers that already finished
-            pool.join()
-    seconds = clock() - start
-    problems.sort()
+    problems, seconds = _read_chunks(tasks, workers, log, clock)
     record = {"version": CHECK_VERSION, "ok": not problems, "fingerprint": fingerprint,
               "num_classes": data.num_classes, "images": len(items), "masks": masks,
               "seconds": round(seconds, 1), "workers": workers,
               "problems": [f"{which}: {message}" for which, _, message in problems]}
     if record_path is not None:
-        _write_json(record, record_path)
+        with open(record_path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=1)
+        os.replace(record_path + ".tmp", record_path)
     if not problems:
         log(f"data check: {len(items)} images and {masks} masks decode, sizes match, mask values "
             f"are class ids or {IGNORE_INDEX} ({seconds:.1f} s)")
         return record
-    shown = 20
+    shown, where = 20, (f"; all of them in {record_path}" if record_path is not None else "")
     for line in record["problems"][:shown]:
         log(f"data check: {line}")
-    where = f"; all of them in {record_path}" if record_path is not None else ""
     if len(problems) > shown:
         log(f"data check: ... and {len(problems) - shown} more{where}")
     others = [path for _, path, _ in problems[1:]]
@@ -1089,14 +959,12 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
 
 def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_dir=None,
                seed=0, crop_size=513, out_dir=None, log=print):
-    """Build the labeled, unlabeled and val datasets of `dataset` after cheap pre-flight checks.
+    """Build the labeled, unlabeled and val datasets of `dataset` (a DATASETS entry).
 
-    toy: generated in code (no files). voc / cityscapes: the paper's splits drawn from `seed`
-    (labeled in VOC_CLASSIC_LABELED + VOC_BLENDED_LABELED or CITYSCAPES_LABELED), or any lists
-    from split_dir. folder: VOC layout with lists in data_root (or split_dir); its classes come
-    from data_root/classes.txt or num_classes. What each dataset is: the DATASETS table.
-    The lists are written to out_dir/{labeled,unlabeled,val}.txt when out_dir is given, so
-    `--split-dir out_dir` repeats the run on the same images.
+    The lists come from split_dir, a folder dataset's root, or the dataset's split drawn for
+    `labeled` from `seed`; build_data checks that the listed files exist (check_data decodes
+    them). The lists are written to out_dir/{labeled,unlabeled,val}.txt when out_dir is given,
+    so that `--split-dir out_dir` repeats the run on the same images.
     """
     spec = DATASETS.get(dataset)
     if spec is None:
@@ -1105,38 +973,25 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
         raise DataError(f"--crop-size {crop_size}: must be a positive integer")
     if labeled is not None and labeled < 1:
         raise DataError(f"--labeled {labeled}: must be at least 1")
-    if not spec.generated:
-        if data_root is None:
-            raise DataError(f"--data-root is required for --dataset {dataset} ({spec.layout})")
-        if not os.path.isdir(data_root):
-            raise DataError(f"--data-root {data_root} does not exist")
+    if not spec.generated and data_root is None:
+        raise DataError(f"--data-root is required for --dataset {dataset} ({spec.layout})")
+    if not spec.generated and not os.path.isdir(data_root):
+        raise DataError(f"--data-root {data_root} does not exist (or is not a folder)")
+    if spec.classes and num_classes not in (None, len(spec.classes)):
+        raise DataError(f"--num-classes {num_classes}: the {dataset} dataset has {len(spec.classes)} classes")
+    class_names = list(spec.classes) or _folder_classes(data_root, num_classes)
 
-    if spec.classes:
-        if num_classes is not None and num_classes != len(spec.classes):
-            raise DataError(f"--num-classes {num_classes}: the {dataset} dataset has "
-                            f"{len(spec.classes)} classes")
-        class_names = list(spec.classes)
-    else:
-        class_names = _folder_classes(data_root, num_classes)
-    num_classes = len(class_names)
-    splits = spec.splits(data_root, labeled, split_dir, seed, log)
-
+    lists = _lists(spec, data_root, labeled, split_dir, seed, log)
+    splits = {which: _resolve_list(data_root, *lists[which], spec.resolve, which != "unlabeled")
+              for which in SPLITS}
     _check_overlaps(splits, log)
-    if spec.generated:
-        make_source = lambda samples: ToySource(s.name for s in samples)  # noqa: E731
-    else:
-        for which in ("labeled", "val"):
-            _check_files(splits[which][0], splits[which][2], need_label=True)
-        _check_files(splits["unlabeled"][0], splits["unlabeled"][2], need_label=False)
-        for which in ("labeled", "val"):
-            _check_sizes(splits[which][0], splits[which][2])
-        make_source = lambda samples: FileSource(samples, num_classes)  # noqa: E731
-    if not splits["unlabeled"][0]:
-        log(f"warning: the unlabeled list {splits['unlabeled'][2]} is empty")
-    if not splits["val"][0]:
-        log(f"warning: the val list {splits['val'][2]} is empty")
-
-    lists = {which: splits[which][1] for which in ("labeled", "unlabeled", "val")}
+    for which in SPLITS:
+        samples, lines, origin = splits[which]
+        if not spec.generated:
+            _check_files(samples, origin, need_label=which != "unlabeled")
+        if not samples and which != "labeled":
+            log(f"warning: the {which} list {origin} is empty")
+    lists = {which: splits[which][1] for which in SPLITS}
     log(f"data: {dataset}: {len(lists['labeled'])} labeled / {len(lists['unlabeled'])} unlabeled"
         f" / {len(lists['val'])} val")
     if out_dir is not None:
@@ -1144,10 +999,11 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
         for which, lines in lists.items():
             with open(os.path.join(out_dir, which + ".txt"), "w", encoding="utf-8") as handle:
                 handle.write("".join(line + "\n" for line in lines))
-    return Data(
-        name=dataset, num_classes=num_classes, class_names=class_names, palette=spec.palette(),
-        labeled=TrainDataset(make_source(splits["labeled"][0]), crop_size, labeled=True),
-        unlabeled=TrainDataset(make_source(splits["unlabeled"][0]), crop_size, labeled=False),
-        val=ValDataset(make_source(splits["val"][0])),
-        lists=lists,
-    )
+
+    def images(which, **training):
+        return ImageList(splits[which][0], len(class_names), spec.generated, **training)
+
+    return Data(name=dataset, num_classes=len(class_names), class_names=class_names,
+                palette=spec.palette(), labeled=images("labeled", crop_size=crop_size),
+                unlabeled=images("unlabeled", crop_size=crop_size, labeled=False),
+                val=images("val"), lists=lists)
