@@ -1,21 +1,14 @@
 """Evaluation for PCR: confusion-matrix mIoU, the field's evaluation protocols, offline
 evaluation of a checkpoint, inference on new images, and pictures of predictions.
 
-docs/METHOD.md section 5. train.py calls `evaluate`; the command line below runs the same
-code path on a saved checkpoint:
+docs/METHOD.md section 5. train.py calls `evaluate`; the command line runs the same code
+on a saved checkpoint:
 
     python evaluate.py --checkpoint RUN                          # RUN/best.pt, the run's settings
     python evaluate.py --checkpoint RUN/best.pt --mode sliding --crop-size 769 --head both
     python evaluate.py --checkpoint RUN --head both --save-dir pictures/ --prototype-map
     python evaluate.py --checkpoint RUN --images my_photos/ --save-dir masks/
     torchrun --nproc_per_node 4 evaluate.py --checkpoint RUN/best.pt
-
-Pictures (--save-dir): predicted masks are palette PNGs (pixel value = class id, colours
-from the dataset's palette: VOC's own format, so they can serve as masks of
---dataset folder); comparisons and overlays carry captions and a legend, are enlarged
-(nearest neighbour) when small, and overlays leave the background (class 0) transparent.
---prototype-map draws which micro-prototype of its predicted class each pixel is nearest
-to, in shades of the class colour (nearest_prototype_map).
 
 Protocols (`mode`):
   whole    one forward pass at the image's own size (Pascal VOC);
@@ -24,7 +17,8 @@ Protocols (`mode`):
            (= the mean colour after normalisation) at the bottom/right (Cityscapes);
   center   only the central crop x crop region is predicted and scored; the label is cut
            with the same `center_box` (a side shorter than the crop is kept whole).
-Multi-scale / flip: see `predict_heads`.
+Multi-scale / flip: `predict_heads`. Everything drawn follows the same protocol, the map of
+nearest micro-prototypes (--prototype-map) included. Pictures: `save_pictures`.
 """
 
 import argparse
@@ -41,10 +35,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+import data as data_lib
+# Module import, used at call time only: train.py imports this module at its own top, so
+# `from train import ...` here would meet a half-initialised train module.
+import train
+from model import DeepLabV3Plus
+from prototypes import PrototypeBank
+
 IGNORE_INDEX = 255
 MODES = ("whole", "sliding", "center")
 HEADS = ("linear", "proto")
-# Budget for one chunk of full-resolution features in the prototype head:
+AMPS = (None, "none", "bf16", "fp16")
+# Budget for one chunk of full-resolution features read by the prototype bank:
 # chunk_pixels x D float32 values <= 64 MB (16 rows of a 2048-wide image at D = 512).
 PROTO_CHUNK_BYTES = 64 * 2 ** 20
 VIEW_MIN_SIDE = 256  # pictures with a shorter side are enlarged (nearest neighbour)
@@ -146,18 +148,6 @@ def format_table(metrics, class_names=None):
 
 # ------------------------------------------------------------------------- prediction
 
-def _autocast_dtype(amp):
-    """--amp value ('bf16' | 'fp16' | 'none' | None | a torch dtype) -> dtype or None."""
-    if amp is None or amp == "none":
-        return None
-    if isinstance(amp, torch.dtype):
-        return amp
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes:
-        raise ValueError(f"amp (--amp) must be bf16, fp16 or none, got {amp!r}")
-    return dtypes[amp]
-
-
 def window_starts(length, crop, stride):
     """Start offsets of the sliding windows along one side of `length` pixels: every
     `stride` pixels, the last window moved back to end exactly at the border, so
@@ -176,12 +166,12 @@ def center_box(height, width, crop):
     return (height - box_height) // 2, (width - box_width) // 2, box_height, box_width
 
 
-def _bank_rows(feature, bank, size, chunk_pixels=None):
-    """Yield (top, rows, logits (B, rows, W, K), nearest (B, rows, W, K)): `bank` applied to
-    f(y, x), the feature bilinearly interpolated (align_corners=True, as F.interpolate) at
-    every pixel of an image of `size` (H, W), in chunks of whole rows of at most
-    `chunk_pixels` pixels (default: PROTO_CHUNK_BYTES of float32 D-vectors), so the
-    (B, D, H, W) full-resolution feature never exists at once."""
+def _feature_rows(feature, size, chunk_pixels=None):
+    """Yield (top, rows): rows (B, r, W, D) float32 is the feature (B, D, h, w) bilinearly
+    interpolated (align_corners=True, as F.interpolate) at the pixels of rows top..top+r-1
+    of an image of `size` (H, W). Chunks of whole rows of at most `chunk_pixels` pixels
+    (default: PROTO_CHUNK_BYTES of float32 D-vectors), so that the (B, D, H, W)
+    full-resolution feature never exists at once: 4 GB for one Cityscapes image."""
     batch, dim = feature.shape[:2]
     height, width = size
     if chunk_pixels is None:
@@ -193,103 +183,139 @@ def _bank_rows(feature, bank, size, chunk_pixels=None):
     grid_y = torch.linspace(-1, 1, height, device=feature.device)
     grid_x = torch.linspace(-1, 1, width, device=feature.device)
     for top in range(0, height, rows_per_chunk):
-        rows = grid_y[top:top + rows_per_chunk]
-        grid = torch.stack(torch.meshgrid(grid_x, rows, indexing="xy"), dim=-1)  # (r, W, 2)
+        grid = torch.stack(torch.meshgrid(grid_x, grid_y[top:top + rows_per_chunk],
+                                          indexing="xy"), dim=-1)  # (r, W, 2)
         grid = grid.unsqueeze(0).expand(batch, -1, -1, -1)
         sampled = F.grid_sample(feature, grid, mode="bilinear", align_corners=True)  # (B,D,r,W)
-        logits, nearest = bank(sampled.permute(0, 2, 3, 1).reshape(-1, dim))  # (B*r*W, K)
-        shape = (batch, len(rows), width, -1)
-        yield top, len(rows), logits.view(shape), nearest.view(shape)
+        yield top, sampled.permute(0, 2, 3, 1)
 
 
 def prototype_logits_map(feature, bank, size, chunk_pixels=None):
-    """Prototype-head logits for every pixel of an image of `size` (H, W).
-
-    feature (B, D, h, w) at native stride -> (B, K, H, W) float32 with
-        out[:, :, y, x] = bank(f(y, x)), f(y, x) = feature bilinearly interpolated
-    (align_corners=True, as F.interpolate) at pixel (y, x). Computed in chunks of whole
-    rows (see _bank_rows).
-    """
+    """Prototype-head logits for every pixel of an image of `size` (H, W): feature
+    (B, D, h, w) at native stride -> (B, K, H, W) float32, out[:, :, y, x] = bank(f(y, x))
+    with f(y, x) the feature interpolated at pixel (y, x) (_feature_rows)."""
     out = None
-    for top, rows, logits, _ in _bank_rows(feature, bank, size, chunk_pixels):
+    for top, rows in _feature_rows(feature, size, chunk_pixels):
+        logits = bank(rows.reshape(-1, rows.shape[-1]))[0].view(*rows.shape[:3], -1)
         if out is None:
             out = logits.new_empty(feature.shape[0], logits.shape[-1], *size)
-        out[:, :, top:top + rows] = logits.permute(0, 3, 1, 2)  # (B,K,r,W)
+        out[:, :, top:top + rows.shape[1]] = logits.permute(0, 3, 1, 2)  # (B, K, r, W)
     return out
 
 
-def nearest_prototype_map(feature, bank, classes, chunk_pixels=None):
-    """Which micro-prototype of its class each pixel is nearest to.
-
-    feature (B, D, h, w) at native stride, classes (B, H, W) int64 in [0, K) ->
-    (B, H, W) int64 m with
-        m[b, y, x] = argmax_m cos(f(y, x), p[classes[b, y, x], m]),
-    f as in prototype_logits_map (the feature the prototype head reads).
-    """
+def class_prototype_cosines(feature, bank, classes, chunk_pixels=None):
+    """Cosine of each pixel's feature to the M micro-prototypes of its class: feature
+    (B, D, h, w), classes (B, H, W) in [0, K) -> (B, M, H, W) float32 with
+        out[b, m, y, x] = cos(f(y, x), p[classes[b, y, x], m]),
+    f as in prototype_logits_map. The argmax over m is the nearest micro-prototype."""
     classes = classes.to(feature.device).long()
-    out = torch.empty_like(classes)
-    for top, rows, _, nearest in _bank_rows(feature, bank, classes.shape[-2:], chunk_pixels):
-        chunk_classes = classes[:, top:top + rows].unsqueeze(-1)  # (B, r, W, 1)
-        out[:, top:top + rows] = nearest.gather(3, chunk_classes).squeeze(3)
+    num_classes, num_prototypes, dim = bank.prototypes.shape
+    units = F.normalize(bank.prototypes.float(), dim=2).reshape(-1, dim)  # (K*M, D)
+    out = None
+    for top, rows in _feature_rows(feature, classes.shape[-2:], chunk_pixels):
+        cosine = F.normalize(rows, dim=3) @ units.t()  # (B, r, W, K*M)
+        cosine = cosine.view(*rows.shape[:3], num_classes, num_prototypes)
+        index = classes[:, top:top + rows.shape[1], :, None, None]
+        mine = cosine.gather(3, index.expand(-1, -1, -1, 1, num_prototypes))[:, :, :, 0]
+        if out is None:
+            out = mine.new_empty(classes.shape[0], num_prototypes, *classes.shape[-2:])
+        out[:, :, top:top + rows.shape[1]] = mine.permute(0, 3, 1, 2)  # (B, M, r, W)
     return out
 
 
-@torch.no_grad()
-def predict_prototype_map(model, image, bank, classes, amp=None):
-    """nearest_prototype_map of one forward pass of `model` on image (B, 3, H, W) at its
-    own size (no windows, scales or flip), for the predicted classes (B, H, W)."""
-    amp_dtype = _autocast_dtype(amp)
-    with torch.autocast(device_type=image.device.type, dtype=amp_dtype or torch.float32,
-                        enabled=amp_dtype is not None):
-        feature = model(image)[1]
-    return nearest_prototype_map(feature, bank, classes)
-
-
-def _forward_heads(model, image, heads, bank, amp_dtype):
-    """One forward pass -> {head: (B, K, H, W) float32 logits at the image's size}."""
-    size = image.shape[-2:]
-    with torch.autocast(device_type=image.device.type, dtype=amp_dtype or torch.float32,
-                        enabled=amp_dtype is not None):
-        logits, feature = model(image)[:2]
+def _read_window(model, window, heads, bank, amp, classes=None):
+    """One forward pass on `window` (B, 3, h, w) -> {name: (B, C, h, w) float32}: the
+    logits of `heads` ("linear", "proto") at the window's size and, given `classes`
+    (B, h, w), "cosine": class_prototype_cosines."""
+    with train.autocast(amp, window.device):
+        logits, feature = model(window)[:2]
+    size = window.shape[-2:]
     out = {}
     if "linear" in heads:
         out["linear"] = F.interpolate(logits.float(), size=size, mode="bilinear",
                                       align_corners=True)
     if "proto" in heads:
         out["proto"] = prototype_logits_map(feature, bank, size)
+    if classes is not None:
+        out["cosine"] = class_prototype_cosines(feature, bank, classes)
     return out
 
 
-def _sliding_heads(model, image, heads, bank, amp_dtype, num_classes, crop, stride):
-    """Sliding-window logits: sum of window logits / number of windows covering a pixel."""
+def _sliding(image, classes, read, crop, stride):
+    """read() on every crop x crop window: the sum of window outputs / the number of
+    windows covering a pixel. `classes` (B, H, W) or None is cut like the image."""
     height, width = image.shape[-2:]
-    pad_bottom, pad_right = max(crop - height, 0), max(crop - width, 0)
-    if pad_bottom or pad_right:
-        # Zero after normalisation = the dataset's mean colour, as in training crops.
-        image = F.pad(image, (0, pad_right, 0, pad_bottom))
-    padded_height, padded_width = image.shape[-2:]
-    sums = {head: image.new_zeros(image.shape[0], num_classes, padded_height, padded_width,
-                                  dtype=torch.float32) for head in heads}
-    count = image.new_zeros(1, 1, padded_height, padded_width, dtype=torch.float32)
-    for top in window_starts(padded_height, crop, stride):
-        for left in window_starts(padded_width, crop, stride):
+    # Zero after normalisation = the dataset's mean colour, as in training crops.
+    padding = (0, max(crop - width, 0), 0, max(crop - height, 0))
+    image = F.pad(image, padding)
+    classes = None if classes is None else F.pad(classes, padding)
+    sums, count = {}, image.new_zeros(1, 1, *image.shape[-2:], dtype=torch.float32)
+    for top in window_starts(image.shape[-2], crop, stride):
+        for left in window_starts(image.shape[-1], crop, stride):
             window = (..., slice(top, top + crop), slice(left, left + crop))
-            for head, logits in _forward_heads(model, image[window], heads, bank,
-                                               amp_dtype).items():
-                sums[head][window] += logits
+            outputs = read(image[window], None if classes is None else classes[window])
+            for name, value in outputs.items():
+                if name not in sums:
+                    sums[name] = value.new_zeros(*value.shape[:2], *image.shape[-2:])
+                sums[name][window] += value
             count[window] += 1
-    return {head: (total / count)[..., :height, :width] for head, total in sums.items()}
+    return {name: (total / count)[..., :height, :width] for name, total in sums.items()}
 
 
-def _check_predict_args(mode, crop_size, stride, scales, heads, bank):
+def _views(image, read, mode, crop_size, stride, scales, flip, classes=None):
+    """The protocol around read(window, classes of the window) -> {name: (B, C, h, w)}.
+
+    Yields one dict per view (each scale, and with `flip` its mirror image too): read's
+    outputs on the whole view, or averaged over the sliding windows, mirrored back and
+    resized to the image's H x W (mode "center": to the center_box). `classes` (B, H, W),
+    given in those output coordinates, travels with the image (resized nearest, mirrored,
+    cut into the same windows)."""
+    if mode == "center":
+        top, left, box_height, box_width = center_box(*image.shape[-2:], crop_size)
+        image = image[..., top:top + box_height, left:left + box_width]
+    height, width = image.shape[-2:]
+    stride = stride or max(1, round(crop_size * 2 / 3))
+    for scale in scales:
+        for mirrored in ((False, True) if flip else (False,)):
+            view, view_classes = image, classes
+            if scale != 1:
+                size = (max(1, round(height * scale)), max(1, round(width * scale)))
+                view = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
+                if classes is not None:
+                    view_classes = F.interpolate(classes[:, None].float(), size=size,
+                                                 mode="nearest")[:, 0].long()
+            if mirrored:
+                view = view.flip(-1)
+                view_classes = None if classes is None else view_classes.flip(-1)
+            if mode == "sliding":
+                outputs = _sliding(view, view_classes, read, crop_size, stride)
+            else:
+                outputs = read(view, view_classes)
+            for name, value in outputs.items():
+                if mirrored:
+                    value = value.flip(-1)
+                if value.shape[-2:] != (height, width):
+                    value = F.interpolate(value, size=(height, width), mode="bilinear",
+                                          align_corners=True)
+                outputs[name] = value
+            yield outputs
+
+
+def _check_protocol(mode, crop_size, stride, scales, amp, flip=False):
+    """ValueError naming the flag for a protocol setting out of range (any flip is fine)."""
     if mode not in MODES:
         raise ValueError(f"mode (--mode) must be one of {', '.join(MODES)}, got {mode!r}")
     if mode != "whole" and (not isinstance(crop_size, int) or crop_size < 1):
         raise ValueError(f"crop_size (--crop-size) must be a positive integer, got {crop_size!r}")
     if mode == "sliding" and stride is not None and not 1 <= stride <= crop_size:
         raise ValueError(f"stride (--stride) must be in [1, crop size {crop_size}], got {stride}")
-    if len(scales) == 0 or any(scale <= 0 for scale in scales):
+    if len(scales) == 0 or any(not scale > 0 for scale in scales):
         raise ValueError(f"scales (--scales) must be positive numbers, got {list(scales)}")
+    if amp not in AMPS:
+        raise ValueError(f"amp (--amp) must be bf16, fp16 or none, got {amp!r}")
+
+
+def _check_heads(heads, bank):
     if len(heads) == 0 or any(head not in HEADS for head in heads):
         raise ValueError(f"heads (--head) must be among {', '.join(HEADS)}, got {list(heads)}")
     if "proto" in heads and bank is None:
@@ -312,47 +338,22 @@ def predict_heads(model, image, num_classes, mode="whole", crop_size=513, stride
     result are the averaged prediction.
     """
     heads = tuple(heads)
-    _check_predict_args(mode, crop_size, stride, scales, heads, bank)
-    amp_dtype = _autocast_dtype(amp)
-    if mode == "center":
-        top, left, box_height, box_width = center_box(*image.shape[-2:], crop_size)
-        image = image[..., top:top + box_height, left:left + box_width]
-    height, width = image.shape[-2:]
-    stride = stride or max(1, round(crop_size * 2 / 3))
-
-    mirrorings = (False, True) if flip else (False,)
-    views = [(scale, mirrored) for scale in scales for mirrored in mirrorings]
+    _check_protocol(mode, crop_size, stride, scales, amp)
+    _check_heads(heads, bank)
+    views = len(scales) * (2 if flip else 1)
     result = {}
-    for scale, mirrored in views:
-        view = image
-        if scale != 1:
-            scaled_size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            view = F.interpolate(image, size=scaled_size, mode="bilinear", align_corners=True)
-        if mirrored:
-            view = view.flip(-1)
-        if mode == "sliding":
-            outputs = _sliding_heads(model, view, heads, bank, amp_dtype, num_classes,
-                                     crop_size, stride)
-        else:
-            outputs = _forward_heads(model, view, heads, bank, amp_dtype)
+    for outputs in _views(image, lambda window, _: _read_window(model, window, heads, bank, amp),
+                          mode, crop_size, stride, scales, flip):
         for head, logits in outputs.items():
             if logits.shape[1] != num_classes:
                 raise ValueError(f"the {head} head gives {logits.shape[1]} classes, "
                                  f"expected num_classes = {num_classes}")
-            if mirrored:
-                logits = logits.flip(-1)
-            if logits.shape[-2:] != (height, width):
-                logits = F.interpolate(logits, size=(height, width), mode="bilinear",
-                                       align_corners=True)
-            if len(views) == 1:
-                result[head] = logits
-            else:
-                probability = logits.softmax(dim=1)
-                result[head] = result[head] + probability if head in result else probability
-    if len(views) > 1:
+            if views > 1:
+                logits = logits.softmax(dim=1)
+            result[head] = result[head] + logits if head in result else logits
+    if views > 1:
         tiny = torch.finfo(torch.float32).tiny
-        result = {head: (total / len(views)).clamp_min(tiny).log()
-                  for head, total in result.items()}
+        result = {head: (total / views).clamp_min(tiny).log() for head, total in result.items()}
     return result
 
 
@@ -365,39 +366,51 @@ def predict(model, image, num_classes, mode="whole", crop_size=513, stride=None,
                          (head,), bank, amp)[head]
 
 
+@torch.no_grad()
+def predict_nearest_prototypes(model, image, bank, classes, mode="whole", crop_size=513,
+                               stride=None, scales=(1.0,), flip=False, amp=None):
+    """Which micro-prototype of its class each pixel is nearest to, by the protocol of
+    predict_heads: image (B, 3, H, W), classes (B, H, W) the predicted classes in
+    predict_heads' output coordinates -> (B, H, W) int64, the argmax over m of the cosine
+    of the pixel's feature to p[class, m] (class_prototype_cosines), averaged over views and
+    windows as predict_heads averages logits. Sliding windows read the feature window by
+    window: no full-resolution feature map of the whole image is made."""
+    _check_protocol(mode, crop_size, stride, scales, amp)
+    read = lambda window, window_classes: _read_window(model, window, (), bank, amp,  # noqa: E731
+                                                       window_classes)
+    total = sum(outputs["cosine"] for outputs in _views(image, read, mode, crop_size, stride,
+                                                        scales, flip, classes.long()))
+    return total.argmax(dim=1)
+
+
 # ------------------------------------------------------------------------- evaluation
-
-def _format_seconds(seconds):
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
 
 @torch.no_grad()
 def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
              stride=None, heads=("linear",), bank=None, amp=None, scales=(1.0,),
              flip=False, rank=0, world_size=1, log=print, save_dir=None, palette=None,
-             class_names=None, prototype_map=False, clock=time.monotonic):
+             class_names=None, prototype_map=False, background=0, clock=time.monotonic):
     """Score `model` on `dataset` (item i -> (image (3,H,W) normalised, label (H,W) int64,
     name)) -> {head: metrics_from_confusion(...)} with confusion matrices accumulated
-    over the whole set (ignore 255).
+    over the whole set (ignore 255). Items whose label is None (--images) are predicted
+    and drawn, not scored.
 
     Process `rank` of `world_size` evaluates images rank, rank + world_size, ...; the
     matrices are then summed over processes (torch.distributed must be initialised
     when world_size > 1; with world_size 1 nothing is reduced). Mode "center" scores
     the center_box of each label. The model's train/eval state is left as the caller
     set it (call model.eval() first). With `save_dir` (and `palette` (256, 3) uint8)
-    each image's predictions (every head) are saved as pictures with `class_names` in
-    the legend (save_prediction_pictures); with `prototype_map` (needs `bank`) also the
-    nearest micro-prototype of each pixel's predicted class (the prototype head's
-    prediction when it is among `heads`), from one forward pass at the image's size.
+    every image's predictions are drawn by save_pictures, `class_names` in the legends;
+    with `prototype_map` (needs `bank`) also the nearest micro-prototype of each pixel's
+    predicted class (the prototype head's prediction when it is among `heads`), by the
+    same protocol (predict_nearest_prototypes).
     Progress: at most one line every PROGRESS_SECONDS of `clock`, plus the last one.
     """
     heads = tuple(heads)
-    _check_predict_args(mode, crop_size, stride, scales, heads, bank)
+    protocol = dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip,
+                    amp=amp)
+    _check_protocol(**protocol)
+    _check_heads(heads, bank)
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"evaluate: world_size = {world_size} needs torch.distributed "
                          f"to be initialised")
@@ -405,8 +418,7 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
         raise ValueError("evaluate: save_dir needs a palette")
     if prototype_map and (save_dir is None or bank is None):
         raise ValueError("evaluate: prototype_map needs save_dir and a PrototypeBank (bank=...)")
-    shades = (prototype_shades(palette, num_classes, bank.num_prototypes) if prototype_map
-              else None)
+    shades = prototype_shades(palette, num_classes, bank.num_prototypes) if prototype_map else None
     device = torch.device(device)
     confusion = {head: torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
                  for head in heads}
@@ -414,40 +426,41 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
     start = last_line = clock()
     for done, index in enumerate(indices, start=1):
         image, label, name = dataset[index]
-        # Checked on the CPU copy: a label value outside [0, K) would silently land in
-        # the wrong confusion cell or be dropped.
-        bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= num_classes))
-        if bad.any():
-            raise ValueError(f"label of {name!r} has values outside [0, {num_classes}) and "
-                             f"!= {IGNORE_INDEX}: {torch.unique(label[bad]).tolist()[:10]}")
-        logits = predict_heads(model, image.unsqueeze(0).to(device, non_blocking=True),
-                               num_classes, mode, crop_size, stride, scales, flip, heads,
-                               bank, amp)
+        if label is not None:
+            # Checked on the CPU copy: a label value outside [0, K) would silently land in
+            # the wrong confusion cell or be dropped.
+            bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= num_classes))
+            if bad.any():
+                raise ValueError(f"label of {name!r} has values outside [0, {num_classes}) and "
+                                 f"!= {IGNORE_INDEX}: {torch.unique(label[bad]).tolist()[:10]}")
+        batch = image.unsqueeze(0).to(device, non_blocking=True)
+        logits = predict_heads(model, batch, num_classes, heads=heads, bank=bank, **protocol)
+        predictions = {head: logits[head][0].argmax(dim=0) for head in heads}
         if mode == "center":
-            top, left, box_height, box_width = center_box(*label.shape, crop_size)
-            label = label[top:top + box_height, left:left + box_width]
-            image = image[:, top:top + box_height, left:left + box_width]
-        label_on_device = label.to(device, non_blocking=True)
-        for head in heads:
-            confusion[head] += confusion_matrix(logits[head][0].argmax(dim=0), label_on_device,
-                                                num_classes)
+            top, left, box_height, box_width = center_box(*image.shape[-2:], crop_size)
+            box = (..., slice(top, top + box_height), slice(left, left + box_width))
+            image, label = image[box], None if label is None else label[box]
+        if label is not None:
+            label_on_device = label.to(device, non_blocking=True)
+            for head in heads:
+                confusion[head] += confusion_matrix(predictions[head], label_on_device, num_classes)
         if save_dir is not None:
-            predictions = {head: logits[head][0].argmax(dim=0) for head in heads}
             prototypes = None
             if prototype_map:
                 classes = predictions["proto" if "proto" in heads else heads[0]]
-                nearest = predict_prototype_map(model, image.unsqueeze(0).to(device), bank,
-                                                classes.unsqueeze(0), amp)[0]
-                prototypes = (classes.cpu().numpy(), nearest.cpu().numpy(), shades)
-            save_prediction_pictures(save_dir, name, image, label.numpy(),
-                                     {head: p.cpu().numpy() for head, p in predictions.items()},
-                                     palette, class_names, prototypes)
+                nearest = predict_nearest_prototypes(model, batch, bank, classes[None], **protocol)
+                prototypes = (classes.cpu().numpy(), nearest[0].cpu().numpy(), shades)
+            save_pictures(save_dir, name, image, {head: p.cpu().numpy() for head, p in
+                                                  predictions.items()},
+                          palette, class_names, None if label is None else label.numpy(),
+                          prototypes, background)
         now = clock()
         if rank == 0 and (now - last_line >= PROGRESS_SECONDS or done == len(indices)):
             last_line, elapsed = now, max(now - start, 1e-9)
             share = f" (rank 0 of {world_size})" if world_size > 1 else ""
-            log(f"eval {done}/{len(indices)} images{share}  {done / elapsed:.2f} img/s  "
-                f"ETA {_format_seconds(elapsed / done * (len(indices) - done))}")
+            log(f"{'eval' if label is not None else 'predict'} {done}/{len(indices)} images"
+                f"{share}  {done / elapsed:.2f} img/s  "
+                f"ETA {train.format_eta(elapsed / done * (len(indices) - done))}")
     if world_size > 1:
         # Only then: a caller evaluating on rank 0 alone must not block in all_reduce.
         confusion = {head: reduce_confusion(matrix) for head, matrix in confusion.items()}
@@ -458,9 +471,8 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
 
 def denormalize(image):
     """Normalised image (3, H, W) -> uint8 array (H, W, 3) with data.MEAN / data.STD."""
-    from data import MEAN, STD
-    mean = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
+    mean = torch.tensor(data_lib.MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(data_lib.STD, dtype=torch.float32).view(3, 1, 1)
     pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1) * 255
     return pixels.round().byte().permute(1, 2, 0).numpy()
 
@@ -480,9 +492,7 @@ def enlarge(picture, min_side=VIEW_MIN_SIDE, max_side=4096):
     pictures that are large enough; f is lowered so the long side stays <= max_side)."""
     short, long = min(picture.shape[:2]), max(picture.shape[:2])
     factor = min(math.ceil(min_side / short), max(1, max_side // long))
-    if factor <= 1:
-        return picture
-    return picture.repeat(factor, axis=0).repeat(factor, axis=1)
+    return picture.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else picture
 
 
 def error_picture(image_rgb, label, prediction, ignore_index=IGNORE_INDEX):
@@ -490,92 +500,9 @@ def error_picture(image_rgb, label, prediction, ignore_index=IGNORE_INDEX):
     the image darkened to 30% (context, kept darker than the grey)."""
     picture = (image_rgb.astype(np.float32) * 0.3).astype(np.uint8)
     ignored = label == ignore_index
-    wrong = (label != prediction) & ~ignored
     picture[ignored] = (128, 128, 128)
-    picture[wrong] = (255, 0, 0)
+    picture[(label != prediction) & ~ignored] = (255, 0, 0)
     return picture
-
-
-def side_by_side(pictures, gap=4):
-    """Concatenate (H, W, 3) uint8 pictures left to right with white gaps; shorter
-    pictures are padded with white at the bottom."""
-    height = max(picture.shape[0] for picture in pictures)
-    parts = []
-    for picture in pictures:
-        if picture.shape[0] < height:
-            pad = np.full((height - picture.shape[0], picture.shape[1], 3), 255, np.uint8)
-            picture = np.concatenate([picture, pad], axis=0)
-        parts += [picture, np.full((height, gap, 3), 255, dtype=np.uint8)]
-    return np.concatenate(parts[:-1], axis=1)
-
-
-def one_above_another(pictures):
-    """Stack (H, W, 3) uint8 pictures top to bottom, narrower ones padded white on the right."""
-    width = max(picture.shape[1] for picture in pictures)
-    parts = [np.concatenate([picture, np.full((picture.shape[0], width - picture.shape[1], 3),
-                                              255, np.uint8)], axis=1)
-             for picture in pictures]
-    return np.concatenate(parts, axis=0)
-
-
-def _font():
-    return ImageFont.load_default()  # Pillow's built-in font: no file, no dependency
-
-
-def _text_size(text, font):
-    left, top, right, bottom = font.getbbox(text)
-    return right - left, bottom
-
-
-def titled(picture, title, pad=3):
-    """`picture` (H, W, 3) uint8 with a white caption strip holding `title` above it."""
-    font = _font()
-    _, text_height = _text_size("Ag" + title, font)
-    strip = Image.new("RGB", (picture.shape[1], text_height + 2 * pad), "white")
-    ImageDraw.Draw(strip).text((pad, pad), title, fill=(0, 0, 0), font=font)
-    return np.concatenate([np.asarray(strip), picture], axis=0)
-
-
-def legend(entries, width, swatch=14, pad=4):
-    """White strip (h, width, 3) uint8 listing `entries`, a list of (colours (n, 3), text):
-    n colour squares followed by the text, entries wrapped over as many lines as needed."""
-    font = _font()
-    line_height = max(swatch, _text_size("Ag", font)[1]) + pad
-    placed, x, y = [], pad, pad
-    for colours, text in entries:
-        entry_width = len(colours) * swatch + pad + _text_size(text, font)[0]
-        if x > pad and x + entry_width > width - pad:
-            x, y = pad, y + line_height
-        placed.append((x, y, colours, text))
-        x += entry_width + 3 * pad
-    strip = Image.new("RGB", (width, y + line_height + pad), "white")
-    draw = ImageDraw.Draw(strip)
-    for x, y, colours, text in placed:
-        for i, colour in enumerate(colours):
-            draw.rectangle([x + i * swatch, y, x + (i + 1) * swatch - 1, y + swatch - 1],
-                           fill=tuple(int(c) for c in colour))
-        # a thin frame keeps white and very light colours visible on the white strip
-        draw.rectangle([x, y, x + len(colours) * swatch - 1, y + swatch - 1],
-                       outline=(96, 96, 96))
-        draw.text((x + len(colours) * swatch + pad, y + 1), text, fill=(0, 0, 0), font=font)
-    return np.asarray(strip)
-
-
-def _class_name(class_id, class_names):
-    if class_id == IGNORE_INDEX:
-        return "ignore"
-    if class_names is not None and class_id < len(class_names):
-        return str(class_names[class_id])
-    return f"class {class_id}"
-
-
-def class_legend(id_maps, palette, class_names, width, skip=()):
-    """legend() of the classes (and 255 = ignore) that occur in any of `id_maps`, in id
-    order, each with its palette colour; ids in `skip` are left out."""
-    present = np.unique(np.concatenate([np.asarray(ids).reshape(-1) for ids in id_maps]))
-    entries = [(palette[[k]], _class_name(int(k), class_names))
-               for k in present.tolist() if k not in skip]
-    return legend(entries, width)
 
 
 def overlay_picture(image_rgb, mask_rgb, alpha=0.5, clear=None):
@@ -593,90 +520,127 @@ def prototype_shades(palette, num_classes, num_prototypes):
     """(K, M, 3) uint8: M shades of each class colour palette[k], from darker to lighter,
     the middle shade closest to the colour itself. A colour too dark to darken (VOC's black
     background) gets M greys from dark to light instead."""
-    colours = np.asarray(palette[:num_classes], dtype=np.float64)      # (K, 3)
-    dark = colours.max(axis=1) < 64                                     # (K,)
-    shades = np.empty((num_classes, num_prototypes, 3))
-    for m in range(num_prototypes):  # M steps, each over all classes at once
-        step = 0.0 if num_prototypes == 1 else m / (num_prototypes - 1) - 0.5  # -0.5..0.5
-        darker = colours * (1 + step)                  # step < 0: towards black
-        lighter = colours + (255 - colours) * step     # step > 0: towards white
-        shade = np.where(step < 0, darker, lighter)
-        grey = 40 + 180 * (step + 0.5)
-        shades[:, m] = np.where(dark[:, None], grey, shade)
+    colours = np.asarray(palette[:num_classes], dtype=np.float64)[:, None]  # (K, 1, 3)
+    step = np.linspace(-0.5, 0.5, num_prototypes) if num_prototypes > 1 else np.zeros(1)
+    step = step[None, :, None]                                              # (1, M, 1)
+    shades = np.where(step < 0, colours * (1 + step), colours + (255 - colours) * step)
+    dark = colours.max(axis=2, keepdims=True) < 64  # e.g. VOC's black background
+    shades = np.where(dark, 40 + 180 * (step + 0.5), shades)
     return shades.round().clip(0, 255).astype(np.uint8)
 
 
-def prototype_picture(classes, nearest, shades):
-    """(H, W, 3) uint8: pixel (y, x) in shade nearest[y, x] of class classes[y, x]."""
-    return shades[np.asarray(classes), np.asarray(nearest)]
+def join(pictures, axis=1, gap=4):
+    """Pictures (H, W, 3) uint8 left to right (axis 1) or top to bottom (axis 0), `gap`
+    white pixels apart; the smaller ones are padded with white at the bottom / right."""
+    across = 1 - axis
+    size = max(picture.shape[across] for picture in pictures)
+    parts = []
+    for picture in pictures:
+        padding = [(0, 0)] * 3
+        padding[across] = (0, size - picture.shape[across])
+        gap_shape = [size, size, 3]
+        gap_shape[axis] = gap
+        parts += [np.pad(picture, padding, constant_values=255), np.full(gap_shape, 255, np.uint8)]
+    return np.concatenate(parts[:-1], axis=axis)
 
 
-def prototype_legend(classes, nearest, shades, class_names, width):
-    """legend() with each predicted class's M shades and how many of its prototypes are
-    nearest to at least one pixel."""
-    num_prototypes = shades.shape[1]
-    used = np.unique(np.asarray(classes).astype(np.int64) * num_prototypes + np.asarray(nearest))
-    entries = []
-    for k in np.unique(np.asarray(classes)).tolist():
-        count = int(((used // num_prototypes) == k).sum())
-        entries.append((shades[k], f"{_class_name(k, class_names)} "
-                                   f"({count} of {num_prototypes} prototypes)"))
-    return legend(entries, width)
+def titled(picture, title, pad=3):
+    """`picture` (H, W, 3) uint8 with a white caption strip holding `title` above it."""
+    font = ImageFont.load_default()  # Pillow's built-in font: no file, no dependency
+    strip = Image.new("RGB", (picture.shape[1], font.getbbox("Ag" + title)[3] + 2 * pad), "white")
+    ImageDraw.Draw(strip).text((pad, pad), title, fill=(0, 0, 0), font=font)
+    return np.concatenate([np.asarray(strip), picture], axis=0)
 
 
-def _panel(picture, title):
-    return titled(enlarge(picture), title)
+def legend(entries, width, swatch=14, pad=4):
+    """White strip (h, width, 3) uint8 listing `entries`, a list of (colours (n, 3), text):
+    n colour squares followed by the text, entries wrapped over as many lines as needed."""
+    font = ImageFont.load_default()
+    line_height = max(swatch, font.getbbox("Ag")[3]) + pad
+    placed, x, y = [], pad, pad
+    for colours, text in entries:
+        entry_width = len(colours) * swatch + pad + font.getlength(text)
+        if x > pad and x + entry_width > width - pad:
+            x, y = pad, y + line_height
+        placed.append((x, y, colours, text))
+        x += entry_width + 3 * pad
+    strip = Image.new("RGB", (width, y + line_height + pad), "white")
+    draw = ImageDraw.Draw(strip)
+    for x, y, colours, text in placed:
+        for i, colour in enumerate(colours):
+            draw.rectangle([x + i * swatch, y, x + (i + 1) * swatch - 1, y + swatch - 1],
+                           fill=tuple(int(c) for c in colour))
+        # a thin frame keeps white and very light colours visible on the white strip
+        draw.rectangle([x, y, x + len(colours) * swatch - 1, y + swatch - 1],
+                       outline=(96, 96, 96))
+        draw.text((x + len(colours) * swatch + pad, y + 1), text, fill=(0, 0, 0), font=font)
+    return np.asarray(strip)
 
 
-def _head_suffix(head):
-    return "" if head == "linear" else f"_{head}"
+def _figure(path, panels, entries):
+    """Save panels [(picture, caption or None)], enlarged, side by side, legend below."""
+    row = join([enlarge(picture) if caption is None else titled(enlarge(picture), caption)
+                for picture, caption in panels])
+    Image.fromarray(join([row, legend(entries, row.shape[1])], axis=0, gap=0)).save(path)
 
 
-def save_prediction_pictures(save_dir, name, image, label, predictions, palette,
-                             class_names=None, prototypes=None):
-    """Pictures of one evaluated image, in SAVE_DIR:
+def save_pictures(save_dir, name, image, predictions, palette, class_names=None, label=None,
+                  prototypes=None, background=0):
+    """Pictures of one image in SAVE_DIR; the prototype head's files carry "_proto" after
+    the name. image (3, H, W) normalised; predictions {head: (H, W) integer array};
+    palette (256, 3) uint8; label (H, W) or None.
 
-    <name>.png (<name>_proto.png for the prototype head)  the predicted class ids as a
-        palette PNG (VOC's format, readable as a mask by data.read_label);
-    <name>_compare.png  image | ground truth | per head: prediction, errors; with
-        captions and a legend of the classes shown; small images enlarged;
-    <name>_prototypes.png  with `prototypes` = (classes, nearest, shades): image |
-        each pixel's nearest micro-prototype of its predicted class (prototype_picture).
-
-    image (3, H, W) normalised; label (H, W) integer array; predictions {head: (H, W)
-    integer array} (or one array, taken as the linear head); palette (256, 3) uint8.
+    With a label (evaluation):
+      <name>.png           the predicted class ids as a palette PNG (palette_mask);
+      <name>_compare.png   image | ground truth | per head: prediction, errors.
+    Without (--images):
+      <name>_mask.png      the predicted class ids as a palette PNG;
+      <name>_overlay.png   the prediction blended into the image, the class `background`
+                           (None: none) left transparent.
+    With `prototypes` = (classes, nearest, shades (K, M, 3)):
+      <name>_prototypes.png  image | each pixel in the shade of its nearest micro-prototype
+                           of its class; the legend counts the prototypes in use per class.
+    Small pictures are enlarged (nearest neighbour); each has a legend of its classes.
     """
-    if not isinstance(predictions, dict):
-        predictions = {"linear": predictions}
     path = Path(save_dir) / Path(name).name  # a name with folders stays inside save_dir
     path.parent.mkdir(parents=True, exist_ok=True)
     image_rgb = denormalize(image)
-    panels = [_panel(image_rgb, "image"), _panel(palette[label], "ground truth")]
-    for head, prediction in predictions.items():
-        palette_mask(prediction, palette).save(path.with_name(path.name + _head_suffix(head)
-                                                              + ".png"))
-        panels += [_panel(palette[prediction], f"{head} prediction"),
-                   _panel(error_picture(image_rgb, label, prediction), f"{head} errors")]
-    compare = side_by_side(panels)
-    key = class_legend([label] + list(predictions.values()), palette, class_names,
-                       compare.shape[1])
-    Image.fromarray(one_above_another([compare, key])).save(
-        path.with_name(path.name + "_compare.png"))
+
+    def class_entries(id_maps, skip=()):
+        present = np.unique(np.concatenate([np.ravel(ids) for ids in id_maps])).tolist()
+        return [(palette[[k]], _class_name(k, class_names)) for k in present if k not in skip]
+
+    panels = [(image_rgb, "image"), (palette[label], "ground truth")] if label is not None else []
+    for head, ids in predictions.items():
+        stem = f"{path}{'' if head == 'linear' else '_' + head}"
+        palette_mask(ids, palette).save(f"{stem}.png" if label is not None else f"{stem}_mask.png")
+        if label is not None:
+            panels += [(palette[ids], f"{head} prediction"),
+                       (error_picture(image_rgb, label, ids), f"{head} errors")]
+        else:
+            clear = None if background is None else ids == background
+            _figure(f"{stem}_overlay.png", [(overlay_picture(image_rgb, palette[ids], clear=clear),
+                                             None)], class_entries([ids], skip=(background,)))
+    if label is not None:
+        _figure(f"{path}_compare.png", panels, class_entries([label, *predictions.values()]))
     if prototypes is not None:
         classes, nearest, shades = prototypes
-        pair = side_by_side([_panel(image_rgb, "image"),
-                             _panel(prototype_picture(classes, nearest, shades),
-                                    "nearest micro-prototype")])
-        key = prototype_legend(classes, nearest, shades, class_names, pair.shape[1])
-        Image.fromarray(one_above_another([pair, key])).save(
-            path.with_name(path.name + "_prototypes.png"))
+        entries = [(shades[k], f"{_class_name(k, class_names)} ({len(np.unique(nearest[classes == k]))}"
+                               f" of {shades.shape[1]} prototypes)") for k in np.unique(classes).tolist()]
+        _figure(f"{path}_prototypes.png", [(image_rgb, "image"),
+                                           (shades[classes, nearest], "nearest micro-prototype")],
+                entries)
+
+
+def _class_name(class_id, class_names):
+    if class_id == IGNORE_INDEX:
+        return "ignore"
+    if class_names is not None and class_id < len(class_names):
+        return str(class_names[class_id])
+    return f"class {class_id}"
 
 
 # ----------------------------------------------------------------------- command line
-
-class EvalError(Exception):
-    """Bad command-line input; the message names the flag or file and what is wrong."""
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
@@ -709,9 +673,9 @@ def parse_args(argv=None):
         help="with --save-dir: also write NAME_prototypes.png, each pixel drawn in one of M "
              "shades of its predicted class's colour, the shade of the micro-prototype of that "
              "class nearest (cosine) to the pixel's decoder feature, so a class's different "
-             "appearances show as different shades (one forward pass at the image's size; "
-             "the prototype head's prediction when --head is proto or both); needs a "
-             "checkpoint with prototypes")
+             "appearances show as different shades (same protocol as the prediction; the "
+             "prototype head's prediction when --head is proto or both); needs a checkpoint "
+             "with prototypes")
     add("--images", help="an image file or a folder of images: predict them (no labels) at their "
                          "own size instead of evaluating; needs --save-dir")
     add("--out-json", help="also write the metrics to this JSON file")
@@ -719,150 +683,14 @@ def parse_args(argv=None):
 
 
 def _parse_scales(text):
-    if text is None:
-        return (1.0,)
     try:
-        scales = tuple(float(part) for part in text.split(","))
+        scales = tuple(float(part) for part in (text or "1").split(","))
     except ValueError:
-        raise EvalError(f"--scales {text!r}: expected comma-separated numbers, "
-                        f"e.g. 0.75,1,1.25") from None
+        raise train.SetupError(f"--scales {text!r}: expected comma-separated numbers, "
+                               f"e.g. 0.75,1,1.25") from None
     if any(not scale > 0 for scale in scales):
-        raise EvalError(f"--scales {text!r}: scales must be positive")
+        raise train.SetupError(f"--scales {text!r}: scales must be positive")
     return scales
-
-
-def load_checkpoint(path):
-    """train.py checkpoint -> dict with at least "config" and "student" (checked)."""
-    if not os.path.isfile(path):
-        raise EvalError(f"--checkpoint {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and weights_only errors all mean "not ours"
-        raise EvalError(f"--checkpoint {path}: cannot be read as a PyTorch checkpoint "
-                        f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
-    missing = [key for key in ("config", "student") if not isinstance(checkpoint, dict)
-               or checkpoint.get(key) is None]
-    if missing:
-        raise EvalError(f"--checkpoint {path}: not a train.py checkpoint (no {', '.join(missing)})")
-    needed = ("dataset", "num_classes", "backbone", "output_stride", "crop_size")
-    absent = [key for key in needed if checkpoint["config"].get(key) is None]
-    if absent:
-        raise EvalError(f"--checkpoint {path}: its config lacks {', '.join(absent)}")
-    return checkpoint
-
-
-def build_network(config, state_dict, which, path):
-    """DeepLabV3Plus for the run's settings with the `which` ("teacher"/"student") weights."""
-    from model import DeepLabV3Plus
-    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    args = (config["num_classes"], config["backbone"], config["output_stride"],
-            bool(config.get("aux", False)))
-    deep_stem = "backbone.conv1.weight" not in state_dict  # else --pretrained torchvision
-    network = DeepLabV3Plus(*args, deep_stem=deep_stem, width=config.get("width", 1.0))
-    try:
-        network.load_state_dict(state_dict)
-    except RuntimeError as error:
-        raise EvalError(f"--checkpoint {path}: the {which} weights do not fit a "
-                        f"{config['backbone']} model with {config['num_classes']} classes: "
-                        f"{str(error)[:600]}") from None
-    return network
-
-
-def build_bank(checkpoint, config, path, flag="--head proto/both"):
-    from prototypes import PrototypeBank
-    state = checkpoint.get("prototypes")
-    if state is None or "prototypes" not in state:
-        raise EvalError(f"{flag}: --checkpoint {path} holds no prototypes "
-                        f"(method {config.get('method', '?')!r})")
-    num_classes, num_prototypes, dim = state["prototypes"].shape
-    bank = PrototypeBank(num_classes, num_prototypes, dim,
-                         temperature=config.get("temperature", 0.1))
-    bank.load_state_dict(state)
-    return bank
-
-
-def _device(flag, local_rank):
-    if flag == "auto":
-        flag = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(flag)
-    except RuntimeError:
-        raise EvalError(f"--device {flag!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EvalError(f"--device {flag}: no CUDA device is visible")
-        device = torch.device("cuda", local_rank if device.index is None else device.index)
-        torch.cuda.set_device(device)
-    return device
-
-
-def _image_files(path):
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise EvalError(f"--images {path}: no such file or folder")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise EvalError(f"--images {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    stems = [p.stem for p in files]
-    clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
-    if clashes:
-        raise EvalError(f"--images {path}: several images share a name, their masks would "
-                        f"overwrite each other: {', '.join(clashes[:5])}")
-    return files
-
-
-def predict_images(model, files, save_dir, num_classes, palette, heads, bank, settings,
-                   device, rank=0, world_size=1, log=print, class_names=None, background=0,
-                   prototype_map=False, clock=time.monotonic):
-    """Predict each image file at its own size and write, in SAVE_DIR:
-
-    <stem>_mask.png      predicted class ids as a palette PNG (VOC's format: viewers show
-                         colours, data.read_label / --dataset folder read the ids back);
-    <stem>_overlay.png   the image with the prediction blended in, class `background`
-                         left transparent (None: none), a legend, small images enlarged;
-    (the prototype head: <stem>_proto_mask.png, <stem>_proto_overlay.png)
-    <stem>_prototypes.png  with `prototype_map`: image | nearest micro-prototype of each
-                         pixel's predicted class (the prototype head's when predicted).
-    Progress: at most one line every PROGRESS_SECONDS, plus the last one.
-    """
-    from data import normalize, read_image
-    os.makedirs(save_dir, exist_ok=True)
-    shades = prototype_shades(palette, num_classes, bank.num_prototypes) if prototype_map else None
-    mine = files[rank::world_size]
-    start = last_line = clock()
-    for done, path in enumerate(mine, start=1):
-        picture = read_image(path)
-        image_rgb = np.asarray(picture)
-        image = normalize(picture).unsqueeze(0).to(device)
-        logits = predict_heads(model, image, num_classes, heads=heads, bank=bank, **settings)
-        predictions = {head: logits[head][0].argmax(dim=0) for head in heads}
-        for head, prediction in predictions.items():
-            ids = prediction.cpu().numpy()
-            stem = Path(save_dir) / f"{path.stem}{_head_suffix(head)}"
-            palette_mask(ids, palette).save(f"{stem}_mask.png")
-            clear = None if background is None else ids == background
-            overlay = enlarge(overlay_picture(image_rgb, palette[ids], clear=clear))
-            key = class_legend([ids], palette, class_names, overlay.shape[1],
-                               skip=() if background is None else (background,))
-            Image.fromarray(one_above_another([overlay, key])).save(f"{stem}_overlay.png")
-        if prototype_map:
-            classes = predictions["proto" if "proto" in heads else heads[0]]
-            nearest = predict_prototype_map(model, image, bank, classes.unsqueeze(0),
-                                            settings.get("amp"))[0].cpu().numpy()
-            classes = classes.cpu().numpy()
-            pair = side_by_side([_panel(image_rgb, "image"),
-                                 _panel(prototype_picture(classes, nearest, shades),
-                                        "nearest micro-prototype")])
-            key = prototype_legend(classes, nearest, shades, class_names, pair.shape[1])
-            Image.fromarray(one_above_another([pair, key])).save(
-                Path(save_dir) / f"{path.stem}_prototypes.png")
-        now = clock()
-        if now - last_line >= PROGRESS_SECONDS or done == len(mine):
-            last_line = now
-            log(f"images {done}/{len(mine)}: {path.name} ({picture.width} x {picture.height})"
-                f"  {done / max(now - start, 1e-9):.2f} img/s")
 
 
 def resolve_checkpoint(path, log=print):
@@ -876,15 +704,79 @@ def resolve_checkpoint(path, log=print):
             note = "" if name == "best.pt" else " (it has no best.pt yet)"
             log(f"--checkpoint {path} is a run directory: using {candidate}{note}")
             return candidate
-    raise EvalError(f"--checkpoint {path} is a directory without best.pt or last.pt; "
-                    f"pass a run directory of train.py or a checkpoint file")
+    raise train.SetupError(f"--checkpoint {path} is a directory without best.pt or last.pt; "
+                           f"pass a run directory of train.py or a checkpoint file")
+
+
+def read_checkpoint(path):
+    """train.load_checkpoint, then what evaluation needs: the run's config and weights."""
+    checkpoint = train.load_checkpoint(path, "--checkpoint")
+    if not isinstance(checkpoint, dict) or not {"config", "student"} <= checkpoint.keys():
+        raise train.SetupError(f"--checkpoint {path}: not a train.py checkpoint "
+                               f"(no config and student weights)")
+    needed = ("dataset", "num_classes", "backbone", "output_stride", "crop_size")
+    absent = [key for key in needed if checkpoint["config"].get(key) is None]
+    if absent:
+        raise train.SetupError(f"--checkpoint {path}: its config lacks {', '.join(absent)}")
+    return checkpoint
+
+
+def build_network(config, state_dict, which, path):
+    """DeepLabV3Plus for the run's settings with the `which` ("teacher"/"student") weights."""
+    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    args = (config["num_classes"], config["backbone"], config["output_stride"],
+            bool(config.get("aux", False)))
+    deep_stem = "backbone.conv1.weight" not in state_dict  # else --pretrained torchvision
+    network = DeepLabV3Plus(*args, deep_stem=deep_stem, width=config.get("width", 1.0))
+    try:
+        network.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise train.SetupError(f"--checkpoint {path}: the {which} weights do not fit a "
+                               f"{config['backbone']} model with {config['num_classes']} "
+                               f"classes: {str(error)[:600]}") from None
+    return network
+
+
+def build_bank(checkpoint, config, path, flag):
+    state = checkpoint.get("prototypes")
+    if state is None or "prototypes" not in state:
+        raise train.SetupError(f"{flag}: --checkpoint {path} holds no prototypes "
+                               f"(method {config.get('method', '?')!r})")
+    bank = PrototypeBank(*state["prototypes"].shape, temperature=config.get("temperature", 0.1))
+    bank.load_state_dict(state)
+    return bank
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """--images: a file or a folder of photos as evaluate() items (image, None, stem)."""
+
+    def __init__(self, path):
+        path = Path(path)
+        if not path.exists():
+            raise train.SetupError(f"--images {path}: no such file or folder")
+        self.files = [path] if path.is_file() else sorted(
+            p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise train.SetupError(f"--images {path}: no images ({', '.join(IMAGE_SUFFIXES)}) "
+                                   f"in this folder")
+        stems = [p.stem for p in self.files]
+        clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
+        if clashes:
+            raise train.SetupError(f"--images {path}: several images share a name, their masks "
+                                   f"would overwrite each other: {', '.join(clashes[:5])}")
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        path = self.files[index]
+        return data_lib.normalize(data_lib.read_image(path)), None, path.stem
 
 
 def class_names_of(config, data_root=None):
     """Class names for the legends of --images, where no dataset is built: the fixed
     names of toy / voc / cityscapes, classes.txt of a folder dataset's root when it is
     there (and names the right number of classes), else "class 0", "class 1", ..."""
-    import data as data_lib
     num_classes = config["num_classes"]
     spec = data_lib.DATASETS.get(config["dataset"])
     if spec is not None and len(spec.classes) == num_classes:
@@ -898,24 +790,17 @@ def class_names_of(config, data_root=None):
     return [f"class {k}" for k in range(num_classes)]
 
 
-def _background(config):
-    """Class left transparent in overlays: 0 (background) except for Cityscapes, whose
-    class 0 is road."""
-    return None if config["dataset"] == "cityscapes" else 0
-
-
 def run(args):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     log = print if rank == 0 else (lambda *parts: None)
-    if args.images and not args.save_dir:
-        raise EvalError("--images needs --save-dir for the masks and overlays")
-    if args.prototype_map and not args.save_dir:
-        raise EvalError("--prototype-map needs --save-dir for the pictures")
+    for flag, value in (("--images", args.images), ("--prototype-map", args.prototype_map)):
+        if value and not args.save_dir:
+            raise train.SetupError(f"{flag} needs --save-dir for its pictures")
     scales = _parse_scales(args.scales)
-    device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = train.pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     args.checkpoint = resolve_checkpoint(args.checkpoint, log)
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = read_checkpoint(args.checkpoint)
     config = checkpoint["config"]
 
     # Every setting is checked before the (large) model is built.
@@ -925,44 +810,39 @@ def run(args):
         flag = "--head proto/both" if "proto" in heads else "--prototype-map"
         bank = build_bank(checkpoint, config, args.checkpoint, flag).to(device)
     mode = args.mode or config.get("eval_mode", "whole")
+    if args.images and mode == "center":
+        mode = "whole"  # every pixel of a new image gets a prediction
     crop_size = args.crop_size or config["crop_size"]
     amp = args.amp or config.get("amp", "none")
     settings = dict(mode=mode, crop_size=crop_size, stride=args.stride, scales=scales,
                     flip=args.flip, amp=amp)
     try:
-        _check_predict_args(mode, crop_size, args.stride, scales, heads, bank)
-        _autocast_dtype(amp)
+        _check_protocol(**settings)
     except ValueError as error:
-        raise EvalError(str(error)) from None
+        raise train.SetupError(str(error)) from None
 
     # The trainer scores the teacher only once the semi-supervised phase has begun
     # (iteration > warmup_iters); before that, and in supervised runs, the student.
     iteration = checkpoint.get("iter", 0)
-    if args.student:
-        which = "student"
-    elif checkpoint.get("teacher") is None:
-        which = "student"
-        log("note: evaluating the student (this run has no teacher)")
-    elif iteration <= config.get("warmup_iters", 0):
+    which = "student" if args.student or checkpoint.get("teacher") is None else "teacher"
+    if which == "teacher" and iteration <= config.get("warmup_iters", 0):
         which = "student"
         log(f"note: evaluating the student (iteration {iteration} is in the supervised "
             f"warm-up of {config.get('warmup_iters')} iterations; the teacher is not trained yet)")
-    else:
-        which = "teacher"
+    elif which == "student" and not args.student:
+        log("note: evaluating the student (this run has no teacher)")
     network = build_network(config, checkpoint[which], which, args.checkpoint).to(device).eval()
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    common = dict(heads=heads, bank=bank, rank=rank, world_size=world_size, log=log,
+                  save_dir=args.save_dir, prototype_map=args.prototype_map, **settings)
 
-    import data as data_lib
     if args.images:
-        if mode == "center":
-            settings["mode"] = "whole"  # every pixel of a new image gets a prediction
         spec = data_lib.DATASETS.get(config["dataset"], data_lib.DATASETS["voc"])
-        palette = spec.palette()
-        predict_images(network, _image_files(args.images), args.save_dir, config["num_classes"],
-                       palette, heads, bank, settings, device, rank, world_size, log,
-                       class_names=class_names_of(config, args.data_root),
-                       background=_background(config), prototype_map=args.prototype_map)
+        # Overlays leave class 0 (background) transparent, except Cityscapes' (road).
+        evaluate(network, ImageFiles(args.images), config["num_classes"], device,
+                 palette=spec.palette(), class_names=class_names_of(config, args.data_root),
+                 background=None if config["dataset"] == "cityscapes" else 0, **common)
         return 0
 
     data = data_lib.build_data(
@@ -970,13 +850,11 @@ def run(args):
         config.get("labeled"), args.split_dir or config.get("split_dir"), config.get("seed", 0),
         crop_size, out_dir=None, log=log)
     log(f"evaluate {args.checkpoint} (iteration {iteration}, {which}, heads {', '.join(heads)}): "
-        f"{len(data.val)} val images, mode {mode}, crop {crop_size}, scales "
-        f"{list(settings['scales'])}, flip {args.flip}, amp {amp}, device {device}")
+        f"{len(data.val)} val images, mode {mode}, crop {crop_size}, scales {list(scales)}, "
+        f"flip {args.flip}, amp {amp}, device {device}")
     start = time.time()
-    results = evaluate(network, data.val, data.num_classes, device, heads=heads, bank=bank,
-                       rank=rank, world_size=world_size, log=log, save_dir=args.save_dir,
-                       palette=data.palette, class_names=data.class_names,
-                       prototype_map=args.prototype_map, **settings)
+    results = evaluate(network, data.val, data.num_classes, device, palette=data.palette,
+                       class_names=data.class_names, **common)
     if rank != 0:
         return 0
     for head in heads:
@@ -984,7 +862,7 @@ def run(args):
         log(format_table(results[head], data.class_names))
     record = {"source": "evaluate.py", "checkpoint": os.path.abspath(args.checkpoint),
               "iter": iteration, "model": which, "mode": mode, "crop_size": crop_size,
-              "stride": args.stride, "scales": list(settings["scales"]), "flip": args.flip,
+              "stride": args.stride, "scales": list(scales), "flip": args.flip,
               "amp": amp, "seconds": round(time.time() - start, 1)}
     if "linear" in results:
         record.update({key: results["linear"][key]
@@ -1007,10 +885,9 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from data import DataError
     try:
         return run(args)
-    except (EvalError, DataError) as error:
+    except (train.SetupError, train.CheckpointError, data_lib.DataError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2
     finally:
