@@ -1,24 +1,18 @@
 """Evaluation for PCR: confusion-matrix mIoU, the field's evaluation protocols, offline
 evaluation of a checkpoint, inference on new images, and pictures of predictions.
 
-docs/METHOD.md section 5. train.py calls `evaluate`; the command line runs the same code
-on a saved checkpoint:
-
-    python evaluate.py --checkpoint RUN                          # RUN/best.pt, the run's settings
-    python evaluate.py --checkpoint RUN/best.pt --mode sliding --crop-size 769 --head both
-    python evaluate.py --checkpoint RUN --head both --save-dir pictures/ --prototype-map
-    python evaluate.py --checkpoint RUN --images my_photos/ --save-dir masks/
-    torchrun --nproc_per_node 4 evaluate.py --checkpoint RUN/best.pt
+docs/METHOD.md section 5. train.py calls `evaluate`; the command line runs the same code on
+a saved checkpoint, alone or under torchrun (README: "Evaluation, pictures and inference").
 
 Protocols (`mode`):
   whole    one forward pass at the image's own size (Pascal VOC);
-  sliding  crop x crop windows every `stride` pixels (default round(2/3 crop)), logits
+  sliding  crop x crop windows every `stride` pixels (default round(2/3 crop)), outputs
            averaged where windows overlap; an image smaller than the crop is zero-padded
            (= the mean colour after normalisation) at the bottom/right (Cityscapes);
-  center   only the central crop x crop region is predicted and scored; the label is cut
-           with the same `center_box` (a side shorter than the crop is kept whole).
-Multi-scale / flip: `predict_heads`. Everything drawn follows the same protocol, the map of
-nearest micro-prototypes (--prototype-map) included. Pictures: `save_pictures`.
+  center   only the central crop x crop box is predicted and scored (`center_box`).
+Scales and flip: `predict_heads`. The pictures follow the same protocol, the map of nearest
+micro-prototypes included (`predict_nearest_prototypes`), so no mode needs more memory for
+them than for the scores.
 """
 
 import argparse
@@ -36,16 +30,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import data as data_lib
-# Module import, used at call time only: train.py imports this module at its own top, so
-# `from train import ...` here would meet a half-initialised train module.
-import train
+import train  # used at call time only: train.py imports this module at its own top
 from model import DeepLabV3Plus
 from prototypes import PrototypeBank
 
 IGNORE_INDEX = 255
 MODES = ("whole", "sliding", "center")
 HEADS = ("linear", "proto")
-AMPS = (None, "none", "bf16", "fp16")
 # Budget for one chunk of full-resolution features read by the prototype bank:
 # chunk_pixels x D float32 values <= 64 MB (16 rows of a 2048-wide image at D = 512).
 PROTO_CHUNK_BYTES = 64 * 2 ** 20
@@ -57,13 +48,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # ----------------------------------------------------------------------------- metrics
 
 def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE_INDEX):
-    """Confusion matrix cm (K, K) int64 on the inputs' device; rows = ground truth,
-    columns = prediction: cm[g, p] = #{pixels with target g and prediction p}.
-
-    pred, target: integer tensors of the same shape. Pixels whose target is
-    `ignore_index` or outside [0, K) are not counted (evaluate() rejects labels outside
-    [0, K) u {ignore} before they get here). Predictions must be in [0, K).
-    """
+    """cm (K, K) int64 on pred's device, cm[g, p] = #{pixels with target g and prediction p};
+    pred, target integer tensors of one shape, pred in [0, K). Pixels whose target is
+    `ignore_index` or outside [0, K) are not counted (evaluate() rejects the latter)."""
     if pred.shape != target.shape:
         raise ValueError(f"confusion_matrix: pred {tuple(pred.shape)} and target "
                          f"{tuple(target.shape)} must have the same shape")
@@ -79,15 +66,7 @@ def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE_INDEX):
     return counts[:-1].view(num_classes, num_classes)
 
 
-def reduce_confusion(cm):
-    """Sum `cm` over all processes (all_reduce SUM, in place) when torch.distributed is
-    initialised; otherwise return it unchanged."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(cm, op=dist.ReduceOp.SUM)
-    return cm
-
-
-def metrics_from_confusion(cm, class_names=None):
+def metrics_from_confusion(cm):
     """Metrics in % from a confusion matrix cm (K, K), rows = ground truth.
 
     With TP_k = cm[k, k], GT_k = sum_p cm[k, p], PRED_k = sum_g cm[g, k]:
@@ -99,11 +78,9 @@ def metrics_from_confusion(cm, class_names=None):
       pixel_acc = sum_k TP_k / sum_k GT_k;
       mean_acc  = mean over classes with GT_k > 0 of TP_k / GT_k;
       pixels    = sum_k GT_k, the number of labelled pixels scored.
-    Scores are NaN when no labelled pixel was scored. With `class_names` (K names) the
-    dict also holds "class_names".
+    Scores are NaN when no labelled pixel was scored.
     """
     cm = cm.detach().to("cpu", torch.float64)
-    num_classes = cm.shape[0]
     true_positive = cm.diagonal()
     ground_truth = cm.sum(dim=1)
     predicted = cm.sum(dim=0)
@@ -113,7 +90,7 @@ def metrics_from_confusion(cm, class_names=None):
     labelled = ground_truth > 0
     total = ground_truth.sum()
     nan = float("nan")
-    metrics = {
+    return {
         "miou": 100 * iou[present].mean().item() if present.any() else nan,
         "pixel_acc": 100 * (true_positive.sum() / total).item() if total > 0 else nan,
         "mean_acc": (100 * (true_positive[labelled] / ground_truth[labelled]).mean().item()
@@ -122,12 +99,6 @@ def metrics_from_confusion(cm, class_names=None):
                 for value, keep in zip(iou.tolist(), present.tolist())],
         "pixels": int(total.item()),
     }
-    if class_names is not None:
-        if len(class_names) != num_classes:
-            raise ValueError(f"metrics_from_confusion: {len(class_names)} class names for "
-                             f"{num_classes} classes")
-        metrics["class_names"] = list(class_names)
-    return metrics
 
 
 def format_table(metrics, class_names=None):
@@ -159,78 +130,67 @@ def window_starts(length, crop, stride):
 
 
 def center_box(height, width, crop):
-    """(top, left, box_height, box_width) of the central crop x crop box of an image;
-    a side shorter than the crop is kept whole. predict(mode='center') returns logits for
-    this box only, and evaluate() cuts the label with the same box."""
+    """(top, left, box_height, box_width) of the central crop x crop box of an image; a side
+    shorter than the crop is kept whole. Mode "center" predicts and scores this box only."""
     box_height, box_width = min(crop, height), min(crop, width)
     return (height - box_height) // 2, (width - box_width) // 2, box_height, box_width
 
 
-def _feature_rows(feature, size, chunk_pixels=None):
-    """Yield (top, rows): rows (B, r, W, D) float32 is the feature (B, D, h, w) bilinearly
-    interpolated (align_corners=True, as F.interpolate) at the pixels of rows top..top+r-1
-    of an image of `size` (H, W). Chunks of whole rows of at most `chunk_pixels` pixels
-    (default: PROTO_CHUNK_BYTES of float32 D-vectors), so that the (B, D, H, W)
-    full-resolution feature never exists at once: 4 GB for one Cityscapes image."""
+def _per_pixel(feature, size, read, chunk_pixels=None):
+    """(B, C, H, W) assembled from read(f, rows) (B, r, W, C), f (B, r, W, D) float32 being
+    the feature (B, D, h, w) bilinearly interpolated (align_corners=True, as F.interpolate)
+    at the pixels of the image rows `rows` (a slice) of an image of `size` (H, W). Chunks of
+    whole rows of at most `chunk_pixels` pixels (default: PROTO_CHUNK_BYTES of float32
+    D-vectors): the full-resolution feature never exists at once (4 GB on Cityscapes)."""
     batch, dim = feature.shape[:2]
     height, width = size
-    if chunk_pixels is None:
-        chunk_pixels = PROTO_CHUNK_BYTES // (4 * dim)
-    rows_per_chunk = max(1, chunk_pixels // (batch * width))
-    feature = feature.float()
+    rows_per_chunk = max(1, (chunk_pixels or PROTO_CHUNK_BYTES // (4 * dim)) // (batch * width))
+    feature, out = feature.float(), None
     # grid_sample with align_corners=True maps -1..1 to the first..last source pixel
     # centre, which is exactly F.interpolate(align_corners=True)'s sampling.
     grid_y = torch.linspace(-1, 1, height, device=feature.device)
     grid_x = torch.linspace(-1, 1, width, device=feature.device)
     for top in range(0, height, rows_per_chunk):
-        grid = torch.stack(torch.meshgrid(grid_x, grid_y[top:top + rows_per_chunk],
-                                          indexing="xy"), dim=-1)  # (r, W, 2)
-        grid = grid.unsqueeze(0).expand(batch, -1, -1, -1)
-        sampled = F.grid_sample(feature, grid, mode="bilinear", align_corners=True)  # (B,D,r,W)
-        yield top, sampled.permute(0, 2, 3, 1)
+        rows = slice(top, top + rows_per_chunk)
+        grid = torch.stack(torch.meshgrid(grid_x, grid_y[rows], indexing="xy"), dim=-1)
+        sampled = F.grid_sample(feature, grid.expand(batch, -1, -1, -1), mode="bilinear",
+                                align_corners=True)  # (B, D, r, W)
+        values = read(sampled.permute(0, 2, 3, 1), rows)
+        if out is None:
+            out = values.new_empty(batch, values.shape[-1], height, width)
+        out[:, :, rows] = values.permute(0, 3, 1, 2)
+    return out
 
 
 def prototype_logits_map(feature, bank, size, chunk_pixels=None):
-    """Prototype-head logits for every pixel of an image of `size` (H, W): feature
-    (B, D, h, w) at native stride -> (B, K, H, W) float32, out[:, :, y, x] = bank(f(y, x))
-    with f(y, x) the feature interpolated at pixel (y, x) (_feature_rows)."""
-    out = None
-    for top, rows in _feature_rows(feature, size, chunk_pixels):
-        logits = bank(rows.reshape(-1, rows.shape[-1]))[0].view(*rows.shape[:3], -1)
-        if out is None:
-            out = logits.new_empty(feature.shape[0], logits.shape[-1], *size)
-        out[:, :, top:top + rows.shape[1]] = logits.permute(0, 3, 1, 2)  # (B, K, r, W)
-    return out
+    """Prototype-head logits (B, K, H, W) float32 of an image of `size` (H, W): bank(f(y, x))
+    for the feature (B, D, h, w) interpolated at every pixel (y, x) (_per_pixel)."""
+    def read(rows, _):
+        return bank(rows.reshape(-1, rows.shape[-1]))[0].view(*rows.shape[:3], -1)
+    return _per_pixel(feature, size, read, chunk_pixels)
 
 
 def class_prototype_cosines(feature, bank, classes, chunk_pixels=None):
-    """Cosine of each pixel's feature to the M micro-prototypes of its class: feature
-    (B, D, h, w), classes (B, H, W) in [0, K) -> (B, M, H, W) float32 with
-        out[b, m, y, x] = cos(f(y, x), p[classes[b, y, x], m]),
-    f as in prototype_logits_map. The argmax over m is the nearest micro-prototype."""
+    """(B, M, H, W) float32: out[b, m, y, x] = cos(f(y, x), p[classes[b, y, x], m]), the
+    cosines of each pixel's feature (as in prototype_logits_map) to the M micro-prototypes
+    of its class; classes (B, H, W) in [0, K). Argmax over m: the nearest micro-prototype."""
     classes = classes.to(feature.device).long()
     num_classes, num_prototypes, dim = bank.prototypes.shape
     units = F.normalize(bank.prototypes.float(), dim=2).reshape(-1, dim)  # (K*M, D)
-    out = None
-    for top, rows in _feature_rows(feature, classes.shape[-2:], chunk_pixels):
-        cosine = F.normalize(rows, dim=3) @ units.t()  # (B, r, W, K*M)
-        cosine = cosine.view(*rows.shape[:3], num_classes, num_prototypes)
-        index = classes[:, top:top + rows.shape[1], :, None, None]
-        mine = cosine.gather(3, index.expand(-1, -1, -1, 1, num_prototypes))[:, :, :, 0]
-        if out is None:
-            out = mine.new_empty(classes.shape[0], num_prototypes, *classes.shape[-2:])
-        out[:, :, top:top + rows.shape[1]] = mine.permute(0, 3, 1, 2)  # (B, M, r, W)
-    return out
+
+    def read(rows, which):
+        cosine = (F.normalize(rows, dim=3) @ units.t()).view(*rows.shape[:3], num_classes, -1)
+        index = classes[:, which, :, None, None].expand(-1, -1, -1, 1, num_prototypes)
+        return cosine.gather(3, index)[:, :, :, 0]  # (B, r, W, M)
+    return _per_pixel(feature, classes.shape[-2:], read, chunk_pixels)
 
 
 def _read_window(model, window, heads, bank, amp, classes=None):
     """One forward pass on `window` (B, 3, h, w) -> {name: (B, C, h, w) float32}: the
-    logits of `heads` ("linear", "proto") at the window's size and, given `classes`
-    (B, h, w), "cosine": class_prototype_cosines."""
+    logits of `heads` and, given `classes` (B, h, w), "cosine" (class_prototype_cosines)."""
     with train.autocast(amp, window.device):
         logits, feature = model(window)[:2]
-    size = window.shape[-2:]
-    out = {}
+    size, out = window.shape[-2:], {}
     if "linear" in heads:
         out["linear"] = F.interpolate(logits.float(), size=size, mode="bilinear",
                                       align_corners=True)
@@ -242,7 +202,7 @@ def _read_window(model, window, heads, bank, amp, classes=None):
 
 
 def _sliding(image, classes, read, crop, stride):
-    """read() on every crop x crop window: the sum of window outputs / the number of
+    """read() on every crop x crop window: the sum of the window outputs / the number of
     windows covering a pixel. `classes` (B, H, W) or None is cut like the image."""
     height, width = image.shape[-2:]
     # Zero after normalisation = the dataset's mean colour, as in training crops.
@@ -263,13 +223,11 @@ def _sliding(image, classes, read, crop, stride):
 
 
 def _views(image, read, mode, crop_size, stride, scales, flip, classes=None):
-    """The protocol around read(window, classes of the window) -> {name: (B, C, h, w)}.
-
-    Yields one dict per view (each scale, and with `flip` its mirror image too): read's
-    outputs on the whole view, or averaged over the sliding windows, mirrored back and
-    resized to the image's H x W (mode "center": to the center_box). `classes` (B, H, W),
-    given in those output coordinates, travels with the image (resized nearest, mirrored,
-    cut into the same windows)."""
+    """The protocol around read(window, classes of the window) -> {name: (B, C, h, w)}:
+    one dict per view (each scale, and with `flip` its mirror image too) of read's outputs
+    on the view (averaged over the windows in mode "sliding"), mirrored back and resized to
+    the image's H x W (mode "center": the center_box). `classes` (B, H, W), given in
+    those output coordinates, is resized (nearest), mirrored and cut with the image."""
     if mode == "center":
         top, left, box_height, box_width = center_box(*image.shape[-2:], crop_size)
         image = image[..., top:top + box_height, left:left + box_width]
@@ -282,8 +240,7 @@ def _views(image, read, mode, crop_size, stride, scales, flip, classes=None):
                 size = (max(1, round(height * scale)), max(1, round(width * scale)))
                 view = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
                 if classes is not None:
-                    view_classes = F.interpolate(classes[:, None].float(), size=size,
-                                                 mode="nearest")[:, 0].long()
+                    view_classes = F.interpolate(classes[:, None].float(), size=size)[:, 0].long()
             if mirrored:
                 view = view.flip(-1)
                 view_classes = None if classes is None else view_classes.flip(-1)
@@ -292,8 +249,7 @@ def _views(image, read, mode, crop_size, stride, scales, flip, classes=None):
             else:
                 outputs = read(view, view_classes)
             for name, value in outputs.items():
-                if mirrored:
-                    value = value.flip(-1)
+                value = value.flip(-1) if mirrored else value
                 if value.shape[-2:] != (height, width):
                     value = F.interpolate(value, size=(height, width), mode="bilinear",
                                           align_corners=True)
@@ -301,8 +257,8 @@ def _views(image, read, mode, crop_size, stride, scales, flip, classes=None):
             yield outputs
 
 
-def _check_protocol(mode, crop_size, stride, scales, amp, flip=False):
-    """ValueError naming the flag for a protocol setting out of range (any flip is fine)."""
+def _check(mode, crop_size, stride, scales, amp, flip=False, heads=("linear",), bank=None):
+    """A ValueError naming the flag for a setting out of range (any flip is fine)."""
     if mode not in MODES:
         raise ValueError(f"mode (--mode) must be one of {', '.join(MODES)}, got {mode!r}")
     if mode != "whole" and (not isinstance(crop_size, int) or crop_size < 1):
@@ -311,11 +267,8 @@ def _check_protocol(mode, crop_size, stride, scales, amp, flip=False):
         raise ValueError(f"stride (--stride) must be in [1, crop size {crop_size}], got {stride}")
     if len(scales) == 0 or any(not scale > 0 for scale in scales):
         raise ValueError(f"scales (--scales) must be positive numbers, got {list(scales)}")
-    if amp not in AMPS:
+    if amp not in (None, "none", "bf16", "fp16"):
         raise ValueError(f"amp (--amp) must be bf16, fp16 or none, got {amp!r}")
-
-
-def _check_heads(heads, bank):
     if len(heads) == 0 or any(head not in HEADS for head in heads):
         raise ValueError(f"heads (--head) must be among {', '.join(HEADS)}, got {list(heads)}")
     if "proto" in heads and bank is None:
@@ -325,31 +278,24 @@ def _check_heads(heads, bank):
 @torch.no_grad()
 def predict_heads(model, image, num_classes, mode="whole", crop_size=513, stride=None,
                   scales=(1.0,), flip=False, heads=("linear",), bank=None, amp=None):
-    """Logits of several heads from shared forward passes.
-
-    image (B, 3, H, W) normalised -> {head: (B, K, H, W) float32}; in mode "center"
-    (B, K, h, w) for the box center_box(H, W, crop_size) instead.
+    """Logits of several heads from shared forward passes: image (B, 3, H, W) normalised ->
+    {head: (B, K, H, W) float32}, in mode "center" for center_box(H, W, crop_size) only.
 
     Views: every scale s (image resized to round(s H) x round(s W), bilinear,
-    align_corners=True) and, with flip, its horizontal mirror; each view is predicted
-    with `mode`, mirrored back and resized back to H x W. One view: its logits as they
-    are. Several views: the softmax probabilities are averaged (the field's usual
-    test-time augmentation) and returned as logits log(mean p), so softmax/argmax of the
-    result are the averaged prediction.
+    align_corners=True) and, with flip, its mirror image, each predicted with `mode`. One
+    view: its logits as they are. Several: their softmax probabilities averaged (the
+    field's test-time augmentation), returned as logits log(mean p).
     """
     heads = tuple(heads)
-    _check_protocol(mode, crop_size, stride, scales, amp)
-    _check_heads(heads, bank)
-    views = len(scales) * (2 if flip else 1)
-    result = {}
+    _check(mode, crop_size, stride, scales, amp, heads=heads, bank=bank)
+    views, result = len(scales) * (2 if flip else 1), {}
     for outputs in _views(image, lambda window, _: _read_window(model, window, heads, bank, amp),
                           mode, crop_size, stride, scales, flip):
         for head, logits in outputs.items():
             if logits.shape[1] != num_classes:
                 raise ValueError(f"the {head} head gives {logits.shape[1]} classes, "
                                  f"expected num_classes = {num_classes}")
-            if views > 1:
-                logits = logits.softmax(dim=1)
+            logits = logits.softmax(dim=1) if views > 1 else logits
             result[head] = result[head] + logits if head in result else logits
     if views > 1:
         tiny = torch.finfo(torch.float32).tiny
@@ -360,8 +306,7 @@ def predict_heads(model, image, num_classes, mode="whole", crop_size=513, stride
 @torch.no_grad()
 def predict(model, image, num_classes, mode="whole", crop_size=513, stride=None,
             scales=(1.0,), flip=False, head="linear", bank=None, amp=None):
-    """Logits (B, K, H, W) float32 of one head ("linear" or "proto") for a normalised
-    image (B, 3, H, W); see predict_heads for modes, scales and flip."""
+    """Logits (B, K, H, W) of one head ("linear" or "proto"): predict_heads."""
     return predict_heads(model, image, num_classes, mode, crop_size, stride, scales, flip,
                          (head,), bank, amp)[head]
 
@@ -369,18 +314,16 @@ def predict(model, image, num_classes, mode="whole", crop_size=513, stride=None,
 @torch.no_grad()
 def predict_nearest_prototypes(model, image, bank, classes, mode="whole", crop_size=513,
                                stride=None, scales=(1.0,), flip=False, amp=None):
-    """Which micro-prototype of its class each pixel is nearest to, by the protocol of
-    predict_heads: image (B, 3, H, W), classes (B, H, W) the predicted classes in
-    predict_heads' output coordinates -> (B, H, W) int64, the argmax over m of the cosine
-    of the pixel's feature to p[class, m] (class_prototype_cosines), averaged over views and
-    windows as predict_heads averages logits. Sliding windows read the feature window by
-    window: no full-resolution feature map of the whole image is made."""
-    _check_protocol(mode, crop_size, stride, scales, amp)
-    read = lambda window, window_classes: _read_window(model, window, (), bank, amp,  # noqa: E731
-                                                       window_classes)
-    total = sum(outputs["cosine"] for outputs in _views(image, read, mode, crop_size, stride,
-                                                        scales, flip, classes.long()))
-    return total.argmax(dim=1)
+    """(B, H, W) int64: which micro-prototype of its class `classes` (B, H, W, in
+    predict_heads' output coordinates) each pixel is nearest to, by predict_heads' protocol:
+    argmax over m of the cosine to p[class, m], averaged over views and windows as the
+    logits are. Windows read the feature one by one (never a whole-image feature map)."""
+    _check(mode, crop_size, stride, scales, amp, heads=("proto",), bank=bank)
+
+    def read(window, window_classes):
+        return _read_window(model, window, (), bank, amp, window_classes)
+    views = _views(image, read, mode, crop_size, stride, scales, flip, classes.long())
+    return sum(outputs["cosine"] for outputs in views).argmax(dim=1)
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -390,35 +333,26 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
              stride=None, heads=("linear",), bank=None, amp=None, scales=(1.0,),
              flip=False, rank=0, world_size=1, log=print, save_dir=None, palette=None,
              class_names=None, prototype_map=False, background=0, clock=time.monotonic):
-    """Score `model` on `dataset` (item i -> (image (3,H,W) normalised, label (H,W) int64,
-    name)) -> {head: metrics_from_confusion(...)} with confusion matrices accumulated
-    over the whole set (ignore 255). Items whose label is None (--images) are predicted
-    and drawn, not scored.
+    """Score `model` on `dataset` (item -> (image (3, H, W) normalised, label (H, W) int64 or
+    None, name)) -> {head: metrics_from_confusion(...)} over the whole set (ignore 255).
 
-    Process `rank` of `world_size` evaluates images rank, rank + world_size, ...; the
-    matrices are then summed over processes (torch.distributed must be initialised
-    when world_size > 1; with world_size 1 nothing is reduced). Mode "center" scores
-    the center_box of each label. The model's train/eval state is left as the caller
-    set it (call model.eval() first). With `save_dir` (and `palette` (256, 3) uint8)
-    every image's predictions are drawn by save_pictures, `class_names` in the legends;
-    with `prototype_map` (needs `bank`) also the nearest micro-prototype of each pixel's
-    predicted class (the prototype head's prediction when it is among `heads`), by the
-    same protocol (predict_nearest_prototypes).
-    Progress: at most one line every PROGRESS_SECONDS of `clock`, plus the last one.
+    Process `rank` of `world_size` takes images rank, rank + world_size, ...; the confusion
+    matrices are then summed over the processes (torch.distributed initialised). The
+    model's train/eval state is left as the caller set it. With `save_dir`: save_pictures
+    of every image (`palette` (256, 3) uint8); with `prototype_map` (needs `bank`) also
+    predict_nearest_prototypes for the prototype head's prediction (else the linear one's).
+    Unlabeled items (--images) are drawn, not scored. Progress: at most one line every
+    PROGRESS_SECONDS of `clock`, plus the last one.
     """
     heads = tuple(heads)
     protocol = dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip,
                     amp=amp)
-    _check_protocol(**protocol)
-    _check_heads(heads, bank)
+    _check(**protocol, heads=heads, bank=bank)
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"evaluate: world_size = {world_size} needs torch.distributed "
                          f"to be initialised")
-    if save_dir is not None and palette is None:
-        raise ValueError("evaluate: save_dir needs a palette")
-    if prototype_map and (save_dir is None or bank is None):
-        raise ValueError("evaluate: prototype_map needs save_dir and a PrototypeBank (bank=...)")
-    shades = prototype_shades(palette, num_classes, bank.num_prototypes) if prototype_map else None
+    if (save_dir is not None and palette is None) or (prototype_map and bank is None):
+        raise ValueError("evaluate: save_dir needs a palette, prototype_map a bank")
     device = torch.device(device)
     confusion = {head: torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
                  for head in heads}
@@ -449,11 +383,11 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
             if prototype_map:
                 classes = predictions["proto" if "proto" in heads else heads[0]]
                 nearest = predict_nearest_prototypes(model, batch, bank, classes[None], **protocol)
-                prototypes = (classes.cpu().numpy(), nearest[0].cpu().numpy(), shades)
+                prototypes = (classes.cpu().numpy(), nearest[0].cpu().numpy(),
+                              prototype_shades(palette, num_classes, bank.num_prototypes))
             save_pictures(save_dir, name, image, {head: p.cpu().numpy() for head, p in
-                                                  predictions.items()},
-                          palette, class_names, None if label is None else label.numpy(),
-                          prototypes, background)
+                                                  predictions.items()}, palette, class_names,
+                          None if label is None else label.numpy(), prototypes, background)
         now = clock()
         if rank == 0 and (now - last_line >= PROGRESS_SECONDS or done == len(indices)):
             last_line, elapsed = now, max(now - start, 1e-9)
@@ -461,9 +395,9 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
             log(f"{'eval' if label is not None else 'predict'} {done}/{len(indices)} images"
                 f"{share}  {done / elapsed:.2f} img/s  "
                 f"ETA {train.format_eta(elapsed / done * (len(indices) - done))}")
-    if world_size > 1:
-        # Only then: a caller evaluating on rank 0 alone must not block in all_reduce.
-        confusion = {head: reduce_confusion(matrix) for head, matrix in confusion.items()}
+    if world_size > 1:  # only then: a caller on rank 0 alone must not block in all_reduce
+        for matrix in confusion.values():
+            dist.all_reduce(matrix, op=dist.ReduceOp.SUM)
     return {head: metrics_from_confusion(confusion[head]) for head in heads}
 
 
@@ -478,18 +412,17 @@ def denormalize(image):
 
 
 def palette_mask(ids, palette):
-    """Class ids (H, W) -> PIL image of mode "P": pixel value = class id (255 = ignore),
-    colours from `palette` (256, 3) uint8. Pascal VOC's own mask format: viewers show the
-    colours, data.read_label (and so --dataset folder) reads the ids back."""
+    """Class ids (H, W) -> PIL image of mode "P", pixel value = class id, colours from
+    `palette` (256, 3) uint8: Pascal VOC's mask format, so viewers show the colours and
+    data.read_label (--dataset folder) reads the ids back."""
     mask = Image.fromarray(np.asarray(ids).astype(np.uint8), "P")
     mask.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
     return mask
 
 
 def enlarge(picture, min_side=VIEW_MIN_SIDE, max_side=4096):
-    """Repeat each pixel f x f times (nearest neighbour, pixels stay sharp squares) with
-    the smallest integer f that brings the short side to at least `min_side` (f = 1 for
-    pictures that are large enough; f is lowered so the long side stays <= max_side)."""
+    """Each pixel repeated f x f times (stays a sharp square), the smallest integer f that
+    brings the short side to `min_side` or more, lowered to keep the long side <= max_side."""
     short, long = min(picture.shape[:2]), max(picture.shape[:2])
     factor = min(math.ceil(min_side / short), max(1, max_side // long))
     return picture.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else picture
@@ -506,9 +439,8 @@ def error_picture(image_rgb, label, prediction, ignore_index=IGNORE_INDEX):
 
 
 def overlay_picture(image_rgb, mask_rgb, alpha=0.5, clear=None):
-    """Alpha blend (H, W, 3) uint8: (1 - alpha) image + alpha coloured mask; where the
-    boolean (H, W) `clear` is true the image is shown unchanged (background left
-    transparent)."""
+    """(1 - alpha) image + alpha mask, (H, W, 3) uint8; the image itself where the boolean
+    (H, W) `clear` is true (background left transparent)."""
     blend = (1 - alpha) * image_rgb.astype(np.float32) + alpha * mask_rgb.astype(np.float32)
     blend = blend.round().astype(np.uint8)
     if clear is not None:
@@ -518,48 +450,41 @@ def overlay_picture(image_rgb, mask_rgb, alpha=0.5, clear=None):
 
 def prototype_shades(palette, num_classes, num_prototypes):
     """(K, M, 3) uint8: M shades of each class colour palette[k], from darker to lighter,
-    the middle shade closest to the colour itself. A colour too dark to darken (VOC's black
-    background) gets M greys from dark to light instead."""
+    the middle one the colour itself; a colour too dark to darken (VOC's black background)
+    gets M greys instead."""
     colours = np.asarray(palette[:num_classes], dtype=np.float64)[:, None]  # (K, 1, 3)
     step = np.linspace(-0.5, 0.5, num_prototypes) if num_prototypes > 1 else np.zeros(1)
     step = step[None, :, None]                                              # (1, M, 1)
     shades = np.where(step < 0, colours * (1 + step), colours + (255 - colours) * step)
-    dark = colours.max(axis=2, keepdims=True) < 64  # e.g. VOC's black background
+    dark = colours.max(axis=2, keepdims=True) < 64
     shades = np.where(dark, 40 + 180 * (step + 0.5), shades)
     return shades.round().clip(0, 255).astype(np.uint8)
 
 
-def join(pictures, axis=1, gap=4):
-    """Pictures (H, W, 3) uint8 left to right (axis 1) or top to bottom (axis 0), `gap`
-    white pixels apart; the smaller ones are padded with white at the bottom / right."""
-    across = 1 - axis
-    size = max(picture.shape[across] for picture in pictures)
-    parts = []
-    for picture in pictures:
-        padding = [(0, 0)] * 3
-        padding[across] = (0, size - picture.shape[across])
-        gap_shape = [size, size, 3]
-        gap_shape[axis] = gap
-        parts += [np.pad(picture, padding, constant_values=255), np.full(gap_shape, 255, np.uint8)]
-    return np.concatenate(parts[:-1], axis=axis)
+def side_by_side(pictures, gap=4):
+    """(H, W, 3) uint8 pictures of one height left to right, `gap` white columns apart."""
+    white = np.full((pictures[0].shape[0], gap, 3), 255, np.uint8)
+    return np.concatenate([part for picture in pictures for part in (white, picture)][1:], axis=1)
 
 
 def titled(picture, title, pad=3):
-    """`picture` (H, W, 3) uint8 with a white caption strip holding `title` above it."""
+    """`picture` (H, W, 3) uint8 with a white caption strip holding `title` above it (one
+    height for every title, so that captioned pictures of one size line up)."""
     font = ImageFont.load_default()  # Pillow's built-in font: no file, no dependency
-    strip = Image.new("RGB", (picture.shape[1], font.getbbox("Ag" + title)[3] + 2 * pad), "white")
+    strip = Image.new("RGB", (picture.shape[1], font.getbbox("Agy")[3] + 2 * pad), "white")
     ImageDraw.Draw(strip).text((pad, pad), title, fill=(0, 0, 0), font=font)
     return np.concatenate([np.asarray(strip), picture], axis=0)
 
 
 def legend(entries, width, swatch=14, pad=4):
-    """White strip (h, width, 3) uint8 listing `entries`, a list of (colours (n, 3), text):
-    n colour squares followed by the text, entries wrapped over as many lines as needed."""
+    """White strip (h, width, 3) uint8 listing `entries` [(colours (n, 3), text)]: n colour
+    squares, then the text, wrapped over as many lines as needed."""
     font = ImageFont.load_default()
     line_height = max(swatch, font.getbbox("Ag")[3]) + pad
     placed, x, y = [], pad, pad
     for colours, text in entries:
-        entry_width = len(colours) * swatch + pad + font.getlength(text)
+        left, _, right, _ = font.getbbox(text)
+        entry_width = len(colours) * swatch + pad + right - left
         if x > pad and x + entry_width > width - pad:
             x, y = pad, y + line_height
         placed.append((x, y, colours, text))
@@ -571,73 +496,65 @@ def legend(entries, width, swatch=14, pad=4):
             draw.rectangle([x + i * swatch, y, x + (i + 1) * swatch - 1, y + swatch - 1],
                            fill=tuple(int(c) for c in colour))
         # a thin frame keeps white and very light colours visible on the white strip
-        draw.rectangle([x, y, x + len(colours) * swatch - 1, y + swatch - 1],
-                       outline=(96, 96, 96))
+        draw.rectangle([x, y, x + len(colours) * swatch - 1, y + swatch - 1], outline=(96, 96, 96))
         draw.text((x + len(colours) * swatch + pad, y + 1), text, fill=(0, 0, 0), font=font)
     return np.asarray(strip)
 
 
 def _figure(path, panels, entries):
-    """Save panels [(picture, caption or None)], enlarged, side by side, legend below."""
-    row = join([enlarge(picture) if caption is None else titled(enlarge(picture), caption)
-                for picture, caption in panels])
-    Image.fromarray(join([row, legend(entries, row.shape[1])], axis=0, gap=0)).save(path)
+    """Save panels [(picture, caption or None)], enlarged, side by side, legend(entries) below."""
+    row = side_by_side([enlarge(picture) if caption is None else titled(enlarge(picture), caption)
+                        for picture, caption in panels])
+    Image.fromarray(np.concatenate([row, legend(entries, row.shape[1])])).save(path)
 
 
 def save_pictures(save_dir, name, image, predictions, palette, class_names=None, label=None,
                   prototypes=None, background=0):
-    """Pictures of one image in SAVE_DIR; the prototype head's files carry "_proto" after
-    the name. image (3, H, W) normalised; predictions {head: (H, W) integer array};
-    palette (256, 3) uint8; label (H, W) or None.
-
-    With a label (evaluation):
-      <name>.png           the predicted class ids as a palette PNG (palette_mask);
-      <name>_compare.png   image | ground truth | per head: prediction, errors.
-    Without (--images):
-      <name>_mask.png      the predicted class ids as a palette PNG;
-      <name>_overlay.png   the prediction blended into the image, the class `background`
-                           (None: none) left transparent.
-    With `prototypes` = (classes, nearest, shades (K, M, 3)):
-      <name>_prototypes.png  image | each pixel in the shade of its nearest micro-prototype
-                           of its class; the legend counts the prototypes in use per class.
-    Small pictures are enlarged (nearest neighbour); each has a legend of its classes.
+    """Pictures of one image (3, H, W) normalised and its predictions {head: (H, W) ids} in
+    SAVE_DIR, enlarged when small, each with a legend; the prototype head's files carry
+    "_proto" after NAME.
+      with a `label` (evaluation): NAME.png, the predicted ids as a palette PNG
+        (palette_mask), and NAME_compare.png: image | ground truth | per head prediction,
+        errors;
+      without (--images): NAME_mask.png, and NAME_overlay.png: the prediction blended into
+        the image, class `background` (None: none) left transparent;
+      `prototypes` = (classes, nearest, shades (K, M, 3)): NAME_prototypes.png, image |
+        each pixel in the shade of its nearest micro-prototype; the legend says how many
+        of each class's M prototypes are in use.
     """
     path = Path(save_dir) / Path(name).name  # a name with folders stays inside save_dir
     path.parent.mkdir(parents=True, exist_ok=True)
     image_rgb = denormalize(image)
 
-    def class_entries(id_maps, skip=()):
+    def name_of(k):
+        if k == IGNORE_INDEX:
+            return "ignore"
+        return str(class_names[k]) if class_names is not None and k < len(class_names) else f"class {k}"
+
+    def classes_in(*id_maps, skip=None):
         present = np.unique(np.concatenate([np.ravel(ids) for ids in id_maps])).tolist()
-        return [(palette[[k]], _class_name(k, class_names)) for k in present if k not in skip]
+        return [(palette[[k]], name_of(k)) for k in present if k != skip]
 
     panels = [(image_rgb, "image"), (palette[label], "ground truth")] if label is not None else []
     for head, ids in predictions.items():
         stem = f"{path}{'' if head == 'linear' else '_' + head}"
-        palette_mask(ids, palette).save(f"{stem}.png" if label is not None else f"{stem}_mask.png")
         if label is not None:
+            palette_mask(ids, palette).save(f"{stem}.png")
             panels += [(palette[ids], f"{head} prediction"),
                        (error_picture(image_rgb, label, ids), f"{head} errors")]
         else:
+            palette_mask(ids, palette).save(f"{stem}_mask.png")
             clear = None if background is None else ids == background
-            _figure(f"{stem}_overlay.png", [(overlay_picture(image_rgb, palette[ids], clear=clear),
-                                             None)], class_entries([ids], skip=(background,)))
+            overlay = overlay_picture(image_rgb, palette[ids], clear=clear)
+            _figure(f"{stem}_overlay.png", [(overlay, None)], classes_in(ids, skip=background))
     if label is not None:
-        _figure(f"{path}_compare.png", panels, class_entries([label, *predictions.values()]))
+        _figure(f"{path}_compare.png", panels, classes_in(label, *predictions.values()))
     if prototypes is not None:
         classes, nearest, shades = prototypes
-        entries = [(shades[k], f"{_class_name(k, class_names)} ({len(np.unique(nearest[classes == k]))}"
-                               f" of {shades.shape[1]} prototypes)") for k in np.unique(classes).tolist()]
-        _figure(f"{path}_prototypes.png", [(image_rgb, "image"),
-                                           (shades[classes, nearest], "nearest micro-prototype")],
-                entries)
-
-
-def _class_name(class_id, class_names):
-    if class_id == IGNORE_INDEX:
-        return "ignore"
-    if class_names is not None and class_id < len(class_names):
-        return str(class_names[class_id])
-    return f"class {class_id}"
+        entries = [(shades[k], f"{name_of(k)} ({len(np.unique(nearest[classes == k]))} of "
+                               f"{shades.shape[1]} prototypes)") for k in np.unique(classes).tolist()]
+        panels = [(image_rgb, "image"), (shades[classes, nearest], "nearest micro-prototype")]
+        _figure(f"{path}_prototypes.png", panels, entries)
 
 
 # ----------------------------------------------------------------------- command line
@@ -670,12 +587,9 @@ def parse_args(argv=None):
                            "a legend (with --images: NAME_mask.png and NAME_overlay.png); "
                            "the prototype head's files carry _proto after NAME")
     add("--prototype-map", action="store_true",
-        help="with --save-dir: also write NAME_prototypes.png, each pixel drawn in one of M "
-             "shades of its predicted class's colour, the shade of the micro-prototype of that "
-             "class nearest (cosine) to the pixel's decoder feature, so a class's different "
-             "appearances show as different shades (same protocol as the prediction; the "
-             "prototype head's prediction when --head is proto or both); needs a checkpoint "
-             "with prototypes")
+        help="with --save-dir: also NAME_prototypes.png, each pixel in the shade of its "
+             "predicted class's micro-prototype nearest to its feature (the prototype head's "
+             "prediction when it is evaluated; same protocol as the prediction)")
     add("--images", help="an image file or a folder of images: predict them (no labels) at their "
                          "own size instead of evaluating; needs --save-dir")
     add("--out-json", help="also write the metrics to this JSON file")
@@ -686,48 +600,42 @@ def _parse_scales(text):
     try:
         scales = tuple(float(part) for part in (text or "1").split(","))
     except ValueError:
-        raise train.SetupError(f"--scales {text!r}: expected comma-separated numbers, "
-                               f"e.g. 0.75,1,1.25") from None
-    if any(not scale > 0 for scale in scales):
-        raise train.SetupError(f"--scales {text!r}: scales must be positive")
+        scales = ()
+    if not scales or any(not scale > 0 for scale in scales):
+        raise train.SetupError(f"--scales {text!r}: expected positive comma-separated numbers, "
+                               f"e.g. 0.75,1,1.25")
     return scales
 
 
-def resolve_checkpoint(path, log=print):
-    """--checkpoint value -> checkpoint file: a file as given; a run directory -> its
-    best.pt, else its last.pt (said in the log)."""
-    if not os.path.isdir(path):
-        return path
-    for name in ("best.pt", "last.pt"):
-        candidate = os.path.join(path, name)
-        if os.path.isfile(candidate):
-            note = "" if name == "best.pt" else " (it has no best.pt yet)"
-            log(f"--checkpoint {path} is a run directory: using {candidate}{note}")
-            return candidate
-    raise train.SetupError(f"--checkpoint {path} is a directory without best.pt or last.pt; "
-                           f"pass a run directory of train.py or a checkpoint file")
-
-
-def read_checkpoint(path):
-    """train.load_checkpoint, then what evaluation needs: the run's config and weights."""
+def read_checkpoint(path, log=print):
+    """--checkpoint (a file, or a run directory: its best.pt, else its last.pt) -> (file,
+    checkpoint), read by train.load_checkpoint and checked to be a train.py checkpoint."""
+    if os.path.isdir(path):
+        found = [name for name in ("best.pt", "last.pt") if os.path.isfile(os.path.join(path, name))]
+        if not found:
+            raise train.SetupError(f"--checkpoint {path} is a directory without best.pt or "
+                                   f"last.pt; pass a run directory of train.py or a checkpoint file")
+        note = "" if found[0] == "best.pt" else " (it has no best.pt yet)"
+        log(f"--checkpoint {path} is a run directory: using {os.path.join(path, found[0])}{note}")
+        path = os.path.join(path, found[0])
     checkpoint = train.load_checkpoint(path, "--checkpoint")
     if not isinstance(checkpoint, dict) or not {"config", "student"} <= checkpoint.keys():
-        raise train.SetupError(f"--checkpoint {path}: not a train.py checkpoint "
-                               f"(no config and student weights)")
+        raise train.SetupError(f"--checkpoint {path}: not a train.py checkpoint (no config "
+                               f"and student weights)")
     needed = ("dataset", "num_classes", "backbone", "output_stride", "crop_size")
     absent = [key for key in needed if checkpoint["config"].get(key) is None]
     if absent:
         raise train.SetupError(f"--checkpoint {path}: its config lacks {', '.join(absent)}")
-    return checkpoint
+    return path, checkpoint
 
 
 def build_network(config, state_dict, which, path):
     """DeepLabV3Plus for the run's settings with the `which` ("teacher"/"student") weights."""
     state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    args = (config["num_classes"], config["backbone"], config["output_stride"],
-            bool(config.get("aux", False)))
     deep_stem = "backbone.conv1.weight" not in state_dict  # else --pretrained torchvision
-    network = DeepLabV3Plus(*args, deep_stem=deep_stem, width=config.get("width", 1.0))
+    network = DeepLabV3Plus(config["num_classes"], config["backbone"], config["output_stride"],
+                            bool(config.get("aux", False)), deep_stem=deep_stem,
+                            width=config.get("width", 1.0))
     try:
         network.load_state_dict(state_dict)
     except RuntimeError as error:
@@ -737,28 +645,19 @@ def build_network(config, state_dict, which, path):
     return network
 
 
-def build_bank(checkpoint, config, path, flag):
-    state = checkpoint.get("prototypes")
-    if state is None or "prototypes" not in state:
-        raise train.SetupError(f"{flag}: --checkpoint {path} holds no prototypes "
-                               f"(method {config.get('method', '?')!r})")
-    bank = PrototypeBank(*state["prototypes"].shape, temperature=config.get("temperature", 0.1))
-    bank.load_state_dict(state)
-    return bank
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """--images: a file or a folder of photos as evaluate() items (image, None, stem)."""
+class ImageFiles:
+    """--images: an image file or a folder's images as evaluate() items (image, None, stem)."""
 
     def __init__(self, path):
         path = Path(path)
-        if not path.exists():
-            raise train.SetupError(f"--images {path}: no such file or folder")
-        self.files = [path] if path.is_file() else sorted(
-            p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if path.is_dir():
+            self.files = sorted(p for p in path.iterdir()
+                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            self.files = [path] if path.is_file() else []
         if not self.files:
-            raise train.SetupError(f"--images {path}: no images ({', '.join(IMAGE_SUFFIXES)}) "
-                                   f"in this folder")
+            raise train.SetupError(f"--images {path}: no such file, or no images in this folder "
+                                   f"({', '.join(IMAGE_SUFFIXES)})")
         stems = [p.stem for p in self.files]
         clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
         if clashes:
@@ -769,46 +668,49 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index):
-        path = self.files[index]
-        return data_lib.normalize(data_lib.read_image(path)), None, path.stem
+        image = data_lib.normalize(data_lib.read_image(self.files[index]))
+        return image, None, self.files[index].stem
 
 
 def class_names_of(config, data_root=None):
-    """Class names for the legends of --images, where no dataset is built: the fixed
-    names of toy / voc / cityscapes, classes.txt of a folder dataset's root when it is
-    there (and names the right number of classes), else "class 0", "class 1", ..."""
+    """Class names for the legends of --images, where no dataset is built: the dataset
+    table's (toy, voc, cityscapes), classes.txt of a folder dataset's root when it names
+    the right number of classes, else "class 0", "class 1", ..."""
     num_classes = config["num_classes"]
     spec = data_lib.DATASETS.get(config["dataset"])
     if spec is not None and len(spec.classes) == num_classes:
         return list(spec.classes)
     root = data_root or config.get("data_root")
-    if root and os.path.isfile(os.path.join(root, "classes.txt")):
-        try:
+    try:
+        if root and os.path.isfile(os.path.join(root, "classes.txt")):
             return data_lib._folder_classes(root, num_classes)
-        except data_lib.DataError:
-            pass
+    except data_lib.DataError:
+        pass
     return [f"class {k}" for k in range(num_classes)]
 
 
 def run(args):
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     log = print if rank == 0 else (lambda *parts: None)
     for flag, value in (("--images", args.images), ("--prototype-map", args.prototype_map)):
         if value and not args.save_dir:
             raise train.SetupError(f"{flag} needs --save-dir for its pictures")
     scales = _parse_scales(args.scales)
     device = train.pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-    args.checkpoint = resolve_checkpoint(args.checkpoint, log)
-    checkpoint = read_checkpoint(args.checkpoint)
+    path, checkpoint = read_checkpoint(args.checkpoint, log)
     config = checkpoint["config"]
 
     # Every setting is checked before the (large) model is built.
     heads = ("linear", "proto") if args.head == "both" else (args.head,)
-    bank = None
+    bank, state = None, checkpoint.get("prototypes")
     if "proto" in heads or args.prototype_map:
-        flag = "--head proto/both" if "proto" in heads else "--prototype-map"
-        bank = build_bank(checkpoint, config, args.checkpoint, flag).to(device)
+        if state is None or "prototypes" not in state:
+            flag = "--head proto/both" if "proto" in heads else "--prototype-map"
+            raise train.SetupError(f"{flag}: --checkpoint {path} holds no prototypes "
+                                   f"(method {config.get('method', '?')!r})")
+        bank = PrototypeBank(*state["prototypes"].shape,
+                             temperature=config.get("temperature", 0.1)).to(device)
+        bank.load_state_dict(state)
     mode = args.mode or config.get("eval_mode", "whole")
     if args.images and mode == "center":
         mode = "whole"  # every pixel of a new image gets a prediction
@@ -817,30 +719,30 @@ def run(args):
     settings = dict(mode=mode, crop_size=crop_size, stride=args.stride, scales=scales,
                     flip=args.flip, amp=amp)
     try:
-        _check_protocol(**settings)
+        _check(**settings)
     except ValueError as error:
         raise train.SetupError(str(error)) from None
+    images = ImageFiles(args.images) if args.images else None
 
     # The trainer scores the teacher only once the semi-supervised phase has begun
     # (iteration > warmup_iters); before that, and in supervised runs, the student.
     iteration = checkpoint.get("iter", 0)
     which = "student" if args.student or checkpoint.get("teacher") is None else "teacher"
-    if which == "teacher" and iteration <= config.get("warmup_iters", 0):
+    if which == "student" and not args.student:
+        log("note: evaluating the student (this run has no teacher)")
+    elif which == "teacher" and iteration <= config.get("warmup_iters", 0):
         which = "student"
         log(f"note: evaluating the student (iteration {iteration} is in the supervised "
             f"warm-up of {config.get('warmup_iters')} iterations; the teacher is not trained yet)")
-    elif which == "student" and not args.student:
-        log("note: evaluating the student (this run has no teacher)")
-    network = build_network(config, checkpoint[which], which, args.checkpoint).to(device).eval()
+    network = build_network(config, checkpoint[which], which, path).to(device).eval()
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     common = dict(heads=heads, bank=bank, rank=rank, world_size=world_size, log=log,
                   save_dir=args.save_dir, prototype_map=args.prototype_map, **settings)
-
-    if args.images:
+    if images is not None:
         spec = data_lib.DATASETS.get(config["dataset"], data_lib.DATASETS["voc"])
         # Overlays leave class 0 (background) transparent, except Cityscapes' (road).
-        evaluate(network, ImageFiles(args.images), config["num_classes"], device,
+        evaluate(network, images, config["num_classes"], device,
                  palette=spec.palette(), class_names=class_names_of(config, args.data_root),
                  background=None if config["dataset"] == "cityscapes" else 0, **common)
         return 0
@@ -849,7 +751,7 @@ def run(args):
         config["dataset"], args.data_root or config.get("data_root"), config["num_classes"],
         config.get("labeled"), args.split_dir or config.get("split_dir"), config.get("seed", 0),
         crop_size, out_dir=None, log=log)
-    log(f"evaluate {args.checkpoint} (iteration {iteration}, {which}, heads {', '.join(heads)}): "
+    log(f"evaluate {path} (iteration {iteration}, {which}, heads {', '.join(heads)}): "
         f"{len(data.val)} val images, mode {mode}, crop {crop_size}, scales {list(scales)}, "
         f"flip {args.flip}, amp {amp}, device {device}")
     start = time.time()
@@ -858,20 +760,17 @@ def run(args):
     if rank != 0:
         return 0
     for head in heads:
-        log(f"{head} head:")
-        log(format_table(results[head], data.class_names))
-    record = {"source": "evaluate.py", "checkpoint": os.path.abspath(args.checkpoint),
-              "iter": iteration, "model": which, "mode": mode, "crop_size": crop_size,
-              "stride": args.stride, "scales": list(scales), "flip": args.flip,
-              "amp": amp, "seconds": round(time.time() - start, 1)}
-    if "linear" in results:
-        record.update({key: results["linear"][key]
-                       for key in ("miou", "pixel_acc", "mean_acc", "iou", "pixels")})
+        log(f"{head} head:\n{format_table(results[head], data.class_names)}")
+    record = {"source": "evaluate.py", "checkpoint": os.path.abspath(path), "iter": iteration,
+              "model": which, "mode": mode, "crop_size": crop_size, "stride": args.stride,
+              "scales": list(scales), "flip": args.flip, "amp": amp,
+              "seconds": round(time.time() - start, 1)}
+    record.update(results.get("linear", {}))  # miou, pixel_acc, mean_acc, iou, pixels
     if "proto" in results:
         record.update(miou_proto=results["proto"]["miou"], iou_proto=results["proto"]["iou"])
     summary = "  ".join(f"{head} mIoU {results[head]['miou']:.2f}" for head in heads)
     log(f"result: {summary}  ({which}, iteration {iteration})")
-    metrics_path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "metrics.jsonl")
+    metrics_path = os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl")
     try:
         with open(metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -130,7 +130,7 @@ def test_confusion_and_metrics_hand_made_case():
                              [0, 0, 0, 0]])
     assert cm.dtype == torch.long
     assert torch.equal(cm, expected)
-    metrics = ev.metrics_from_confusion(cm, class_names=["bg", "a", "b", "c"])
+    metrics = ev.metrics_from_confusion(cm)
     assert metrics["iou"][0] == pytest.approx(200 / 3)
     assert metrics["iou"][1] == pytest.approx(100 / 3)
     assert metrics["iou"][2] is None
@@ -139,7 +139,6 @@ def test_confusion_and_metrics_hand_made_case():
     assert metrics["pixel_acc"] == pytest.approx(60.0)
     assert metrics["mean_acc"] == pytest.approx((200 / 3 + 50) / 2)
     assert metrics["pixels"] == 5
-    assert metrics["class_names"] == ["bg", "a", "b", "c"]
 
 
 def test_confusion_and_metrics_match_slow_loop():
@@ -156,7 +155,6 @@ def test_confusion_and_metrics_match_slow_loop():
         assert metrics[key] == pytest.approx(expected[key], rel=1e-12)
     assert metrics["pixels"] == expected["pixels"]
     assert metrics["iou"] == pytest.approx(expected["iou"], rel=1e-12)
-    assert "class_names" not in metrics
 
 
 def test_confusion_ignores_out_of_range_targets_and_checks_shapes():
@@ -167,11 +165,9 @@ def test_confusion_ignores_out_of_range_targets_and_checks_shapes():
         ev.confusion_matrix(pred, target[:2], 2)
 
 
-def test_metrics_without_pixels_are_nan_and_names_are_checked():
+def test_metrics_without_pixels_are_nan():
     metrics = ev.metrics_from_confusion(torch.zeros(3, 3, dtype=torch.long))
     assert math.isnan(metrics["miou"]) and metrics["iou"] == [None, None, None]
-    with pytest.raises(ValueError, match="2 class names for 3 classes"):
-        ev.metrics_from_confusion(torch.eye(3, dtype=torch.long), ["a", "b"])
 
 
 def test_format_table():
@@ -185,11 +181,6 @@ def test_format_table():
     assert lines[4].split() == ["tree", "0.00"]
     assert lines[-1].startswith("mIoU 33.33  pixel acc 60.00  mean acc 58.33")
     assert ev.format_table(metrics).splitlines()[2].split() == ["1", "33.33"]
-
-
-def test_reduce_confusion_without_distributed_is_identity():
-    cm = torch.arange(4).view(2, 2)
-    assert ev.reduce_confusion(cm) is cm and torch.equal(cm, torch.arange(4).view(2, 2))
 
 
 # ------------------------------------------------------------------ protocols
@@ -419,12 +410,10 @@ def _distributed_worker(rank, world_size, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size)
     try:
-        cm = torch.full((2, 2), rank + 1, dtype=torch.long)
-        ev.reduce_confusion(cm)
         metrics = ev.evaluate(make_model("strided"), make_dataset(), 4, "cpu",
                               heads=("linear", "proto"), bank=make_bank(), rank=rank,
                               world_size=world_size, log=lambda line: None)
-        torch.save({"cm": cm, "metrics": metrics}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"metrics": metrics}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -436,7 +425,6 @@ def test_distributed_evaluation_equals_single_process(tmp_path):
                          heads=("linear", "proto"), bank=make_bank(), log=lambda line: None)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert torch.equal(result["cm"], torch.full((2, 2), 3))
         assert result["metrics"] == single  # includes the pixel count, so no double counting
 
 
@@ -663,7 +651,7 @@ def test_error_picture_and_side_by_side():
     assert picture[0, 1].tolist() == [255, 0, 0]        # wrong: red
     assert picture[0, 2].tolist() == [128, 128, 128]    # ignored: neutral grey
     assert picture[1, 1].tolist() == [255, 0, 0]
-    joined = ev.join([image, picture], gap=4)
+    joined = ev.side_by_side([image, picture], gap=4)
     assert joined.shape == (2, 3 + 4 + 3, 3) and (joined[:, 3:7] == 255).all()
     assert (joined[:, 7:] == picture).all()
     assert ev.overlay_picture(image, np.zeros_like(image))[0, 0].tolist() == [100, 100, 100]
