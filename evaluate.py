@@ -337,13 +337,11 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
     None, name)) -> {head: metrics_from_confusion(...)} over the whole set (ignore 255).
 
     Process `rank` of `world_size` takes images rank, rank + world_size, ...; the confusion
-    matrices are then summed over the processes (torch.distributed initialised). The
-    model's train/eval state is left as the caller set it. With `save_dir`: save_pictures
-    of every image (`palette` (256, 3) uint8); with `prototype_map` (needs `bank`) also
+    matrices are then summed over the processes. The model's train/eval state is left as
+    the caller set it. `save_dir`: save_pictures of every image; `prototype_map`: also
     predict_nearest_prototypes for the prototype head's prediction (else the linear one's).
     Unlabeled items (--images) are drawn, not scored. Progress: at most one line every
-    PROGRESS_SECONDS of `clock`, plus the last one.
-    """
+    PROGRESS_SECONDS of `clock`, plus the last one."""
     heads = tuple(heads)
     protocol = dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip,
                     amp=amp)
@@ -402,14 +400,6 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
 
 
 # --------------------------------------------------------------------------- pictures
-
-def denormalize(image):
-    """Normalised image (3, H, W) -> uint8 array (H, W, 3) with data.MEAN / data.STD."""
-    mean = torch.tensor(data_lib.MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(data_lib.STD, dtype=torch.float32).view(3, 1, 1)
-    pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1) * 255
-    return pixels.round().byte().permute(1, 2, 0).numpy()
-
 
 def palette_mask(ids, palette):
     """Class ids (H, W) -> PIL image of mode "P", pixel value = class id, colours from
@@ -481,24 +471,22 @@ def legend(entries, width, swatch=14, pad=4):
     squares, then the text, wrapped over as many lines as needed."""
     font = ImageFont.load_default()
     line_height = max(swatch, font.getbbox("Ag")[3]) + pad
-    placed, x, y = [], pad, pad
+    strip = Image.new("RGB", (width, 2 * pad + max(1, len(entries)) * line_height), "white")
+    draw = ImageDraw.Draw(strip)
+    x, y = pad, pad
     for colours, text in entries:
         left, _, right, _ = font.getbbox(text)
         entry_width = len(colours) * swatch + pad + right - left
         if x > pad and x + entry_width > width - pad:
             x, y = pad, y + line_height
-        placed.append((x, y, colours, text))
-        x += entry_width + 3 * pad
-    strip = Image.new("RGB", (width, y + line_height + pad), "white")
-    draw = ImageDraw.Draw(strip)
-    for x, y, colours, text in placed:
         for i, colour in enumerate(colours):
             draw.rectangle([x + i * swatch, y, x + (i + 1) * swatch - 1, y + swatch - 1],
                            fill=tuple(int(c) for c in colour))
         # a thin frame keeps white and very light colours visible on the white strip
         draw.rectangle([x, y, x + len(colours) * swatch - 1, y + swatch - 1], outline=(96, 96, 96))
         draw.text((x + len(colours) * swatch + pad, y + 1), text, fill=(0, 0, 0), font=font)
-    return np.asarray(strip)
+        x += entry_width + 3 * pad
+    return np.asarray(strip)[:y + line_height + pad]  # the lines used
 
 
 def _figure(path, panels, entries):
@@ -511,20 +499,17 @@ def _figure(path, panels, entries):
 def save_pictures(save_dir, name, image, predictions, palette, class_names=None, label=None,
                   prototypes=None, background=0):
     """Pictures of one image (3, H, W) normalised and its predictions {head: (H, W) ids} in
-    SAVE_DIR, enlarged when small, each with a legend; the prototype head's files carry
-    "_proto" after NAME.
-      with a `label` (evaluation): NAME.png, the predicted ids as a palette PNG
-        (palette_mask), and NAME_compare.png: image | ground truth | per head prediction,
-        errors;
-      without (--images): NAME_mask.png, and NAME_overlay.png: the prediction blended into
-        the image, class `background` (None: none) left transparent;
-      `prototypes` = (classes, nearest, shades (K, M, 3)): NAME_prototypes.png, image |
-        each pixel in the shade of its nearest micro-prototype; the legend says how many
-        of each class's M prototypes are in use.
-    """
+    SAVE_DIR, enlarged when small, with legends; the prototype head's files carry "_proto".
+    With a `label`: NAME.png, the ids as a palette PNG, and NAME_compare.png, image | truth
+    | per head prediction, errors. Without (--images): NAME_mask.png and NAME_overlay.png,
+    class `background` (None: none) left transparent. `prototypes` = (classes, nearest,
+    shades (K, M, 3)): NAME_prototypes.png, image | each pixel in its nearest
+    micro-prototype's shade; the legend counts each class's prototypes in use."""
     path = Path(save_dir) / Path(name).name  # a name with folders stays inside save_dir
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_rgb = denormalize(image)
+    mean, std = (torch.tensor(values).view(3, 1, 1) for values in (data_lib.MEAN, data_lib.STD))
+    image_rgb = ((image.float().cpu() * std + mean).clamp(0, 1) * 255).round().byte()
+    image_rgb = image_rgb.permute(1, 2, 0).numpy()  # the image as read, (H, W, 3) uint8
 
     def name_of(k):
         if k == IGNORE_INDEX:
@@ -581,11 +566,10 @@ def parse_args(argv=None):
     add("--device", default="auto",
         help="'auto', 'cpu', 'cuda' or 'cuda:N' (torchrun: cuda:LOCAL_RANK)")
     add("--amp", choices=["bf16", "fp16", "none"], help="mixed precision (default: the run's)")
-    add("--save-dir", help="write pictures here: NAME.png, the predicted class ids as a palette "
-                           "PNG (VOC's mask format, readable as a mask by --dataset folder), and "
-                           "NAME_compare.png, image | truth | prediction | errors per head, with "
-                           "a legend (with --images: NAME_mask.png and NAME_overlay.png); "
-                           "the prototype head's files carry _proto after NAME")
+    add("--save-dir", help="write NAME.png, the predicted ids as a palette PNG (a mask for "
+                           "--dataset folder), and NAME_compare.png, image | truth | prediction | "
+                           "errors per head (--images: NAME_mask.png, NAME_overlay.png); the "
+                           "prototype head's files carry _proto after NAME")
     add("--prototype-map", action="store_true",
         help="with --save-dir: also NAME_prototypes.png, each pixel in the shade of its "
              "predicted class's micro-prototype nearest to its feature (the prototype head's "
