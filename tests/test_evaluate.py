@@ -130,7 +130,7 @@ def test_confusion_and_metrics_hand_made_case():
                              [0, 0, 0, 0]])
     assert cm.dtype == torch.long
     assert torch.equal(cm, expected)
-    metrics = ev.metrics_from_confusion(cm, class_names=["bg", "a", "b", "c"])
+    metrics = ev.metrics_from_confusion(cm)
     assert metrics["iou"][0] == pytest.approx(200 / 3)
     assert metrics["iou"][1] == pytest.approx(100 / 3)
     assert metrics["iou"][2] is None
@@ -139,7 +139,6 @@ def test_confusion_and_metrics_hand_made_case():
     assert metrics["pixel_acc"] == pytest.approx(60.0)
     assert metrics["mean_acc"] == pytest.approx((200 / 3 + 50) / 2)
     assert metrics["pixels"] == 5
-    assert metrics["class_names"] == ["bg", "a", "b", "c"]
 
 
 def test_confusion_and_metrics_match_slow_loop():
@@ -156,7 +155,6 @@ def test_confusion_and_metrics_match_slow_loop():
         assert metrics[key] == pytest.approx(expected[key], rel=1e-12)
     assert metrics["pixels"] == expected["pixels"]
     assert metrics["iou"] == pytest.approx(expected["iou"], rel=1e-12)
-    assert "class_names" not in metrics
 
 
 def test_confusion_ignores_out_of_range_targets_and_checks_shapes():
@@ -167,11 +165,9 @@ def test_confusion_ignores_out_of_range_targets_and_checks_shapes():
         ev.confusion_matrix(pred, target[:2], 2)
 
 
-def test_metrics_without_pixels_are_nan_and_names_are_checked():
+def test_metrics_without_pixels_are_nan():
     metrics = ev.metrics_from_confusion(torch.zeros(3, 3, dtype=torch.long))
     assert math.isnan(metrics["miou"]) and metrics["iou"] == [None, None, None]
-    with pytest.raises(ValueError, match="2 class names for 3 classes"):
-        ev.metrics_from_confusion(torch.eye(3, dtype=torch.long), ["a", "b"])
 
 
 def test_format_table():
@@ -185,11 +181,6 @@ def test_format_table():
     assert lines[4].split() == ["tree", "0.00"]
     assert lines[-1].startswith("mIoU 33.33  pixel acc 60.00  mean acc 58.33")
     assert ev.format_table(metrics).splitlines()[2].split() == ["1", "33.33"]
-
-
-def test_reduce_confusion_without_distributed_is_identity():
-    cm = torch.arange(4).view(2, 2)
-    assert ev.reduce_confusion(cm) is cm and torch.equal(cm, torch.arange(4).view(2, 2))
 
 
 # ------------------------------------------------------------------ protocols
@@ -387,7 +378,7 @@ def test_evaluate_matches_per_image_predictions_and_keeps_model_state():
         expected = ev.metrics_from_confusion(manual_confusion(model, dataset, 4, head, bank))
         assert metrics[head] == expected
     assert metrics["linear"]["pixels"] == sum(int((label != 255).sum()) for _, label, _ in dataset)
-    assert logs[-1].startswith("eval 5/5 images") and "ETA 0s" in logs[-1]
+    assert logs[-1].startswith("eval 5/5 images") and "ETA 0:00:00" in logs[-1]
     model.train()
     ev.evaluate(model, dataset, 4, "cpu", log=logs.append)
     assert model.training  # evaluate leaves the caller's choice alone
@@ -419,12 +410,10 @@ def _distributed_worker(rank, world_size, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size)
     try:
-        cm = torch.full((2, 2), rank + 1, dtype=torch.long)
-        ev.reduce_confusion(cm)
         metrics = ev.evaluate(make_model("strided"), make_dataset(), 4, "cpu",
                               heads=("linear", "proto"), bank=make_bank(), rank=rank,
                               world_size=world_size, log=lambda line: None)
-        torch.save({"cm": cm, "metrics": metrics}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"metrics": metrics}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -436,7 +425,6 @@ def test_distributed_evaluation_equals_single_process(tmp_path):
                          heads=("linear", "proto"), bank=make_bank(), log=lambda line: None)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert torch.equal(result["cm"], torch.full((2, 2), 3))
         assert result["metrics"] == single  # includes the pixel count, so no double counting
 
 
@@ -582,8 +570,8 @@ def test_cli_images_writes_palette_masks_that_read_back_as_the_predicted_ids(
         "tall_mask.png", "tall_overlay.png", "tall_prototypes.png",
         "wide_mask.png", "wide_overlay.png", "wide_prototypes.png"]
     progress = [line for line in capsys.readouterr().out.splitlines()
-                if line.startswith("images ")]
-    assert len(progress) == 1 and progress[0].startswith("images 2/2")  # < 10 s: last only
+                if line.startswith("predict ")]
+    assert len(progress) == 1 and progress[0].startswith("predict 2/2 images")  # < 10 s: last only
     _, teacher, _ = _toy_models()
     palette = data.voc_palette()
     for name, (width, height) in sizes.items():
@@ -631,9 +619,9 @@ def test_cli_errors_are_one_clear_message(toy_run, tmp_path, capsys):
         return capsys.readouterr().err
 
     assert "--checkpoint" in error_of("--checkpoint", str(tmp_path / "missing.pt"))
-    assert "no such file" in error_of("--checkpoint", str(tmp_path / "missing.pt"))
+    assert "does not exist" in error_of("--checkpoint", str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    assert "cannot be read as a PyTorch checkpoint" in error_of("--checkpoint",
+    assert "unreadable" in error_of("--checkpoint",
                                                                 str(tmp_path / "junk.pt"))
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     assert "not a train.py checkpoint" in error_of("--checkpoint", str(tmp_path / "other.pt"))
@@ -727,7 +715,7 @@ def test_legend_wraps_and_draws_every_entry():
     assert (one < 128).all(axis=2).any()  # dark text pixels on the white strip
 
 
-def test_predict_images_overlay_shows_the_image_where_background_is_predicted(tmp_path):
+def test_images_overlay_shows_the_image_where_background_is_predicted(tmp_path):
     import numpy as np
     from PIL import Image
     import data
@@ -736,12 +724,10 @@ def test_predict_images_overlay_shows_the_image_where_background_is_predicted(tm
     pixels[:, :32] = (10, 60, 20)
     Image.fromarray(pixels).save(tmp_path / "half.png")
     palette = data.voc_palette()
-    settings = dict(mode="whole", crop_size=64, stride=None, scales=(1.0,), flip=False,
-                    amp=None)
     lines = []
-    ev.predict_images(RedThresholdNet(), [tmp_path / "half.png"], tmp_path / "out", 3, palette,
-                      ("linear",), None, settings, "cpu", log=lines.append,
-                      class_names=["background", "a", "b"], background=0)
+    ev.evaluate(RedThresholdNet(), ev.ImageFiles(tmp_path / "half.png"), 3, "cpu",
+                save_dir=tmp_path / "out", palette=palette, log=lines.append,
+                class_names=["background", "a", "b"], background=0)
     ids = np.asarray(Image.open(tmp_path / "out" / "half_mask.png"))
     assert (ids[:, :32] == 0).all() and (ids[:, 32:] == 2).all()
     overlay = np.asarray(Image.open(tmp_path / "out" / "half_overlay.png"))[:280:7, ::7]
@@ -749,7 +735,7 @@ def test_predict_images_overlay_shows_the_image_where_background_is_predicted(tm
     assert np.array_equal(overlay[:, :32], pixels[:, :32])  # background: the image itself
     blend = np.round(0.5 * pixels[:, 32:] + 0.5 * palette[2].astype(float)).astype(np.uint8)
     assert np.array_equal(overlay[:, 32:], blend)
-    assert len(lines) == 1 and lines[0].startswith("images 1/1: half.png (64 x 40)")
+    assert len(lines) == 1 and lines[0].startswith("predict 1/1 images")
 
 
 def test_evaluate_progress_is_time_based(tmp_path):
@@ -759,7 +745,7 @@ def test_evaluate_progress_is_time_based(tmp_path):
     ev.evaluate(model, dataset, 4, "cpu", log=logs.append, clock=lambda: next(ticks))
     # a line once 10 s have passed since the last one (image 4 at 12 s), and the last
     assert [line.split()[1] for line in logs] == ["4/5", "5/5"]
-    assert "0.33 img/s" in logs[0] and "ETA 3s" in logs[0]
+    assert "0.33 img/s" in logs[0] and "ETA 0:00:03" in logs[0]
     logs.clear()
     ev.evaluate(model, dataset, 4, "cpu", log=logs.append, clock=lambda: 0.0)
     assert [line.split()[1] for line in logs] == ["5/5"]
@@ -776,12 +762,12 @@ def test_nearest_prototype_map_hand_made_case():
     feature = feature.permute(2, 0, 1).unsqueeze(0)  # (1, D, 2, 3)
     classes = torch.tensor([[[0, 0, 0], [1, 1, 1]]])
     expected = torch.tensor([[[0, 1, 2], [0, 1, 2]]])
-    assert torch.equal(ev.nearest_prototype_map(feature, bank, classes), expected)
+    assert torch.equal(ev.class_prototype_cosines(feature, bank, classes).argmax(1), expected)
     # the class decides which prototypes compete: under class 1 a pixel takes the axis
     # with its smallest component (largest cosine with a negative axis), under class 0
     # the axis with its largest
     expected_other = torch.tensor([[[2, 0, 0], [2, 0, 1]]])
-    got = ev.nearest_prototype_map(feature, bank, 1 - classes)
+    got = ev.class_prototype_cosines(feature, bank, 1 - classes).argmax(1)
     assert torch.equal(got, expected_other)
 
 
@@ -793,18 +779,82 @@ def test_nearest_prototype_map_matches_slow_loop_after_upsampling():
     classes = torch.randint(0, 3, (2, *size))
     full = F.interpolate(feature, size=size, mode="bilinear", align_corners=True).double()
     units = F.normalize(bank.prototypes.double(), dim=2)
-    expected = torch.empty(2, *size, dtype=torch.long)
+    expected = torch.empty(2, 4, *size, dtype=torch.float64)
     for b in range(2):
         for y in range(size[0]):
             for x in range(size[1]):
                 f = F.normalize(full[b, :, y, x], dim=0)
-                expected[b, y, x] = (units[classes[b, y, x]] @ f).argmax()
+                expected[b, :, y, x] = units[classes[b, y, x]] @ f
     for chunk_pixels in (1, 25, None):
-        got = ev.nearest_prototype_map(feature, bank, classes, chunk_pixels=chunk_pixels)
-        assert torch.equal(got, expected)
+        got = ev.class_prototype_cosines(feature, bank, classes, chunk_pixels)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got.argmax(1), expected.argmax(1))
 
 
-def test_prototype_shades_and_picture():
+class RecordingNet(PointwiseNet):
+    """PointwiseNet that records the size of every image it is called with."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return super().forward(x)
+
+
+def test_prototype_map_follows_the_protocol():
+    model, bank = RecordingNet().eval(), make_bank()
+    image = torch.randn(1, 3, 13, 19)
+    classes = ev.predict(model, image, 4, head="proto", bank=bank).argmax(1)
+    feature = model(image)[1]
+
+    def sizes_of(**protocol):
+        model.sizes.clear()
+        nearest = ev.predict_nearest_prototypes(model, image, bank, box_classes, **protocol)
+        return nearest, model.sizes
+
+    box_classes = classes
+    whole, sizes = sizes_of()
+    assert sizes == [(13, 19)]  # one forward pass at the image's size
+    assert torch.equal(whole, ev.class_prototype_cosines(feature, bank, classes).argmax(1))
+    sliding, sizes = sizes_of(mode="sliding", crop_size=8, stride=5)
+    assert sizes == [(8, 8)] * 8  # windows: rows 0, 5; columns 0, 5, 10, 11
+    assert torch.equal(sliding, whole)  # pointwise: every window sees the same features
+    flipped, sizes = sizes_of(flip=True, scales=(1.0, 0.5))
+    assert sizes == [(13, 19), (13, 19), (6, 10), (6, 10)]
+    assert flipped.shape == whole.shape
+    box_classes = classes[:, 2:10, 5:13]  # center_box(13, 19, 8) = (2, 5, 8, 8)
+    center, sizes = sizes_of(mode="center", crop_size=8)
+    assert sizes == [(8, 8)] and torch.equal(center, whole[:, 2:10, 5:13])
+
+
+def test_evaluate_draws_the_prototype_map_by_the_same_windows(tmp_path):
+    import numpy as np
+    from PIL import Image
+    import data
+    model, bank, dataset = RecordingNet().eval(), make_bank(), make_dataset(1)
+    palette = data.voc_palette()
+    ev.evaluate(model, dataset, 4, "cpu", mode="sliding", crop_size=8, stride=8,
+                heads=("proto",), bank=bank, save_dir=tmp_path, palette=palette,
+                prototype_map=True, log=lambda line: None)
+    assert set(model.sizes) == {(8, 8)}  # prediction and map: 8 x 8 windows only
+    image, _, _ = dataset[0]
+    classes = ev.predict(model, image[None], 4, head="proto", bank=bank).argmax(1)
+    nearest = ev.class_prototype_cosines(model(image[None])[1], bank, classes).argmax(1)
+    shades = ev.prototype_shades(palette, 4, 3)
+    expected = shades[classes[0].numpy(), nearest[0].numpy()]  # (12, 16, 3)
+    factor = 22  # ceil(256 / 12)
+    top = ev.titled(np.zeros((1, 1, 3), np.uint8), "nearest micro-prototype").shape[0] - 1
+    left = 16 * factor + 4
+    picture = np.asarray(Image.open(tmp_path / "img0_prototypes.png").convert("RGB"))
+    shown = picture[top:top + 12 * factor:factor, left:left + 16 * factor:factor]
+    assert np.array_equal(shown, expected)
+    assert len(np.unique(nearest)) > 1  # more than one shade: the comparison can fail
+
+
+def test_prototype_shades():
     import numpy as np
     import data
     palette = data.voc_palette()
@@ -816,11 +866,6 @@ def test_prototype_shades_and_picture():
     assert (shades[0, :, 0] == shades[0, :, 1]).all()  # black -> greys
     brightness = shades[1].astype(int).sum(axis=1)
     assert (np.diff(brightness) > 0).all()  # darker to lighter
-    classes = np.array([[0, 1], [1, 2]])
-    nearest = np.array([[4, 0], [3, 1]])
-    picture = ev.prototype_picture(classes, nearest, shades)
-    assert picture[0, 0].tolist() == shades[0, 4].tolist()
-    assert picture[1, 0].tolist() == shades[1, 3].tolist()
     assert ev.prototype_shades(palette, 3, 1)[1:, 0].tolist() == palette[1:3].tolist()
 
 
