@@ -224,7 +224,8 @@ def build_run(args, device):
         student = student.to(memory_format=torch.channels_last)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     bank = PrototypeBank(args.num_classes, cfg["num_prototypes"], student.feature_dim,
-                         cfg["proto_momentum"], cfg["temperature"]).to(device)
+                         cfg["proto_momentum"], cfg["temperature"],
+                         generator=torch.Generator().manual_seed(1)).to(device)
     optimizer, scaler = train.make_optimizer(student, cfg, device)
     model = torch.compile(student, dynamic=False) if args.compile else student
     return SimpleNamespace(cfg=cfg, ctx=SimpleNamespace(device=device, world=1), model=model, student=student,
@@ -462,7 +463,7 @@ def measure_prototype_update(args, device, dim=512):
     the floor for anything that reads them), timed in turns; and the largest difference
     between the loop's and the update's prototypes."""
     generator = torch.Generator().manual_seed(0)
-    bank = PrototypeBank(args.num_classes, args.prototypes, dim).to(device)
+    bank = PrototypeBank(args.num_classes, args.prototypes, dim, generator=generator).to(device)
     features = torch.randn(args.points, dim, generator=generator).to(device)
     targets = torch.randint(0, args.num_classes, (args.points,), generator=generator).to(device)
     targets[::10] = train.IGNORE

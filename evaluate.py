@@ -775,8 +775,8 @@ def build_bank(checkpoint, config, path, flag="--head proto/both"):
         raise EvalError(f"{flag}: --checkpoint {path} holds no prototypes "
                         f"(method {config.get('method', '?')!r})")
     num_classes, num_prototypes, dim = state["prototypes"].shape
-    bank = PrototypeBank(num_classes, num_prototypes, dim,
-                         temperature=config.get("temperature", 0.1))
+    bank = PrototypeBank(num_classes, num_prototypes, dim, temperature=config.get("temperature", 0.1),
+                         generator=torch.Generator())  # its values come from the state dict
     bank.load_state_dict(state)
     return bank
 

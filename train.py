@@ -309,7 +309,8 @@ def train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, step_rng, se
     # 9. prototype update with this iteration's features (pre-update nearest prototypes)
     if update is not None:
         point_feature, target, nearest = update
-        bank.update(point_feature, target.masked_fill(~finite, IGNORE), nearest)
+        bank.update(point_feature, target.masked_fill(~finite, IGNORE), nearest,
+                    group=dist.group.WORLD if ctx.world > 1 else None)
     if ctx.world > 1 and ctx.device.type != "cuda":  # plain BN: see average_buffers
         average_buffers(student, ctx)
     # 10. teacher follows the student
@@ -1333,10 +1334,9 @@ def build_everything(cfg, ctx, resuming=False):
     bank = None
     if cfg["method"] == "pcr":
         # own random stream, so that pcr, meanteacher and supervised share the warm-up exactly
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg["seed"] + 1)
-            bank = PrototypeBank(data.num_classes, cfg["num_prototypes"], student.feature_dim,
-                                 cfg["proto_momentum"], cfg["temperature"]).to(ctx.device)
+        bank = PrototypeBank(data.num_classes, cfg["num_prototypes"], student.feature_dim,
+                             cfg["proto_momentum"], cfg["temperature"],
+                             generator=torch.Generator().manual_seed(cfg["seed"] + 1)).to(ctx.device)
     optimizer, scaler = make_optimizer(student, cfg, ctx.device)
     return data, student, teacher, bank, optimizer, scaler
 
