@@ -10,7 +10,9 @@ random labels with 10% ignored pixels), so no dataset is needed. The kinds are t
 in turns (supervised, inherent, meanteacher, PCR, breakdown, then again), which spreads
 the noise of a shared machine evenly over them; each kind runs twice in a row and the
 second run is timed (steady state, as in training); each figure is the median of --iters
-repeats after --warmup rounds.
+repeats after --warmup rounds. The breakdown runs train.train_iteration itself: its parts
+are the blocks train.py labels with torch.profiler.record_function (the same labels show
+in any torch.profiler trace of training), timed on the device's timeline.
 
 CPU, the reference configuration of the README (~5 minutes on 2 idle cores, 20 on busy
 ones; --iters 1 --warmup 0 for a quick look):
@@ -37,15 +39,16 @@ import resource
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from types import SimpleNamespace
+from unittest import mock
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from cutmix import cutmix_mask, mix
 from model import BACKBONES, build_model
-from prototypes import PrototypeBank, prototype_loss, sample_features, sample_points
+from prototypes import PrototypeBank
 
 # Dense peak TFLOPS: (name fragment, bf16/fp16, tf32, fp32). The first matching fragment
 # wins, so the more specific names come first.
@@ -159,6 +162,12 @@ class Clock:
     def lap(self, name):
         self.marks.append((name, self._now()))
 
+    @contextmanager
+    def part(self, name):
+        """Stands in for torch.profiler.record_function(name): laps `name` at the block's end."""
+        yield
+        self.lap(name)
+
     def seconds(self):
         """{part name: seconds}, in lap order (a repeated name accumulates)."""
         if self.cuda:
@@ -211,12 +220,11 @@ def peak_tflops(name, amp):
 def build_run(args, device):
     """Student, teacher, prototype bank, optimizer and scaler as train.build_everything
     makes them for one process (its data part aside), plus the trainer's settings."""
-    cfg = dict(train.COMMON)
-    cfg.update(train.PRESETS["voc"])
+    cfg = train.resolve_config(train.parse_args(["--dataset", "voc"]))
     cfg.update(backbone=args.backbone, output_stride=args.output_stride, crop_size=args.crop_size,
                batch_size=args.batch_size, num_classes=args.num_classes, width=args.width,
                amp=args.amp, channels_last=args.channels_last, aux_weight=0.0, aux=False,
-               method="pcr", warmup_iters=0, iters_per_epoch=1000, epochs=80, total_iters=80000)
+               method="pcr", warmup_iters=0, iters_per_epoch=1000, total_epochs=80, total_iters=80000)
     torch.manual_seed(0)
     student = build_model(args.num_classes, args.backbone, args.output_stride, aux=False,
                           width=args.width).to(device)
@@ -224,7 +232,8 @@ def build_run(args, device):
         student = student.to(memory_format=torch.channels_last)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     bank = PrototypeBank(args.num_classes, cfg["num_prototypes"], student.feature_dim,
-                         cfg["proto_momentum"], cfg["temperature"]).to(device)
+                         cfg["proto_momentum"], cfg["temperature"],
+                         generator=torch.Generator().manual_seed(1)).to(device)
     optimizer, scaler = train.make_optimizer(student, cfg, device)
     model = torch.compile(student, dynamic=False) if args.compile else student
     return SimpleNamespace(cfg=cfg, ctx=SimpleNamespace(device=device, world=1), model=model, student=student,
@@ -269,10 +278,10 @@ def inherent_iteration(run, batch, clock):
     image_l, _ = batch["labeled"]
     image_u, _ = batch["unlabeled"]
     clock.start()
-    with torch.no_grad(), train.autocast(run.cfg, run.ctx):
+    with torch.no_grad(), train.autocast(run.cfg["amp"], run.ctx.device):
         run.teacher(image_u)
     clock.lap("teacher forward")
-    with train.autocast(run.cfg, run.ctx):
+    with train.autocast(run.cfg["amp"], run.ctx.device):
         logits, _, _ = run.model(torch.cat([image_l, image_u]))
     clock.lap("student forward")
     loss = logits.float().mean()
@@ -292,63 +301,15 @@ INHERENT_COUNTERPART = {"teacher forward + pseudo-labels": "teacher forward",
 
 
 def pcr_iteration_parts(run, batch, clock):
-    """loop_iteration(run, batch, "pcr") cut into parts, with clock.lap after each.
-
-    The calls and their order are train.train_iteration's (PCR branch of train_step, then
-    backward / step / BN-statistics guard / prototype update / EMA); tests/test_bench.py
-    checks that both give identical results. Returns the loss terms.
-    """
-    cfg, ctx = run.cfg, run.ctx
-    image_l, label_l = batch["labeled"]
-    image_u, padding_u = batch["unlabeled"]
-    bn_stats = [b for b in run.student.buffers() if b.dtype.is_floating_point]
+    """loop_iteration(run, batch, "pcr"), that is the real train.train_iteration, cut into
+    the parts that train.py labels with torch.profiler.record_function. While it runs,
+    train's `record_function` is swapped for clock.part, which laps the clock when a
+    labelled block ends: a part is the time from the end of the previous part (or the
+    start) to the end of its label, so the parts partition the iteration up to its last
+    label. Returns the loss terms."""
     clock.start()
-    saved_bn_stats = torch.cat([b.reshape(-1) for b in bn_stats])
-    pseudo_label, confidence, entropy = train.teacher_predict(run.teacher, image_u, padding_u, cfg, ctx)
-    clock.lap("teacher forward + pseudo-labels")
-    height, width = image_u.shape[-2:]
-    mask = cutmix_mask(len(image_u), height, width, cfg["cutmix_prob"], generator=run.step_rng,
-                       device=ctx.device)
-    image_u, pseudo_label, confidence, entropy = (mix(x, mask) for x in
-                                                  (image_u, pseudo_label, confidence, entropy))
-    clock.lap("cutmix")
-    num_l = len(image_l)
-    with train.autocast(cfg["amp"], ctx.device):
-        logits, feature, aux_logits = run.model(torch.cat([image_l, image_u]))
-    clock.lap("student forward")
-    terms = {"sup": train.supervised_losses(logits[:num_l], None, label_l, cfg)}
-    clock.lap("supervised loss (OHEM)")
-    epoch = run.it // cfg["iters_per_epoch"]
-    drop = train.drop_fraction_at(epoch, cfg["epochs"], cfg["drop_start"])
-    terms["unsup"] = cfg["unsup_weight"] * train.entropy_filtered_cross_entropy(
-        train.upsample(logits[num_l:], (height, width)), pseudo_label, entropy, drop)
-    clock.lap("unsupervised loss")
-    ys, xs = sample_points(height, width, cfg["grid"], generator=run.step_rng, device=ctx.device)
-    point_feature = sample_features(feature, ys, xs, (height, width)).flatten(0, 1)
-    target_l = label_l[:, ys, xs]
-    target_u = torch.where(confidence[:, ys, xs] >= cfg["conf_threshold"],
-                           pseudo_label[:, ys, xs], train.IGNORE)
-    target = torch.cat([target_l, target_u]).flatten()
-    clock.lap("pixel sampling + targets")
-    prototype_logits, nearest = run.bank(point_feature)
-    clock.lap("prototype logits")
-    terms["proto"] = cfg["proto_weight"] * prototype_loss(prototype_logits, target)
-    clock.lap("prototype loss")
-    train.set_learning_rate(run.optimizer, run.it, cfg)
-    loss = sum(terms.values())
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    clock.lap("backward (network + losses)")
-    run.scaler.step(run.optimizer)
-    run.scaler.update(None if cfg["amp"] == "fp16" else 1.0)
-    finite = torch.isfinite(loss)
-    train.restore_buffers_if(~finite, bn_stats, saved_bn_stats)
-    clock.lap("optimizer step")
-    run.bank.update(point_feature.detach(), target.masked_fill(~finite, train.IGNORE), nearest)
-    clock.lap("prototype update")
-    train.teacher_update(run.teacher, run.student, run.it, cfg)
-    clock.lap("EMA teacher")
-    return terms
+    with mock.patch.object(train, "record_function", clock.part):
+        return loop_iteration(run, batch, "pcr")
 
 
 def step_flops(run, batch):
@@ -419,9 +380,14 @@ def measure(args, device):
                     for name, seconds in laps.items():
                         inherent_parts.setdefault(name, []).append(seconds)
         pcr_iteration_parts(run, batch, clock)
+        laps = clock.seconds()
+        missing = set(INHERENT_COUNTERPART) - set(laps)
+        if missing:
+            raise RuntimeError(f"bench: train.train_iteration no longer labels {sorted(missing)} "
+                               "with record_function; update INHERENT_COUNTERPART")
         if timed:
             load.append(os.getloadavg()[0])
-            for name, seconds in clock.seconds().items():
+            for name, seconds in laps.items():
                 parts.setdefault(name, []).append(seconds)
     result = {
         "times": {kind: statistics.median(values) for kind, values in times.items()},
@@ -462,7 +428,7 @@ def measure_prototype_update(args, device, dim=512):
     the floor for anything that reads them), timed in turns; and the largest difference
     between the loop's and the update's prototypes."""
     generator = torch.Generator().manual_seed(0)
-    bank = PrototypeBank(args.num_classes, args.prototypes, dim).to(device)
+    bank = PrototypeBank(args.num_classes, args.prototypes, dim, generator=generator).to(device)
     features = torch.randn(args.points, dim, generator=generator).to(device)
     targets = torch.randint(0, args.num_classes, (args.points,), generator=generator).to(device)
     targets[::10] = train.IGNORE

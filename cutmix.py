@@ -1,6 +1,17 @@
 """CutMix for the unlabeled stream (docs/METHOD.md section 3 step 3).
 
-Imports only torch, so the file can be copied into another project on its own.
+Imports only torch, so the file can be copied into another project on its own. Random
+numbers come only from the torch.Generator given (never the global RNG). Usage
+(tests/test_copyable.py runs it on this file alone):
+
+    >>> import torch
+    >>> from cutmix import cutmix_mask, mix
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> images, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4, 16, 16))
+    >>> mask = cutmix_mask(4, 16, 16, p=1.0, generator=gen)    # (4, 16, 16) bool, one box each
+    >>> mixed_images, mixed_labels = mix(images, mask), mix(labels, mask)
+    >>> torch.equal(mixed_labels[0][mask[0]], labels[1][mask[0]])
+    True
 """
 
 import torch
@@ -16,7 +27,7 @@ def _to_device(tensor, device):
     return tensor.to(device)
 
 
-def cutmix_mask(batch_size, height, width, p=0.5, generator=None, device=None):
+def cutmix_mask(batch_size, height, width, p=0.5, *, generator, device=None):
     """Boxes covering half of each image, for the whole batch with probability p.
 
     One coin flip per call: with probability 1 - p the mask is all False. Otherwise
@@ -26,15 +37,19 @@ def cutmix_mask(batch_size, height, width, p=0.5, generator=None, device=None):
     as numpy rounds (so w h ~ H W / 2, and h < H), top-left corner uniform over the
     positions that keep the box inside the image.
     Returns bool (B, H, W), True inside the box, on `device` (default: the generator's
-    device, else CPU). Random numbers come from `generator`; the same number of them is
-    drawn whether or not the coin succeeds, so a seeded run stays reproducible.
+    device). Random numbers come from `generator` (required, never the global RNG); the
+    same number of them is drawn whether or not the coin succeeds, so a seeded run stays
+    reproducible.
     """
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"cutmix_mask: generator must be a torch.Generator (this module never "
+                        f"draws from the global RNG), got {type(generator).__name__}")
     if batch_size < 1 or height < 1 or width < 1:
         raise ValueError(f"cutmix_mask: batch_size, height and width must be >= 1, got "
                          f"{batch_size}, {height}, {width}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"cutmix_mask: p must be in [0, 1], got {p}")
-    rng_device = generator.device if generator is not None else torch.device("cpu")
+    rng_device = generator.device
 
     def uniform_int(low, count):
         # Integers uniform on [low, low + count), elementwise; float64 so that u * count < count.

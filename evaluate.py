@@ -692,8 +692,8 @@ def run(args):
             flag = "--head proto/both" if "proto" in heads else "--prototype-map"
             raise train.SetupError(f"{flag}: --checkpoint {path} holds no prototypes "
                                    f"(method {config.get('method', '?')!r})")
-        bank = PrototypeBank(*state["prototypes"].shape,
-                             temperature=config.get("temperature", 0.1)).to(device)
+        bank = PrototypeBank(*state["prototypes"].shape, temperature=config.get("temperature", 0.1),
+                             generator=torch.Generator()).to(device)  # values: the state dict
         bank.load_state_dict(state)
     mode = args.mode or config.get("eval_mode", "whole")
     if args.images and mode == "center":

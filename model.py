@@ -25,6 +25,20 @@ or decoder must keep it):
     model.num_classes  K
 A new ResNet depth is one entry in BACKBONES; train.py and bench.py take their
 --backbone choices from it.
+
+Imports only torch and torchvision, so the file can be copied into another project on its
+own. Usage (tests/test_copyable.py runs it on this file alone; random init, tiny width):
+
+    >>> import torch
+    >>> from model import build_model, param_groups
+    >>> model = build_model(num_classes=5, backbone="resnet18", output_stride=8, aux=True,
+    ...                     width=0.125).eval()
+    >>> with torch.no_grad():
+    ...     logits, feature, aux_logits = model(torch.randn(1, 3, 33, 33))
+    >>> tuple(logits.shape), tuple(feature.shape), tuple(aux_logits.shape)
+    ((1, 5, 9, 9), (1, 64, 9, 9), (1, 5, 5, 5))
+    >>> [group["name"] for group in param_groups(model, lr=0.01, head_lr=0.1)]
+    ['backbone', 'head']
 """
 
 import os

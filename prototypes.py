@@ -2,7 +2,23 @@
 update, their k-means initialisation, and reading the decoder feature at sampled pixels.
 
 docs/METHOD.md section 3 steps 7 and 9, section 4. Imports only torch, so the file can be
-copied into another project on its own.
+copied into another project on its own. Random numbers come only from the torch.Generator
+each call is given (never the global RNG); the update reduces across processes only when
+given a process group. Usage (tests/test_copyable.py runs it on this file alone):
+
+    >>> import torch
+    >>> from prototypes import PrototypeBank, prototype_loss, sample_features, sample_points
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> bank = PrototypeBank(num_classes=3, num_prototypes=2, dim=8, generator=gen)
+    >>> feature_map = torch.randn(2, 8, 5, 5, generator=gen, requires_grad=True)  # stride 4
+    >>> ys, xs = sample_points(17, 17, grid=4, generator=gen)                      # 16 pixels
+    >>> features = sample_features(feature_map, ys, xs, (17, 17)).flatten(0, 1)    # (32, 8)
+    >>> targets = torch.randint(0, 3, (32,), generator=gen)
+    >>> logits, nearest = bank(features)                                          # (32, 3) each
+    >>> prototype_loss(logits, targets).backward()
+    >>> bank.update(features.detach(), targets, nearest)    # group=...: sum over processes
+    >>> bank.init_kmeans(features.detach(), targets, generator=gen).tolist()
+    [True, True, True]
 """
 
 import math
@@ -14,7 +30,8 @@ import torch.nn.functional as F
 
 
 class PrototypeBank(nn.Module):
-    """K classes x M micro-prototypes of dimension D, with no trainable weights.
+    """K classes x M micro-prototypes of dimension D, with no trainable weights, drawn
+    ~ N(0, 1) from `generator` (required: a torch.Generator, whose device the bank starts on).
 
     Prototype logits of a feature f for class k:
         logit[k] = max_m cos(f, p[k, m]) / temperature
@@ -23,8 +40,10 @@ class PrototypeBank(nn.Module):
     features by a momentum update (`update`), never by gradient.
     """
 
-    def __init__(self, num_classes, num_prototypes, dim, momentum=0.99, temperature=0.1):
+    def __init__(self, num_classes, num_prototypes, dim, momentum=0.99, temperature=0.1, *,
+                 generator):
         super().__init__()
+        _check_generator(generator, "PrototypeBank")
         if num_classes < 1 or num_prototypes < 1 or dim < 1:
             raise ValueError(
                 f"PrototypeBank: num_classes, num_prototypes and dim must be >= 1, got "
@@ -38,8 +57,10 @@ class PrototypeBank(nn.Module):
         self.dim = dim
         self.momentum = momentum
         self.temperature = temperature
-        # Global RNG on purpose: the trainer's seed makes the initial bank reproducible.
-        self.register_buffer("prototypes", torch.randn(num_classes, num_prototypes, dim))
+        # Initial prototypes ~ N(0, 1) from `generator`, on its device (a CPU generator
+        # seeded s gives the numbers torch.randn gives after torch.manual_seed(s)).
+        self.register_buffer("prototypes", torch.randn(num_classes, num_prototypes, dim,
+                                                       generator=generator, device=generator.device))
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, num_prototypes={self.num_prototypes}, "
@@ -69,7 +90,7 @@ class PrototypeBank(nn.Module):
         return best_cosine / self.temperature, nearest
 
     @torch.no_grad()
-    def update(self, features, targets, nearest=None):
+    def update(self, features, targets, nearest=None, group=None):
         """Momentum update of docs/METHOD.md step 9, in place.
 
         features (N, D) detached raw features; targets (N,) int64, values outside [0, K)
@@ -77,8 +98,10 @@ class PrototypeBank(nn.Module):
         (recomputed when None). Pixel n goes to (k, m) = (targets[n], nearest[n, k]);
         for every (k, m) that received c > 0 pixels with feature sum s:
             p[k, m] <- momentum * p[k, m] + (1 - momentum) * s / c
-        Prototypes that received no pixel are unchanged. With torch.distributed
-        initialised, s and c are summed over all ranks first, so the ranks stay identical.
+        Prototypes that received no pixel are unchanged. group=None: this process's pixels
+        only, no collective. group=a process group (torch.distributed.group.WORLD for all
+        processes): s and c are first summed over its ranks by one all_reduce, so the ranks
+        stay identical; every rank of the group must then call update.
         """
         self._check_features(features, "update")
         if targets.shape != features.shape[:1]:
@@ -107,9 +130,9 @@ class PrototypeBank(nn.Module):
         with torch.autocast(device_type=features.device.type, enabled=False):   # float32 sums
             sums, counts = sum_rows_by_index(features, slot, num_slots)
         counts = counts[:, None]                                                    # (K*M, 1)
-        if dist.is_available() and dist.is_initialized():
+        if group is not None:
             stats = torch.cat([sums, counts], dim=1)                                # (K*M, D+1)
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)     # one collective for both
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)  # one collective for both
             sums, counts = stats[:, :dim], stats[:, dim:]
         mean = sums.div_(counts.clamp_min(1.0))                                     # (K*M, D)
         # p + w (mean - p) = momentum p + (1 - momentum) mean for w = 1 - momentum, and
@@ -118,7 +141,7 @@ class PrototypeBank(nn.Module):
         self.prototypes.view(num_slots, dim).lerp_(mean, weight)
 
     @torch.no_grad()
-    def init_kmeans(self, features, labels, iters=20, generator=None):
+    def init_kmeans(self, features, labels, iters=20, *, generator):
         """Set each present class's M prototypes to cosine k-means centres of its features.
 
         features (N, D), labels (N,) with values outside [0, K) ignored. Per class, on
@@ -127,8 +150,10 @@ class PrototypeBank(nn.Module):
         normalised mean of its members; a centre that loses all members stays put).
         A class with fewer than M samples repeats its samples; a class absent from
         `labels` keeps its prototypes.
-        Random draws use `generator` (any device). Returns bool (K,): classes initialised.
+        Random draws use `generator` (required, any device). Returns bool (K,): classes
+        initialised.
         """
+        _check_generator(generator, "PrototypeBank.init_kmeans")
         self._check_features(features, "init_kmeans")
         if labels.shape != features.shape[:1]:
             raise ValueError(f"PrototypeBank.init_kmeans: labels must have shape "
@@ -192,11 +217,17 @@ def sum_rows_by_index(values, index, num_rows, grouped=None):
     return sums, counts.to(values.dtype)
 
 
+def _check_generator(generator, where):
+    """This file never draws from the global RNG: every random draw needs a generator."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{where}: generator must be a torch.Generator (this module never "
+                        f"draws from the global RNG), got {type(generator).__name__}")
+
+
 def _draw(weights, count, generator):
     """`count` indices drawn with replacement, with probability proportional to
     `weights` (1-D, >= 0); uniform when all weights are zero (all samples identical)."""
-    device = generator.device if generator is not None else weights.device
-    weights = weights.to(device=device, dtype=torch.float64)
+    weights = weights.to(device=generator.device, dtype=torch.float64)
     if not bool(weights.sum() > 0):
         weights = torch.ones_like(weights)
     return torch.multinomial(weights, count, replacement=True, generator=generator)
@@ -242,19 +273,20 @@ def _to_device(tensor, device):
     return tensor.to(device)
 
 
-def sample_points(height, width, grid=32, generator=None, device=None):
+def sample_points(height, width, grid=32, *, generator, device=None):
     """One uniformly random pixel in each cell of a G x G partition of an H x W crop.
 
     G = min(grid, H, W) so that no cell is empty. Cell (i, j) spans rows
     [floor(i H / G), floor((i + 1) H / G)) and columns [floor(j W / G), floor((j + 1) W / G)).
     Returns ys, xs: int64 (G*G,), cell (i, j) at index i*G + j, on `device` (default:
-    the generator's device, else CPU). Random numbers come from `generator`.
+    the generator's device). Random numbers come from `generator` (required).
     """
+    _check_generator(generator, "sample_points")
     if height < 1 or width < 1 or grid < 1:
         raise ValueError(f"sample_points: height, width and grid must be >= 1, got "
                          f"{height}, {width}, {grid}")
     cells = min(grid, height, width)
-    rng_device = generator.device if generator is not None else torch.device("cpu")
+    rng_device = generator.device
     index = torch.arange(cells, device=rng_device)
 
     def offsets(size):

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 import data as data_lib
 import evaluate as evaluate_lib
@@ -357,36 +358,43 @@ def train_step(batch, models, cfg, ctx, it, step_rng):
 
     image_u, padding_u = batch["unlabeled"]
     # 2. teacher pseudo-labels on the weakly augmented unlabeled images
-    pseudo_label, confidence, entropy = teacher_predict(teacher, image_u, padding_u, cfg, ctx)
+    with record_function("teacher forward + pseudo-labels"):  # labels: profilers, bench.py
+        pseudo_label, confidence, entropy = teacher_predict(teacher, image_u, padding_u, cfg, ctx)
     # 3. CutMix: the same boxes move images, pseudo-labels, confidences and entropies
     height, width = image_u.shape[-2:]
-    mask = cutmix_mask(len(image_u), height, width, cfg["cutmix_prob"], generator=step_rng,
-                       device=ctx.device)
-    image_u, pseudo_label, confidence, entropy = (mix(x, mask) for x in
-                                                  (image_u, pseudo_label, confidence, entropy))
+    with record_function("cutmix"):
+        mask = cutmix_mask(len(image_u), height, width, cfg["cutmix_prob"], generator=step_rng,
+                           device=ctx.device)
+        image_u, pseudo_label, confidence, entropy = (mix(x, mask) for x in
+                                                      (image_u, pseudo_label, confidence, entropy))
     # 4. one student pass over labeled and mixed unlabeled images (BN sees both)
     num_l = len(image_l)
-    with autocast(cfg["amp"], ctx.device):
+    with record_function("student forward"), autocast(cfg["amp"], ctx.device):
         logits, feature, aux_logits = student(torch.cat([image_l, image_u]))
     # 5. supervised loss, 6. unsupervised loss with the entropy-based drop
-    terms["sup"] = supervised_losses(logits[:num_l],
-                                     None if aux_logits is None else aux_logits[:num_l], label_l, cfg)
+    with record_function("supervised loss (OHEM)"):
+        terms["sup"] = supervised_losses(logits[:num_l],
+                                         None if aux_logits is None else aux_logits[:num_l], label_l, cfg)
     epoch = it // cfg["iters_per_epoch"]
     drop = drop_fraction_at(epoch, cfg["total_epochs"], cfg["drop_start"])
-    terms["unsup"] = cfg["unsup_weight"] * entropy_filtered_cross_entropy(
-        upsample(logits[num_l:], (height, width)), pseudo_label, entropy, drop)
+    with record_function("unsupervised loss"):
+        terms["unsup"] = cfg["unsup_weight"] * entropy_filtered_cross_entropy(
+            upsample(logits[num_l:], (height, width)), pseudo_label, entropy, drop)
     if cfg["method"] != "pcr":
         return terms, None
 
     # 7. prototype consistency on one random pixel per grid cell
-    ys, xs = sample_points(height, width, cfg["grid"], generator=step_rng, device=ctx.device)
-    point_feature = sample_features(feature, ys, xs, (height, width)).flatten(0, 1)  # (B*P, D)
-    target_l = label_l[:, ys, xs]
-    target_u = torch.where(confidence[:, ys, xs] >= cfg["conf_threshold"],
-                           pseudo_label[:, ys, xs], IGNORE)
-    target = torch.cat([target_l, target_u]).flatten()  # (B*P,)
-    prototype_logits, nearest = bank(point_feature)  # pre-update prototypes
-    terms["proto"] = cfg["proto_weight"] * prototype_loss(prototype_logits, target)
+    with record_function("pixel sampling + targets"):
+        ys, xs = sample_points(height, width, cfg["grid"], generator=step_rng, device=ctx.device)
+        point_feature = sample_features(feature, ys, xs, (height, width)).flatten(0, 1)  # (B*P, D)
+        target_l = label_l[:, ys, xs]
+        target_u = torch.where(confidence[:, ys, xs] >= cfg["conf_threshold"],
+                               pseudo_label[:, ys, xs], IGNORE)
+        target = torch.cat([target_l, target_u]).flatten()  # (B*P,)
+    with record_function("prototype logits"):
+        prototype_logits, nearest = bank(point_feature)  # pre-update prototypes
+    with record_function("prototype loss"):
+        terms["proto"] = cfg["proto_weight"] * prototype_loss(prototype_logits, target)
     return terms, (point_feature.detach(), target, nearest)
 
 
@@ -405,20 +413,25 @@ def train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, step_rng, se
     set_learning_rate(optimizer, it, cfg)
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)  # skipped on the device when a gradient is not finite
-    scaler.update(None if cfg["amp"] == "fp16" else 1.0)  # 1 stays 1: no backoff to 0
-    finite = torch.isfinite(loss)
-    restore_buffers_if(~finite, bn_stats, saved_bn_stats)
+    with record_function("backward (network + losses)"):
+        scaler.scale(loss).backward()
+    with record_function("optimizer step"):
+        scaler.step(optimizer)  # skipped on the device when a gradient is not finite
+        scaler.update(None if cfg["amp"] == "fp16" else 1.0)  # 1 stays 1: no backoff to 0
+        finite = torch.isfinite(loss)
+        restore_buffers_if(~finite, bn_stats, saved_bn_stats)
     # 9. prototype update with this iteration's features (pre-update nearest prototypes)
     if update is not None:
         point_feature, target, nearest = update
-        bank.update(point_feature, target.masked_fill(~finite, IGNORE), nearest)
+        with record_function("prototype update"):
+            bank.update(point_feature, target.masked_fill(~finite, IGNORE), nearest,
+                        group=dist.group.WORLD if ctx.world > 1 else None)
     if ctx.world > 1 and ctx.device.type != "cuda":  # plain BN: see average_buffers
         average_buffers(student, ctx)
     # 10. teacher follows the student
     if semi:
-        teacher_update(teacher, student, it - cfg["warmup_iters"], cfg)
+        with record_function("EMA teacher"):
+            teacher_update(teacher, student, it - cfg["warmup_iters"], cfg)
     return terms, finite
 
 
@@ -1061,10 +1074,9 @@ def build_everything(cfg, ctx, resuming=False):
     bank = None
     if cfg["method"] == "pcr":
         # own random stream, so that pcr, meanteacher and supervised share the warm-up exactly
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg["seed"] + 1)
-            bank = PrototypeBank(data.num_classes, cfg["num_prototypes"], student.feature_dim,
-                                 cfg["proto_momentum"], cfg["temperature"]).to(ctx.device)
+        bank = PrototypeBank(data.num_classes, cfg["num_prototypes"], student.feature_dim,
+                             cfg["proto_momentum"], cfg["temperature"],
+                             generator=torch.Generator().manual_seed(cfg["seed"] + 1)).to(ctx.device)
     optimizer, scaler = make_optimizer(student, cfg, ctx.device)
     return data, student, teacher, bank, optimizer, scaler
 

@@ -1,4 +1,5 @@
-"""bench.py: the report, the breakdown's fidelity to train.py, and the small formulas."""
+"""bench.py: the report, the breakdown (train.py's own step cut at its labels), and the
+small formulas."""
 import json
 import time
 
@@ -37,9 +38,9 @@ def test_main_prints_table_then_json(capsys):
     assert summary["peak_mem_bytes"] >= summary["peak_mem_bytes_by_step"]["supervised"] > 0
     breakdown = summary["breakdown_s"]
     assert list(breakdown) == PARTS and all(v > 0 for v in breakdown.values())
-    # the table's "sum of parts" row is the JSON breakdown's sum (that the parts partition
-    # one PCR iteration is proved without timers in test_breakdown_is_train_step_...; a
-    # wall-clock ratio between two separately timed runs flaked on a loaded 2-core box)
+    # the table's "sum of parts" row is the JSON breakdown's sum (that the parts are train.py's
+    # labels of one PCR iteration is proved without timers in test_breakdown_is_the_real_...;
+    # a wall-clock ratio between two separately timed runs flaked on a loaded 2-core box)
     sum_row = next(line for line in lines if line.strip().startswith("sum of parts"))
     assert float(sum_row.split()[3]) == pytest.approx(1000 * sum(breakdown.values()), abs=0.051)
     inherent_parts = summary["inherent_breakdown_s"]  # with one repeat they sum to the step
@@ -58,10 +59,10 @@ def _state(run):
             run.bank.prototypes.clone(), run.step_rng.get_state())
 
 
-def test_breakdown_is_train_step_and_the_loop_body():
-    """pcr_iteration_parts re-sequences train.py's calls with timers between them: from the
-    same state it must give the same losses, weights, teacher, prototypes and RNG state
-    as train.train_iteration (loop_iteration): train_step, backward, step, updates, EMA."""
+def test_breakdown_is_the_real_train_iteration_cut_at_its_labels():
+    """pcr_iteration_parts runs train.train_iteration itself, its record_function labels
+    swapped for the clock: the laps are train.py's labels in order, and from the same state
+    the losses, weights, teacher, prototypes and RNG state are those of loop_iteration."""
     args = bench.parse_args(TINY)
     device = torch.device("cpu")
     reference, timed = bench.build_run(args, device), bench.build_run(args, device)
@@ -70,7 +71,10 @@ def test_breakdown_is_train_step_and_the_loop_body():
         torch.manual_seed(10 + step)  # dropout
         expected = bench.loop_iteration(reference, batch, "pcr")
         torch.manual_seed(10 + step)
-        got = bench.pcr_iteration_parts(timed, batch, bench.Clock(device))
+        clock = bench.Clock(device)
+        got = bench.pcr_iteration_parts(timed, batch, clock)
+        assert list(clock.seconds()) == PARTS
+        assert train.record_function is torch.profiler.record_function  # put back
         assert got.keys() == expected.keys() == {"sup", "unsup", "proto"}
         for key in expected:
             assert torch.equal(got[key], expected[key]), key
@@ -79,6 +83,22 @@ def test_breakdown_is_train_step_and_the_loop_body():
         assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
         assert all(torch.equal(teacher_a[k], teacher_b[k]) for k in teacher_a)
         assert torch.equal(bank_a, bank_b) and torch.equal(rng_a, rng_b)
+
+
+def test_the_parts_are_record_function_labels_a_profiler_sees():
+    """The labels bench reads are real torch.profiler.record_function ranges of
+    train.train_iteration, in order, each entered once per PCR iteration."""
+    args = bench.parse_args(TINY)
+    run = bench.build_run(args, torch.device("cpu"))
+    batch = bench.synthetic_batch(2, 33, args.num_classes, torch.device("cpu"), False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        bench.loop_iteration(run, batch, "pcr")
+    labels = [event for event in profiler.events() if event.name in PARTS]
+    labels.sort(key=lambda event: event.time_range.start)
+    assert [event.name for event in labels] == PARTS
+    # the ranges follow one another without overlapping
+    for before, after in zip(labels, labels[1:]):
+        assert before.time_range.end <= after.time_range.start
 
 
 def test_loop_iteration_matches_train_step_directly():

@@ -43,7 +43,8 @@ def test_prototype_update_matches_the_loop_without_a_sync():
     features = torch.randn(n, dim, generator=gen)
     targets = torch.randint(0, num_classes - 1, (n,), generator=gen)  # class 5 gets nothing
     targets[torch.rand(n, generator=gen) < 0.2] = 255
-    bank = PrototypeBank(num_classes, num_prototypes, dim, momentum=0.9).cuda()
+    bank = PrototypeBank(num_classes, num_prototypes, dim, momentum=0.9,
+                         generator=torch.Generator().manual_seed(0)).cuda()
     before = bank.prototypes.cpu().clone()
     features_gpu, targets_gpu = features.cuda(), targets.cuda()
     with no_sync():

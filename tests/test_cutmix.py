@@ -111,7 +111,16 @@ def test_mask_is_reproducible_with_a_seeded_generator():
     generator = torch.Generator().manual_seed(7)
     draws = [cutmix_mask(6, 33, 33, p=1.0, generator=generator) for _ in range(3)]
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
-    assert cutmix_mask(2, 8, 8, device="cpu").device.type == "cpu"
+    assert cutmix_mask(2, 8, 8, generator=generator, device="cpu").device.type == "cpu"
+
+
+def test_the_generator_is_required_and_the_global_rng_is_never_drawn():
+    for generator in ((), (None,)):  # left out, or None
+        with pytest.raises(TypeError, match="generator"):
+            cutmix_mask(2, 8, 8, p=1.0, **dict(zip(["generator"], generator)))
+    state = torch.get_rng_state()
+    cutmix_mask(4, 16, 16, p=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_mix_matches_python_loop_and_keeps_streams_consistent():
@@ -146,4 +155,4 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="mask must be bool"):
         mix(torch.zeros(2, 4, 4), mask.float())
     with pytest.raises(ValueError, match="p must be in"):
-        cutmix_mask(2, 4, 4, p=1.5)
+        cutmix_mask(2, 4, 4, p=1.5, generator=torch.Generator())

@@ -195,7 +195,7 @@ def make_replica(seed=0):
     torch.manual_seed(seed)
     teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     teacher[1].running_var.uniform_(0.5, 2.0)
-    bank = PrototypeBank(3, 2, 4)
+    bank = PrototypeBank(3, 2, 4, generator=torch.Generator().manual_seed(0))
     return teacher, bank
 
 

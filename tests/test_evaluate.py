@@ -59,8 +59,7 @@ def make_model(kind, seed=0, num_classes=4, dim=6):
 
 
 def make_bank(num_classes=4, dim=6, seed=1):
-    torch.manual_seed(seed)
-    return PrototypeBank(num_classes, 3, dim)
+    return PrototypeBank(num_classes, 3, dim, generator=torch.Generator().manual_seed(seed))
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -307,7 +306,7 @@ def test_center_mode_predicts_the_center_box():
 
 def test_proto_head_chunked_equals_full_upsampling():
     torch.manual_seed(0)
-    bank = PrototypeBank(5, 3, 16)
+    bank = PrototypeBank(5, 3, 16, generator=torch.Generator().manual_seed(0))
     feature = torch.randn(2, 16, 5, 7)
     full = F.interpolate(feature, size=(19, 27), mode="bilinear", align_corners=True)
     expected = bank(full.permute(0, 2, 3, 1).reshape(-1, 16))[0]
@@ -438,7 +437,7 @@ def _toy_models():
     torch.manual_seed(3)
     student = build_model(TOY_CLASSES, "resnet18", 16, False)
     teacher = build_model(TOY_CLASSES, "resnet18", 16, False)
-    bank = PrototypeBank(TOY_CLASSES, 2, 512)
+    bank = PrototypeBank(TOY_CLASSES, 2, 512, generator=torch.Generator().manual_seed(0))
     return student, teacher, bank
 
 
@@ -754,7 +753,7 @@ def test_evaluate_progress_is_time_based(tmp_path):
 def test_nearest_prototype_map_hand_made_case():
     # K = 2 classes x M = 3 prototypes on the axes of R^3 (class 1: negative axes); the
     # feature map at the image's own size (no interpolation): pixel = a mix of axes
-    bank = PrototypeBank(2, 3, 3)
+    bank = PrototypeBank(2, 3, 3, generator=torch.Generator().manual_seed(0))
     eye = torch.eye(3)
     bank.prototypes.copy_(torch.stack([eye, -eye]))
     feature = torch.tensor([[[0.9, 0.1, 0.0], [0.1, 0.9, 0.2], [0.0, 0.2, 0.9]],
@@ -773,7 +772,7 @@ def test_nearest_prototype_map_hand_made_case():
 
 def test_nearest_prototype_map_matches_slow_loop_after_upsampling():
     torch.manual_seed(0)
-    bank = PrototypeBank(3, 4, 5)
+    bank = PrototypeBank(3, 4, 5, generator=torch.Generator().manual_seed(0))
     feature = torch.randn(2, 5, 3, 4)
     size = (7, 10)
     classes = torch.randint(0, 3, (2, *size))

@@ -1,6 +1,8 @@
 """Tests for prototypes.py against independent computations (Python loops, float64,
 full upsampling, hand-made cases)."""
 
+import copy
+import datetime
 import os
 import statistics
 import time
@@ -13,6 +15,10 @@ import torch.nn.functional as F
 
 from bench import loop_prototype_update
 from prototypes import PrototypeBank, sample_features, sample_points, sum_rows_by_index
+
+
+def rng(seed=0):
+    return torch.Generator().manual_seed(seed)
 
 
 # ---------------------------------------------------------------- forward
@@ -36,7 +42,7 @@ def reference_logits(features, prototypes, temperature):
 
 def test_forward_matches_loop():
     torch.manual_seed(0)
-    bank = PrototypeBank(num_classes=3, num_prototypes=4, dim=5, temperature=0.1)
+    bank = PrototypeBank(num_classes=3, num_prototypes=4, dim=5, temperature=0.1, generator=rng())
     features = torch.randn(30, 5) * 3.0
     logits, nearest = bank(features)
     expected_logits, expected_nearest = reference_logits(features, bank.prototypes, 0.1)
@@ -48,7 +54,7 @@ def test_forward_matches_loop():
 
 def test_forward_temperature_scales_logits():
     torch.manual_seed(1)
-    bank = PrototypeBank(2, 3, 4, temperature=0.5)
+    bank = PrototypeBank(2, 3, 4, temperature=0.5, generator=rng())
     features = torch.randn(7, 4)
     logits, _ = bank(features)
     assert logits.abs().max() <= 1.0 / 0.5 + 1e-6
@@ -58,7 +64,7 @@ def test_forward_temperature_scales_logits():
 
 def test_forward_gradient_reaches_features_not_prototypes():
     torch.manual_seed(0)
-    bank = PrototypeBank(3, 2, 6)
+    bank = PrototypeBank(3, 2, 6, generator=rng())
     assert list(bank.parameters()) == []
     assert "prototypes" in bank.state_dict()
     features = torch.randn(10, 6, requires_grad=True)
@@ -70,7 +76,7 @@ def test_forward_gradient_reaches_features_not_prototypes():
 
 def test_forward_bf16_and_autocast_give_float32():
     torch.manual_seed(0)
-    bank = PrototypeBank(4, 3, 16)
+    bank = PrototypeBank(4, 3, 16, generator=rng())
     features = torch.randn(50, 16).bfloat16()
     logits, nearest = bank(features)
     expected_logits, expected_nearest = bank(features.float())
@@ -84,13 +90,13 @@ def test_forward_bf16_and_autocast_give_float32():
 
 
 def test_bad_feature_shape_is_a_clear_error():
-    bank = PrototypeBank(3, 2, 8)
+    bank = PrototypeBank(3, 2, 8, generator=rng())
     with pytest.raises(ValueError, match=r"features must have shape \(N, 8\)"):
         bank(torch.randn(4, 7))
     with pytest.raises(ValueError, match="targets must have shape"):
         bank.update(torch.randn(4, 8), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
-        PrototypeBank(3, 2, 8, temperature=0)
+        PrototypeBank(3, 2, 8, temperature=0, generator=rng())
 
 
 # ---------------------------------------------------------------- update
@@ -116,7 +122,7 @@ def reference_update(prototypes, features, targets, nearest, momentum):
 def update_case():
     """K = 4 with class 3 absent, 255 and other out-of-range targets, M = 3."""
     torch.manual_seed(0)
-    bank = PrototypeBank(num_classes=4, num_prototypes=3, dim=6, momentum=0.9)
+    bank = PrototypeBank(num_classes=4, num_prototypes=3, dim=6, momentum=0.9, generator=rng())
     features = torch.randn(80, 6)
     targets = torch.randint(0, 3, (80,))
     targets[::5] = 255
@@ -146,7 +152,7 @@ def test_update_matches_loop_with_ignored_pixels_and_empty_prototypes():
 
 def test_update_with_nearest_passed_or_recomputed_is_the_same():
     bank, features, targets = update_case()
-    other = PrototypeBank(4, 3, 6, momentum=0.9)
+    other = PrototypeBank(4, 3, 6, momentum=0.9, generator=rng())
     other.load_state_dict(bank.state_dict())
     _, nearest = bank(features)
     expected = reference_update(bank.prototypes, features, targets, nearest, momentum=0.9)
@@ -162,7 +168,7 @@ def test_update_assigns_with_pre_update_prototypes():
     # Before the update b is nearer p1 (cos 0.8 vs 0.6), so p0 = a and
     # p1 = (b + c) / 2 = (-0.2, 0.45). After it, b is nearer p0: assigning with the
     # updated prototypes would have given p0 = (a + b) / 2 and p1 = c instead.
-    bank = PrototypeBank(num_classes=1, num_prototypes=2, dim=2, momentum=0.0)
+    bank = PrototypeBank(num_classes=1, num_prototypes=2, dim=2, momentum=0.0, generator=rng())
     bank.prototypes.copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
     features = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-1.0, 0.1]])
     targets = torch.zeros(3, dtype=torch.long)
@@ -173,14 +179,14 @@ def test_update_assigns_with_pre_update_prototypes():
     torch.testing.assert_close(bank.prototypes, expected, rtol=0, atol=1e-7)
     _, nearest_after = bank(features)
     assert nearest_after[:, 0].tolist() == [0, 0, 1]     # the order matters here
-    again = PrototypeBank(num_classes=1, num_prototypes=2, dim=2, momentum=0.0)
+    again = PrototypeBank(num_classes=1, num_prototypes=2, dim=2, momentum=0.0, generator=rng())
     again.prototypes.copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
     again.update(features, targets, nearest_before)
     assert torch.equal(again.prototypes, bank.prototypes)
 
 
 def test_update_with_no_valid_pixel_changes_nothing():
-    bank = PrototypeBank(3, 2, 4)
+    bank = PrototypeBank(3, 2, 4, generator=rng())
     before = bank.prototypes.clone()
     bank.update(torch.randn(0, 4), torch.zeros(0, dtype=torch.long))
     bank.update(torch.randn(5, 4), torch.full((5,), 255))
@@ -233,7 +239,7 @@ def test_update_speed_vs_loop_and_memory_floor():
     # in a test, so this asserts what holds on any machine: >= 4x over the loop, and within
     # 2.5x of one read. One thread and per-thread CPU time, interleaved, for the same reason.
     torch.manual_seed(0)
-    bank = PrototypeBank(21, 4, 512)
+    bank = PrototypeBank(21, 4, 512, generator=rng())
     features = torch.randn(16384, 512)
     targets = torch.randint(0, 21, (16384,))
     targets[::10] = 255
@@ -266,21 +272,35 @@ def test_update_speed_vs_loop_and_memory_floor():
 
 
 def distributed_worker(rank, world_size, init_file, out_dir):
+    """3 processes: each updates a copy with its own pixels alone (group=None: no
+    collective, even inside a process group); ranks 0 and 1 then sum theirs over a group of
+    their own while rank 2 stays out; then all three sum over the world group. A collective
+    run by the wrong processes would fail after the 60 s timeout instead of hanging."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
     try:
+        pair = dist.new_group([0, 1])  # every process takes part in creating it
         features, targets, bank = distributed_case()
-        half = features.shape[0] // world_size
-        mine = slice(rank * half, (rank + 1) * half)
-        bank.update(features[mine], targets[mine])
-        torch.save(bank.prototypes, os.path.join(out_dir, f"rank{rank}.pt"))
+        halves = [slice(0, 100), slice(100, 200), slice(0, 100)]
+        results = {}
+        alone = copy.deepcopy(bank)
+        alone.update(features[halves[rank]], targets[halves[rank]])
+        results["alone"] = alone.prototypes
+        if rank < 2:
+            paired = copy.deepcopy(bank)
+            paired.update(features[halves[rank]], targets[halves[rank]], group=pair)
+            results["pair"] = paired.prototypes
+        third = slice(66 * rank, 66 * (rank + 1))
+        bank.update(features[third], targets[third], group=dist.group.WORLD)
+        results["world"] = bank.prototypes
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def distributed_case():
     torch.manual_seed(3)
-    bank = PrototypeBank(5, 3, 8, momentum=0.8)
+    bank = PrototypeBank(5, 3, 8, momentum=0.8, generator=rng())
     features = torch.randn(200, 8)
     targets = torch.randint(0, 5, (200,))
     targets[::7] = 255
@@ -288,19 +308,26 @@ def distributed_case():
     return features, targets, bank
 
 
-def test_update_all_reduces_across_processes(tmp_path):
-    mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+def test_update_reduces_over_the_group_it_is_given_only(tmp_path):
+    mp.spawn(distributed_worker, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3,
              join=True)
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert torch.equal(rank0, rank1)
+    got = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(3)]
     features, targets, bank = distributed_case()
     _, nearest = bank(features)
-    expected = reference_update(bank.prototypes, features, targets, nearest, 0.8)
-    torch.testing.assert_close(rank0.double(), expected, rtol=0, atol=1e-6)
-    # ...and it is not what one rank alone would have computed.
-    alone = reference_update(bank.prototypes, features[:100], targets[:100], nearest[:100], 0.8)
-    assert not torch.allclose(rank0.double(), alone, atol=1e-3)
+
+    def expected(pixels):
+        return reference_update(bank.prototypes, features[pixels], targets[pixels], nearest[pixels], 0.8)
+
+    # group=None: each process's own pixels, nothing from the others
+    for rank, pixels in enumerate([slice(0, 100), slice(100, 200), slice(0, 100)]):
+        torch.testing.assert_close(got[rank]["alone"].double(), expected(pixels), rtol=0, atol=1e-6)
+    # a group of two: both hold the update of all 200 pixels, which neither half gives
+    assert torch.equal(got[0]["pair"], got[1]["pair"]) and "pair" not in got[2]
+    torch.testing.assert_close(got[0]["pair"].double(), expected(slice(0, 200)), rtol=0, atol=1e-6)
+    assert not torch.allclose(got[0]["pair"].double(), expected(slice(0, 100)), atol=1e-3)
+    # the world group: all three identical, the update of the 198 pixels they hold
+    assert torch.equal(got[0]["world"], got[1]["world"]) and torch.equal(got[1]["world"], got[2]["world"])
+    torch.testing.assert_close(got[0]["world"].double(), expected(slice(0, 198)), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- k-means
@@ -308,7 +335,7 @@ def test_update_all_reduces_across_processes(tmp_path):
 def test_init_kmeans_recovers_separated_clusters():
     torch.manual_seed(0)
     num_classes, num_prototypes, dim = 4, 3, 16
-    bank = PrototypeBank(num_classes, num_prototypes, dim)
+    bank = PrototypeBank(num_classes, num_prototypes, dim, generator=rng())
     before = bank.prototypes.clone()
     true_centres = F.normalize(torch.randn(2, num_prototypes, dim), dim=2)    # classes 0, 1
     features, labels = [], []
@@ -325,7 +352,7 @@ def test_init_kmeans_recovers_separated_clusters():
     features, labels = torch.cat(features), torch.cat(labels)
     order = torch.randperm(features.shape[0])
     initialised = bank.init_kmeans(features[order], labels[order],
-                                   generator=torch.Generator().manual_seed(0))
+                                   generator=rng())
     assert initialised.tolist() == [True, True, True, False]
     prototypes = F.normalize(bank.prototypes, dim=2)
     for k in range(2):
@@ -345,7 +372,7 @@ def test_init_kmeans_is_reproducible_and_handles_identical_samples():
     labels = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(20, dtype=torch.long)])
     banks = []
     for _ in range(2):
-        bank = PrototypeBank(2, 4, 8)
+        bank = PrototypeBank(2, 4, 8, generator=rng())
         bank.init_kmeans(features, labels, generator=torch.Generator().manual_seed(5))
         banks.append(bank.prototypes.clone())
     assert torch.equal(banks[0], banks[1])
@@ -361,7 +388,7 @@ def cell_bounds(size, cells):
 
 @pytest.mark.parametrize("height, width, grid", [(64, 64, 32), (50, 37, 8), (129, 97, 32)])
 def test_sample_points_one_per_cell(height, width, grid):
-    ys, xs = sample_points(height, width, grid, generator=torch.Generator().manual_seed(0))
+    ys, xs = sample_points(height, width, grid, generator=rng())
     assert ys.dtype == torch.int64 and ys.shape == (grid * grid,) and xs.shape == (grid * grid,)
     rows, cols = cell_bounds(height, grid), cell_bounds(width, grid)
     for i in range(grid):
@@ -371,7 +398,7 @@ def test_sample_points_one_per_cell(height, width, grid):
 
 
 def test_sample_points_clamps_grid_to_image_size():
-    ys, xs = sample_points(5, 100, grid=32, generator=torch.Generator().manual_seed(0))
+    ys, xs = sample_points(5, 100, grid=32, generator=rng())
     assert ys.shape == (25,)
     assert ys.tolist() == [i for i in range(5) for _ in range(5)]    # one row per band
     assert all(j * 20 <= x < (j + 1) * 20 for j, x in zip(list(range(5)) * 5, xs.tolist()))
@@ -382,7 +409,7 @@ def test_sample_points_random_uniform_and_reproducible():
     first = sample_points(64, 64, 8, generator=generator)
     second = sample_points(64, 64, 8, generator=generator)
     assert not torch.equal(first[0], second[0]) and not torch.equal(first[1], second[1])
-    again = sample_points(64, 64, 8, generator=torch.Generator().manual_seed(0))
+    again = sample_points(64, 64, 8, generator=rng())
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     # Cells of 8 x 8 pixels: the offset inside the cell is uniform on 0..7 in each axis.
     offsets = []
@@ -391,7 +418,34 @@ def test_sample_points_random_uniform_and_reproducible():
         offsets.append(ys % 8 * 8 + xs % 8)
     counts = torch.bincount(torch.cat(offsets), minlength=64).double()     # 6400 draws
     assert counts.min() > 100 - 40 and counts.max() < 100 + 40
-    assert sample_points(16, 16, 4, device="cpu")[0].device.type == "cpu"
+    assert sample_points(16, 16, 4, generator=rng(), device="cpu")[0].device.type == "cpu"
+
+
+def test_the_generator_is_required_and_the_global_rng_is_never_drawn():
+    """Every random draw of prototypes.py comes from the generator it is given."""
+    features, labels = torch.randn(40, 8), torch.arange(40) % 2
+    bank = PrototypeBank(2, 3, 8, generator=rng(0))
+    for call in (lambda **g: PrototypeBank(2, 3, 8, **g),
+                 lambda **g: sample_points(16, 16, 4, **g),
+                 lambda **g: bank.init_kmeans(features, labels, **g)):
+        for given in ({}, {"generator": None}):
+            with pytest.raises(TypeError, match="generator"):
+                call(**given)
+    state = torch.get_rng_state()
+    bank = PrototypeBank(2, 3, 8, generator=rng(1))
+    sample_points(16, 16, 4, generator=rng(2))
+    bank.init_kmeans(features, labels, generator=rng(3))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_initial_prototypes_are_those_of_the_global_rng_after_manual_seed():
+    """train.py seeds the bank's generator with seed + 1: the same numbers as the
+    torch.manual_seed(seed + 1); PrototypeBank(...) it replaced."""
+    for seed in (0, 1, 7):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            expected = torch.randn(6, 4, 512)
+        assert torch.equal(PrototypeBank(6, 4, 512, generator=rng(seed)).prototypes, expected)
 
 
 def upsample_then_index(feature_map, ys, xs, size):
@@ -436,7 +490,7 @@ def test_sample_features_both_gathers_equal_full_upsampling(rows):
 def test_sample_features_float32_bf16_and_channels_last():
     torch.manual_seed(0)
     feature_map = torch.randn(2, 8, 17, 17)
-    ys, xs = sample_points(65, 65, 32, generator=torch.Generator().manual_seed(0))
+    ys, xs = sample_points(65, 65, 32, generator=rng())
     expected = upsample_then_index(feature_map.double(), ys, xs, (65, 65))
     sampled = sample_features(feature_map, ys, xs, (65, 65))
     torch.testing.assert_close(sampled.double(), expected, rtol=0, atol=1e-5)
