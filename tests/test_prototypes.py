@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from bench import loop_prototype_update
+from children import spawn
 from prototypes import PrototypeBank, sample_features, sample_points, sum_rows_by_index
 
 
@@ -289,8 +289,8 @@ def distributed_case():
 
 
 def test_update_all_reduces_across_processes(tmp_path):
-    mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-             join=True)
+    spawn(distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+          timeout=120)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert torch.equal(rank0, rank1)
