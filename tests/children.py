@@ -40,11 +40,39 @@ def spawn(fn, args=(), nprocs=2, timeout=120):
             process.join()
 
 
+def _descendants(pid):
+    """Every process below pid (Linux /proc; torchrun starts its workers in sessions of
+    their own, out of reach of the agent's process group)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as handle:
+                    children = [int(child) for child in handle.read().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
 def _kill_group(process):
+    """The child, its process group and every descendant, wherever their session."""
+    doomed = _descendants(process.pid)
     try:
-        os.killpg(process.pid, signal.SIGKILL)  # the child and whatever it started
+        os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run_all(commands, timeout=300, **popen):
@@ -64,7 +92,13 @@ def run_all(commands, timeout=300, **popen):
                     _kill_group(other)
                 shown = []
                 for command, other, output in zip(commands, processes, outputs):
-                    text = "".join(part or "" for part in (output or other.communicate()))
+                    if output is None:
+                        try:  # bounded: a process outside the tree may still hold the pipe
+                            output = other.communicate(timeout=10)
+                        except subprocess.TimeoutExpired as expired:
+                            output = (expired.output, expired.stderr)
+                    text = "".join(part if isinstance(part, str) else (part or b"").decode(errors="replace")
+                                   for part in output)
                     shown.append(f"$ {' '.join(map(str, command))}\n{text[-TAIL:]}")
                 raise ChildTimeout(f"still running after {timeout} s; killed. Output:\n"
                                    + "\n".join(shown)) from None

@@ -68,9 +68,10 @@ def test_a_failing_command_returns_its_error():
 
 
 def test_a_hanging_command_and_its_children_are_killed_at_the_deadline(tmp_path):
-    """The command starts a grandchild (as torchrun starts workers) and hangs: both die."""
+    """The command starts a grandchild in a session of its own (as torchrun starts its
+    workers) and hangs: both die."""
     script = (f"import subprocess, sys, time; print('started', flush=True); "
-              f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+              f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True); "
               f"open({str(tmp_path / 'pid')!r}, 'w').write(str(child.pid)); time.sleep(600)")
     start = time.monotonic()
     with pytest.raises(ChildTimeout, match=r"(?s)still running after 3 s; killed.*started"):
