@@ -147,14 +147,19 @@ def test_peak_tflops_table(monkeypatch):
     assert bench.peak_tflops("NVIDIA H100 PCIe", "bf16") == (756.0, "bf16")
     assert bench.peak_tflops("NVIDIA A100-SXM4-40GB", "fp16") == (312.0, "fp16")
     assert bench.peak_tflops("NVIDIA GeForce GTX 1080", "bf16") == (None, "bf16")
-    precision = torch.backends.cudnn.conv.fp32_precision
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if getattr(conv, "fp32_precision", None) is None:  # older torch (2.4 included): allow_tf32
+        owner, name, tf32, ieee = torch.backends.cudnn, "allow_tf32", True, False
+    else:
+        owner, name, tf32, ieee = conv, "fp32_precision", "tf32", "ieee"
+    precision = getattr(owner, name)
     try:
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        setattr(owner, name, tf32)
         assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "none") == (156.0, "tf32")
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        setattr(owner, name, ieee)
         assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "none") == (67.0, "fp32")
     finally:
-        torch.backends.cudnn.conv.fp32_precision = precision
+        setattr(owner, name, precision)
 
 
 def test_clock_laps_partition_the_time():

@@ -8,7 +8,6 @@ import math
 import os
 import signal
 import socket
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -21,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import train  # noqa: E402
+from children import run, run_all, spawn  # noqa: E402
 from prototypes import PrototypeBank  # noqa: E402
 from replicas import bit_checksum, check_replicas_equal  # noqa: E402
 
@@ -57,9 +57,8 @@ def count_lines(text, start):
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("two-processes")
-    done = subprocess.run(torchrun(["--standalone", "--nproc_per_node=2"], out, "--save-every", "2",
-                                   script=ROOT / "tests" / "replicas.py"), cwd=ROOT,
-                          env=environment(), capture_output=True, text=True, timeout=300)
+    done = run(torchrun(["--standalone", "--nproc_per_node=2"], out, "--save-every", "2",
+                        script=ROOT / "tests" / "replicas.py"), cwd=ROOT, env=environment(), timeout=300)
     return out, done.returncode, done.stdout + done.stderr
 
 
@@ -115,19 +114,11 @@ def test_two_nodes_over_loopback(tmp_path):
     """2 torchrun agents (one per "node") meeting at a c10d rendezvous on 127.0.0.1."""
     out = tmp_path / "two-nodes"
     port = free_port()
-    agents = [subprocess.Popen(
-        torchrun(["--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--rdzv-backend=c10d",
-                  f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=pcr-test-{port}"], out,
-                 script=ROOT / "tests" / "replicas.py"),
-        cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for node in (0, 1)]
-    try:
-        outputs = [agent.communicate(timeout=300)[0] for agent in agents]
-    finally:
-        for agent in agents:
-            if agent.poll() is None:
-                agent.kill()
-    both = "".join(outputs)
+    agents = run_all([torchrun(["--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+                                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                                f"--rdzv-id=pcr-test-{port}"], out, script=ROOT / "tests" / "replicas.py")
+                       for node in (0, 1)], cwd=ROOT, env=environment(), timeout=300)
+    both = "".join(agent.stdout for agent in agents)
     assert [agent.returncode for agent in agents] == [0, 0], both
     assert count_lines(both, REPLICAS) == 1
     assert count_lines(both, "final: ") == 1
@@ -139,8 +130,8 @@ def test_global_batch_must_split_over_processes(tmp_path):
     """Checked before any file is written, printed once (rank 0), exit code 2, no traceback
     through train.py (torchrun's launcher adds its own failure report after it)."""
     out = tmp_path / "odd"
-    done = subprocess.run(torchrun(["--standalone", "--nproc_per_node=2"], out, "--batch-size", "3"),
-                          cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300)
+    done = run(torchrun(["--standalone", "--nproc_per_node=2"], out, "--batch-size", "3"),
+               cwd=ROOT, env=environment(), timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode != 0
     errors = [line for line in output.splitlines() if line.startswith("error:")]
@@ -158,10 +149,10 @@ def test_bad_data_under_two_processes_is_reported_once(tmp_path):
     root = tmp_path / "mine"
     make_folder_root(str(root), n_labeled=4, n_unlabeled=6, n_val=3)
     break_folder_root(str(root))
-    done = subprocess.run(torchrun(["--standalone", "--nproc_per_node=2"], tmp_path / "run",
-                                   "--dataset", "folder", "--data-root", str(root), "--num-classes",
-                                   "3", "--pretrained", "none", "--crop-size", "24"),
-                          cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300)
+    done = run(torchrun(["--standalone", "--nproc_per_node=2"], tmp_path / "run",
+                        "--dataset", "folder", "--data-root", str(root), "--num-classes",
+                        "3", "--pretrained", "none", "--crop-size", "24"),
+               cwd=ROOT, env=environment(), timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert count_lines(output, "error: the data check found 3 bad file(s)") == 1, output
@@ -263,8 +254,7 @@ def log_sums_worker(rank, world, init_file, out_dir):
 
 
 def test_progress_losses_are_averaged_over_processes(tmp_path):
-    torch.multiprocessing.spawn(log_sums_worker, args=(3, str(tmp_path / "init"), str(tmp_path)),
-                                nprocs=3, join=True)
+    spawn(log_sums_worker, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, timeout=120)
     for rank in range(3):
         means, skipped, longest = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         # losses: the mean over processes and steps, a non-finite step counting 0:
@@ -299,8 +289,7 @@ def stop_vote_worker(rank, world, init_file, out_dir):
 def test_a_signal_to_one_process_stops_all_at_the_next_iteration(tmp_path):
     """The vote launched at iteration 3 (after the signal) is read at iteration 4 by every
     process: all stop there together, none waits in a collective for the others."""
-    torch.multiprocessing.spawn(stop_vote_worker, args=(3, str(tmp_path / "init"), str(tmp_path)),
-                                nprocs=3, join=True)
+    spawn(stop_vote_worker, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, timeout=120)
     assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(3)] == ["4"] * 3
 
 

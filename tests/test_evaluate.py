@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evaluate as ev  # noqa: E402
+from children import run, spawn  # noqa: E402
 from prototypes import PrototypeBank  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -419,7 +419,7 @@ def _distributed_worker(rank, world_size, init_file, out_dir):
 
 def test_distributed_evaluation_equals_single_process(tmp_path):
     # 5 images: rank 0 gets 3, rank 1 gets 2; the reduced matrices must equal one process.
-    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, timeout=120)
     single = ev.evaluate(make_model("strided"), make_dataset(), 4, "cpu",
                          heads=("linear", "proto"), bank=make_bank(), log=lambda line: None)
     for rank in range(2):
@@ -486,14 +486,13 @@ def _last_json_line(run_dir):
 
 
 def test_cli_subprocess_reproduces_in_process_evaluation(toy_run, tmp_path):
-    import subprocess
     run_dir, checkpoint = toy_run
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    done = subprocess.run(
+    done = run(
         [sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(checkpoint),
          "--head", "both", "--save-dir", str(tmp_path / "pictures"), "--device", "cpu",
          "--prototype-map"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     expected = _in_process(run_dir, "teacher", heads=("linear", "proto"))
     result_line = [line for line in done.stdout.splitlines() if line.startswith("result:")][0]

@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from bench import loop_prototype_update
+from children import spawn
 from prototypes import PrototypeBank, sample_features, sample_points, sum_rows_by_index
 
 
@@ -309,8 +309,7 @@ def distributed_case():
 
 
 def test_update_reduces_over_the_group_it_is_given_only(tmp_path):
-    mp.spawn(distributed_worker, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3,
-             join=True)
+    spawn(distributed_worker, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, timeout=120)
     got = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(3)]
     features, targets, bank = distributed_case()
     _, nearest = bank(features)
