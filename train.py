@@ -779,14 +779,11 @@ def file_errors(cfg, resuming):
     named = pretrained in ("none", "torchvision") or pretrained.startswith("hub:")
     if not resuming and not named and not os.path.exists(pretrained):  # (a resumed run has them)
         errors.append(
-            f"--pretrained: ImageNet weights not found at {pretrained}. The paper settings "
-            "start from the deep-stem ResNet checkpoints (resnet50.pth / resnet101.pth) that "
-            "U2PL, UniMatch and CPS publish (links in their READMEs); put the file there or pass "
-            "--pretrained PATH. Alternatives: --pretrained hub:resnet101s or hub:resnet50s (the "
-            "same deep-stem layout, timm's ImageNet weights from the Hugging Face hub, downloaded "
-            "once; results may differ a little from the paper's), --pretrained torchvision (7x7 "
-            "stem, torchvision's ImageNet weights; results differ from the paper) or --pretrained "
-            "none (from scratch; far below the paper).")
+            f"--pretrained: ImageNet weights not found at {pretrained}. The paper starts from the "
+            "deep-stem resnet101.pth / resnet50.pth that U2PL, UniMatch and CPS publish: put it "
+            "there or pass --pretrained PATH. Else --pretrained hub:resnet101s (same layout, timm's "
+            "weights, downloaded once; results may differ a little), --pretrained torchvision (7x7 "
+            "stem; results differ) or --pretrained none (from scratch; far below the paper).")
     return errors
 
 
@@ -956,7 +953,10 @@ class Context:
         if self.main:
             line = " ".join(str(p) for p in parts)
             print(line, flush=True)
-            self.write([line]) if self.log_file else self.unwritten.append(line)
+            if self.log_file:
+                self.write([line])
+            else:
+                self.unwritten.append(line)
 
     def log_error(self, error):
         """An error line in log.txt (its text went to stderr)."""
