@@ -2,10 +2,12 @@
 each file, alone in an empty folder, runs the usage example of its module docstring in a
 fresh interpreter that cannot import the rest of this repository."""
 import ast
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -43,10 +45,19 @@ def top_level_imports(path):
     return names
 
 
+def is_standard_library(name):
+    if name in getattr(sys, "stdlib_module_names", ()):  # Python 3.10 and newer
+        return True
+    spec = importlib.util.find_spec(name)
+    origin = (spec.origin or "") if spec is not None else None
+    return origin is not None and (origin in ("built-in", "frozen") or (
+        origin.startswith(sysconfig.get_paths()["stdlib"]) and "site-packages" not in origin))
+
+
 @pytest.mark.parametrize("filename", sorted(ALLOWED))
 def test_imports_only_torch_and_the_standard_library(filename):
     imports = top_level_imports(ROOT / filename)
-    others = imports - ALLOWED[filename] - set(sys.stdlib_module_names)
+    others = {name for name in imports - ALLOWED[filename] if not is_standard_library(name)}
     assert not others, f"{filename} imports {sorted(others)}"
 
 
