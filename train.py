@@ -622,7 +622,7 @@ def main(argv=None):
 # Settings: parsed and checked from SETTINGS; a resumed run keeps its own
 
 # Worked out from the data and the number of processes at every start, never compared.
-DERIVED = {"aux", "local_batch", "iters_per_epoch", "total_iters", "total_epochs"}
+DERIVED = {"local_batch", "iters_per_epoch", "total_iters", "total_epochs"}
 
 
 class SetupError(Exception):
@@ -1062,7 +1062,7 @@ def build_everything(cfg, ctx, resuming=False):
                                out_dir=cfg["out"] if ctx.main else None, log=ctx.log)
     cfg["num_classes"] = data.num_classes
     torch.manual_seed(cfg["seed"])
-    student = build_model(data.num_classes, cfg["backbone"], cfg["output_stride"], cfg["aux"],
+    student = build_model(data.num_classes, cfg["backbone"], cfg["output_stride"], cfg["aux_weight"] > 0,
                           pretrained=pretrained, width=cfg["width"]).to(ctx.device)
     if ctx.device.type == "cuda":
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)

@@ -333,3 +333,15 @@ def test_single_nonfinite_step_is_skipped(tmp_path, monkeypatch, capsys):
     last = load(out / "last.pt")
     assert all_finite(last)
     assert last["scaler"]["scale"] == 1.0
+
+
+def test_resume_keeps_the_stored_aux_head(tmp_path):
+    """A run with an aux head (--aux-weight > 0, Cityscapes' preset) resumed without flags: the
+    toy preset's aux weight 0 must not drop the head the checkpoint holds."""
+    out = tmp_path / "aux"
+    assert train_here(out, "--iters", "3", "--warmup-iters", "1", "--eval-every", "3",
+                      "--save-every", "2", "--aux-weight", "0.4", base=TINY) == 0
+    shutil.copy(out / "last.prev.pt", out / "last.pt")  # iteration 2 of 3
+    (out / "final.json").unlink()
+    assert train_here(out, "--resume", "auto", base=[]) == 0
+    assert load(out / "last.pt")["iter"] == 3 and any("aux" in k for k in load(out / "last.pt")["student"])
