@@ -74,6 +74,26 @@ def test_forward_gradient_reaches_features_not_prototypes():
     assert not bank.prototypes.requires_grad and bank.prototypes.grad is None
 
 
+def test_cosine_gradient_equals_autograd_through_normalize():
+    # the hand-written backward of prototypes._Cosine against autograd of F.normalize(f) @ u.t(),
+    # in float64, with rows of very different norms and one feature at the clamp (|f| = 0)
+    from prototypes import _Cosine
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 7, dtype=torch.float64, generator=gen) * torch.logspace(-3, 3, 40,
+                                                                                       dtype=torch.float64)[:, None]
+    features[7] = 0.0
+    units = F.normalize(torch.randn(5, 7, dtype=torch.float64, generator=gen), dim=1)
+    grad_out = torch.randn(40, 5, dtype=torch.float64, generator=gen)
+    f1, f2 = features.clone().requires_grad_(), features.clone().requires_grad_()
+    cosine = _Cosine.apply(f1, units)
+    expected = F.normalize(f2, dim=1, eps=1e-12) @ units.t()
+    torch.testing.assert_close(cosine, expected, rtol=1e-14, atol=1e-15)
+    cosine.backward(grad_out)
+    expected.backward(grad_out)
+    torch.testing.assert_close(f1.grad, f2.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda f: _Cosine.apply(f, units), (features[:6].clone().requires_grad_(),))
+
+
 def test_forward_bf16_and_autocast_give_float32():
     torch.manual_seed(0)
     bank = PrototypeBank(4, 3, 16, generator=rng())
