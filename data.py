@@ -169,9 +169,8 @@ def _palette_ids(packed, palette):
 
 
 def colours_to_ids(rgb, palette):
-    """Colour-coded mask uint8 (H, W, 3) -> class ids uint8 (H, W) through a (256, 3) palette
-    (row = class id); a colour not in the palette becomes 255 (ignore). Save the result as a
-    single-channel or palette PNG to use a colour-coded mask as a mask of class ids."""
+    """Colour-coded mask uint8 (H, W, 3) -> class ids uint8 (H, W) through a (256, 3) palette (row
+    = class id), 255 for other colours; saved as a single-channel or palette PNG, a mask of ids."""
     ids, found = _palette_ids(_pack(rgb), palette)
     return np.where(found, ids, IGNORE_INDEX).astype(np.uint8)
 
@@ -336,11 +335,9 @@ ToyObject = namedtuple("ToyObject", "class_id appearance elongated small")
 
 
 def toy_objects(split, index):
-    """The objects of toy image `index` of `split`, bottom to top: ToyObjects (class_id,
-    appearance index into TOY_APPEARANCES[class_id - 1], elongated, small). The classes of one
-    image are distinct, and image i features class i mod 5 + 1 on top: any five consecutive
-    images show every class, so a few dozen labeled images cover them all, as the field's
-    labeled lists are made to."""
+    """The ToyObjects of toy image `index` of `split`, bottom to top; appearance indexes
+    TOY_APPEARANCES[class_id - 1]. Classes are distinct, and image i has class i mod 5 + 1 on top:
+    any five consecutive images show every class, as the field's labeled lists are made to."""
     rng = np.random.default_rng([TOY_SPLITS[split][1], index, 1])  # not toy_sample's stream
     num_fg = len(TOY_CLASSES) - 1
     featured = index % num_fg + 1
@@ -725,14 +722,6 @@ def _lists(spec, root, labeled, split_dir, seed, log):
 
 # --------------------------------------------------------------------------- pre-flight checks
 
-def _check_files(samples, origin):
-    """Every listed image (and mask, where one is needed) exists."""
-    missing = [path for sample in samples for path in (sample.image, sample.label)
-               if path is not None and not os.path.isfile(path)]
-    if missing:
-        raise DataError(f"{len(missing)} file(s) listed in {origin} do not exist: {_some(missing, 3)}")
-
-
 def _check_overlaps(splits, log):
     """Labeled in val: error. Labeled in unlabeled: removed from unlabeled with a warning."""
     labeled_samples, _, labeled_origin = splits["labeled"]
@@ -897,8 +886,10 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
     _check_overlaps(splits, log)
     for which in SPLITS:
         samples, lines, origin = splits[which]
-        if not spec.generated:
-            _check_files(samples, origin)
+        missing = [path for sample in samples for path in (sample.image, sample.label)
+                   if path is not None and not spec.generated and not os.path.isfile(path)]
+        if missing:  # every listed image, and mask where one is needed
+            raise DataError(f"{len(missing)} file(s) listed in {origin} do not exist: {_some(missing, 3)}")
         if not samples and which != "labeled":
             log(f"warning: the {which} list {origin} is empty")
     lists = {which: splits[which][1] for which in SPLITS}
