@@ -98,9 +98,8 @@ def format_table(metrics, class_names=None):
 # ------------------------------------------------------------------------- prediction
 
 def window_starts(length, crop, stride):
-    """Start offsets of the sliding windows along one side of `length` pixels: every
-    `stride` pixels, the last window moved back to end exactly at the border, so
-    ceil((length - crop) / stride) + 1 windows cover the side ([0] if length <= crop)."""
+    """Start offsets of the windows along a side of `length` pixels: every `stride` pixels, the
+    last one moved back to end exactly at the border ([0] if length <= crop)."""
     if length <= crop:
         return [0]
     count = math.ceil((length - crop) / stride) + 1
@@ -284,10 +283,9 @@ def predict(model, image, num_classes, mode="whole", crop_size=513, stride=None,
 @torch.no_grad()
 def predict_nearest_prototypes(model, image, bank, classes, mode="whole", crop_size=513,
                                stride=None, scales=(1.0,), flip=False, amp=None):
-    """(B, H, W) int64: which micro-prototype of its class `classes` (B, H, W, in
-    predict_heads' output coordinates) each pixel is nearest to, by predict_heads' protocol:
-    argmax over m of the cosine to p[class, m], averaged over views and windows as the
-    logits are. Windows read the feature one by one (never a whole-image feature map)."""
+    """(B, H, W) int64: the micro-prototype of its class `classes` (B, H, W, as predict_heads'
+    output) each pixel is nearest to: argmax over m of the cosine to p[class, m], averaged over
+    views and windows as predict_heads averages the logits (never a whole-image feature map)."""
     _check(mode, crop_size, stride, scales, amp, heads=("proto",), bank=bank)
 
     def read(window, window_classes):
@@ -598,9 +596,8 @@ class ImageFiles:
 
 
 def class_names_of(config, data_root=None):
-    """Class names for the legends of --images, where no dataset is built: the dataset
-    table's (toy, voc, cityscapes), classes.txt of a folder dataset's root when it names
-    the right number of classes, else "class 0", "class 1", ..."""
+    """Class names for --images legends (no dataset is built): the dataset table's, a folder root's
+    classes.txt when it names the right number of classes, else "class 0", "class 1", ..."""
     num_classes = config["num_classes"]
     spec = data_lib.DATASETS.get(config["dataset"])
     if spec is not None and len(spec.classes) == num_classes:
