@@ -112,13 +112,10 @@ def _to_rgb(image):
 
 
 def read_label(path, num_classes, raw_to_train=None, palette=None):
-    """Read a mask of class ids as uint8 (H, W); 255 = ignore.
-
-    Palette PNGs are read by index (never converted to RGB), single-channel 8/16-bit PNGs by
-    value, an RGB mask only when it is gray (r = g = b). raw_to_train, a (256,) lookup table,
-    maps raw ids (Cityscapes labelIds) to train ids. Other values, and colour-coded masks (with
-    their classes when the dataset's (256, 3) palette is given), are DataErrors.
-    """
+    """Read a mask of class ids as uint8 (H, W), 255 = ignore: palette PNGs by index (never as RGB),
+    single-channel 8/16-bit PNGs by value, RGB only when gray; raw_to_train, a (256,) table, maps
+    raw ids (Cityscapes labelIds) to train ids. Other values and colour-coded masks (named by their
+    classes when the dataset's (256, 3) palette is given) are DataErrors."""
     try:
         with Image.open(path) as mask:
             mask.load()
@@ -437,10 +434,9 @@ def _read_mask(sample, num_classes, image_size=None, palette=None):
 
 
 class ImageList(Dataset):
-    """The Samples of one split, read from their files on every item (toy images: generated from
-    their name). With a crop_size, training items (index, seed), or index with seed = index, are
-    weakly augmented with np.random.default_rng(seed) (see the module docstring); without, val items.
-    """
+    """The Samples of one split, read on every item (toy images: generated from their name). With a
+    crop_size, training items (index, seed) or index (seed = index), weakly augmented with
+    np.random.default_rng(seed) as the module docstring says; without, val items."""
 
     def __init__(self, samples, num_classes, generated=False, crop_size=None, labeled=True):
         self.samples, self.num_classes, self.generated = list(samples), num_classes, generated
