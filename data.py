@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from collections import namedtuple
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,13 +45,9 @@ CITYSCAPES_CLASSES = [
     "motorcycle", "bicycle",
 ]
 CITYSCAPES_LABELED = (186, 372, 744, 1488)
-# Official cityscapesScripts table (labels.py): raw label id -> train id; all other ids -> 255.
-CITYSCAPES_TRAIN_IDS = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-    24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}
+# Official cityscapesScripts table (labels.py): the raw label ids of train ids 0..18; others -> 255.
 CITYSCAPES_ID_TO_TRAIN = np.full(256, IGNORE_INDEX, np.uint8)
-CITYSCAPES_ID_TO_TRAIN[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
+CITYSCAPES_ID_TO_TRAIN[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]] = range(19)
 CITYSCAPES_COLOURS = [
     (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
     (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
@@ -116,14 +112,10 @@ def _to_rgb(image):
 
 
 def read_label(path, num_classes, raw_to_train=None, palette=None):
-    """Read a mask of class ids as uint8 (H, W); 255 = ignore.
-
-    Palette PNGs are read by index (never converted to RGB), single-channel 8/16-bit PNGs by
-    value, an RGB mask only when it is gray (r = g = b). raw_to_train, a (256,) lookup table,
-    maps raw ids (Cityscapes labelIds) to train ids. A value that is neither a class id nor 255
-    is a DataError naming the file and the values; so is a colour-coded mask, with how to
-    convert it (and its classes, when the dataset's (256, 3) palette is given).
-    """
+    """Read a mask of class ids as uint8 (H, W), 255 = ignore: palette PNGs by index (never as RGB),
+    single-channel 8/16-bit PNGs by value, RGB only when gray; raw_to_train, a (256,) table, maps
+    raw ids (Cityscapes labelIds) to train ids. Other values and colour-coded masks (named by their
+    classes when the dataset's (256, 3) palette is given) are DataErrors."""
     try:
         with Image.open(path) as mask:
             mask.load()
@@ -131,26 +123,32 @@ def read_label(path, num_classes, raw_to_train=None, palette=None):
     except DECODE_ERRORS as error:
         raise DataError(f"cannot decode mask {path}: {error}") from None
     if values.ndim == 3:
-        if mode not in ("LA", "PA") and (values[..., :3] != values[..., :1]).any():
-            raise DataError(_colour_mask_message(path, mode, values[..., :3], num_classes, palette))
+        rgb = values[..., :3]
+        if mode not in ("LA", "PA") and (rgb != rgb[..., :1]).any():
+            colours = np.unique(_pack(rgb))
+            text = (f"mask {path} is a colour-coded {mode} image ({colours.size} colours); masks must "
+                    f"hold class ids (pixel value = class id 0..{num_classes - 1}, {IGNORE_INDEX} = ignore)")
+            if palette is not None:
+                ids, found = _palette_ids(colours, palette)
+                text += (f"; its colours are the palette colours of ids {_some(sorted(ids.tolist()))}"
+                         if found.all() else f"; {int((~found).sum())} of its colours are not in the "
+                         "dataset's palette (a lossy JPEG mask, or other colours?)")
+            raise DataError(text + "; convert it: map each colour to its class id and save the ids "
+                            "as a single-channel or palette PNG (data.colours_to_ids; the README's "
+                            "'Your own data')")
         values = values[..., 0]  # gray, or the index of LA / PA
-
-    def refuse(bad):
-        return DataError(f"mask {path} has values {_some(bad.tolist())} that are neither class ids "
-                         f"0..{num_classes - 1} nor {IGNORE_INDEX}: a palette mask read as RGB, a "
-                         "16-bit mask, or a wrong --num-classes?")
-
-    if values.dtype != np.uint8:  # 16/32-bit masks: a value above 255 is never a class id
-        too_big = np.unique(values[(values > 255) | (values < 0)])
-        if too_big.size:
-            raise refuse(too_big)
-        values = values.astype(np.uint8)
-    if raw_to_train is not None:
-        return raw_to_train[values]  # every raw id maps to a train id or 255
-    counts = np.bincount(values.ravel(), minlength=256)
-    bad = np.flatnonzero(counts[num_classes:IGNORE_INDEX]) + num_classes
-    if bad.size:
-        raise refuse(bad)
+    # 16/32-bit masks: a value above 255 is never a class id
+    bad = np.unique(values[(values > 255) | (values < 0)]) if values.dtype != np.uint8 else []
+    if not len(bad):
+        values = values.astype(np.uint8, copy=False)
+        if raw_to_train is not None:
+            return raw_to_train[values]  # every raw id maps to a train id or 255
+        counts = np.bincount(values.ravel(), minlength=256)
+        bad = np.flatnonzero(counts[num_classes:IGNORE_INDEX]) + num_classes
+    if len(bad):
+        raise DataError(f"mask {path} has values {_some(bad.tolist())} that are neither class ids "
+                        f"0..{num_classes - 1} nor {IGNORE_INDEX}: a palette mask read as RGB, a "
+                        "16-bit mask, or a wrong --num-classes?")
     return values
 
 
@@ -168,27 +166,10 @@ def _palette_ids(packed, palette):
 
 
 def colours_to_ids(rgb, palette):
-    """Colour-coded mask uint8 (H, W, 3) -> class ids uint8 (H, W) through a (256, 3) palette
-    (row = class id); a colour not in the palette becomes 255 (ignore). Save the result as a
-    single-channel or palette PNG to use a colour-coded mask as a mask of class ids."""
+    """Colour-coded mask uint8 (H, W, 3) -> class ids uint8 (H, W) through a (256, 3) palette (row
+    = class id), 255 for other colours; saved as a single-channel or palette PNG, a mask of ids."""
     ids, found = _palette_ids(_pack(rgb), palette)
     return np.where(found, ids, IGNORE_INDEX).astype(np.uint8)
-
-
-def _colour_mask_message(path, mode, rgb, num_classes, palette=None):
-    """Why a colour mask is refused and how to convert it; names the palette classes it shows."""
-    colours = np.unique(_pack(rgb))
-    text = (f"mask {path} is a colour-coded {mode} image ({colours.size} colours); masks must hold "
-            f"class ids (pixel value = class id 0..{num_classes - 1}, {IGNORE_INDEX} = ignore)")
-    if palette is not None:
-        ids, found = _palette_ids(colours, palette)
-        if found.all():
-            text += f"; its colours are the palette colours of ids {_some(sorted(ids.tolist()))}"
-        else:
-            text += (f"; {int((~found).sum())} of its colours are not in the dataset's palette "
-                     "(a lossy JPEG mask, or other colours?)")
-    return text + ("; convert it: map each colour to its class id and save the ids as a single-"
-                   "channel or palette PNG (data.colours_to_ids; the README's 'Your own data')")
 
 
 def _some(items, shown=5):
@@ -206,10 +187,7 @@ _INV_STD_255 = 1.0 / (np.array(STD, np.float32).reshape(3, 1, 1) * 255)
 
 def _normalize_array(rgb, out=None):
     """uint8 (H, W, 3) -> float32 (3, H, W), (x / 255 - MEAN) / STD, written into `out` if given.
-
-    numpy, not torch: single-threaded small ops are much faster in DataLoader workers and on
-    a busy CPU than torch's multi-threaded kernels.
-    """
+    numpy, not torch: single-threaded small ops are much faster in DataLoader workers."""
     chw = rgb.transpose(2, 0, 1)
     out = np.empty(chw.shape, np.float32) if out is None else out
     np.subtract(chw, _MEAN_255, out=out)
@@ -224,11 +202,9 @@ def normalize(image):
 # --------------------------------------------------------------------------- weak augmentation
 
 def augment_params(rng, width, height, crop_size):
-    """Draw one weak augmentation: returns (scaled_width, scaled_height, x0, y0, flip).
-
-    s ~ U[0.5, 2.0]; the crop's top-left corner (x0, y0) in the rescaled image is uniform over
-    the valid positions (0 where the rescaled image is smaller than the crop); flip with p = 0.5.
-    """
+    """One weak augmentation's draw (scaled_width, scaled_height, x0, y0, flip): scale ~ U[0.5, 2],
+    the crop's corner (x0, y0) uniform over the valid positions (0 where the rescaled image is
+    smaller than the crop), flip with p = 0.5."""
     scale = rng.uniform(*SCALE_RANGE)
     scaled_width = max(1, int(round(width * scale)))
     scaled_height = max(1, int(round(height * scale)))
@@ -240,15 +216,10 @@ def augment_params(rng, width, height, crop_size):
 
 def weak_augment(image, label, crop_size, rng):
     """Rescale, crop, pad and flip an RGB PIL image and its uint8 (H, W) label (or None), as
-    docs/METHOD.md section 3 step 1: image bilinear, label nearest, image 0 after normalisation
-    and label 255 on padding. Normalisation: (x / 255 - MEAN) / STD.
-
-    Returns image float32 (3, c, c) (0 on padding, after normalisation), label int64 (c, c)
-    (255 on padding; None when label is None) and padding bool (c, c).
-    Only the crop window is resampled (PIL resize with a source box for the image, index
-    arithmetic for the label), which equals rescaling the whole image and then cropping,
-    without paying for the whole rescaled image.
-    """
+    docs/METHOD.md section 3 step 1 -> image float32 (3, c, c) normalised (0 on padding), label
+    int64 (c, c) (255 on padding; None without a label), padding bool (c, c). Only the crop
+    window is resampled (bilinear for the image, nearest for the label): the same as rescaling
+    the whole image then cropping, without paying for the whole rescaled image."""
     width, height = image.size
     scaled_width, scaled_height, x0, y0, flip = augment_params(rng, width, height, crop_size)
     crop_width = min(crop_size, scaled_width - x0)
@@ -360,25 +331,11 @@ def _texture(texture, xx, yy, rng):
 ToyObject = namedtuple("ToyObject", "class_id appearance elongated small")
 
 
-def _toy_seed(split, index):
-    """The generator seed of `split`; a DataError when the split has no image `index`."""
-    count, split_seed = TOY_SPLITS[split]
-    if not 0 <= index < count:
-        raise DataError(f"toy image {split}_{index:04d} does not exist ({split} has {count} images)")
-    return split_seed
-
-
 def toy_objects(split, index):
-    """The objects of toy image `index` of `split`, bottom to top: a list of ToyObject
-    (class_id, appearance index into TOY_APPEARANCES[class_id - 1], elongated, small).
-
-    The classes of one image are distinct, and image i features class i mod 5 + 1 on top,
-    so that every class is seen (not occluded) in any five consecutive images: a few dozen
-    labeled images then cover every class, as the field's labeled lists are made to.
-    The default labeled images hold large, regular objects in common appearances only (see
-    the top of this section).
-    """
-    rng = np.random.default_rng([_toy_seed(split, index), index, 1])  # not toy_sample's stream
+    """The ToyObjects of toy image `index` of `split`, bottom to top; appearance indexes
+    TOY_APPEARANCES[class_id - 1]. Classes are distinct, and image i has class i mod 5 + 1 on top:
+    any five consecutive images show every class, as the field's labeled lists are made to."""
+    rng = np.random.default_rng([TOY_SPLITS[split][1], index, 1])  # not toy_sample's stream
     num_fg = len(TOY_CLASSES) - 1
     featured = index % num_fg + 1
     others = [k for k in range(1, num_fg + 1) if k != featured]
@@ -394,11 +351,9 @@ def toy_objects(split, index):
 
 
 def toy_sample(split, index):
-    """Generate toy image `index` of `split`: (image uint8 (S, S, 3), label uint8 (S, S)).
-
-    Deterministic: the generator is seeded by (the split's fixed seed, index) only.
-    """
-    rng = np.random.default_rng([_toy_seed(split, index), index])
+    """Toy image `index` of `split`, (image uint8 (S, S, 3), label uint8 (S, S)): a pure function
+    of (the split's fixed seed, index)."""
+    rng = np.random.default_rng([TOY_SPLITS[split][1], index])
     size = TOY_SIZE
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
 
@@ -469,20 +424,19 @@ def _toy_sample_cached(split, index):
 Sample = namedtuple("Sample", "image label name map_ids")
 
 
-def _size_message(sample, image_size, label):
-    """The error for a mask whose size is not its image's (width, height)."""
-    return (f"mask {sample.label} is {label.shape[1]}x{label.shape[0]} but its image {sample.image} "
-            f"is {image_size[0]}x{image_size[1]}")
+def _read_mask(sample, num_classes, image_size=None, palette=None):
+    """read_label of a Sample's mask (raw Cityscapes ids mapped), checked to have image_size (w, h)."""
+    label = read_label(sample.label, num_classes, CITYSCAPES_ID_TO_TRAIN if sample.map_ids else None, palette)
+    if image_size is not None and label.shape != (image_size[1], image_size[0]):
+        raise DataError(f"mask {sample.label} is {label.shape[1]}x{label.shape[0]} but its image "
+                        f"{sample.image} is {image_size[0]}x{image_size[1]}")
+    return label
 
 
 class ImageList(Dataset):
-    """The listed images of one split: Samples, read from their files on every item (toy images:
-    generated from their name). With a crop_size, training items, (index, seed) or index (seed =
-    index), weakly augmented (docs/METHOD.md step 1) with np.random.default_rng(seed):
-      labeled:   image float32 (3, c, c), label int64 (c, c) (255 on padding);
-      unlabeled: image float32 (3, c, c), padding bool (c, c) (True = no image there).
-    Without, val items: index -> image float32 (3, H, W), label int64 (H, W), name (original size).
-    """
+    """The Samples of one split, read on every item (toy images: generated from their name). With a
+    crop_size, training items (index, seed) or index (seed = index), weakly augmented with
+    np.random.default_rng(seed) as the module docstring says; without, val items."""
 
     def __init__(self, samples, num_classes, generated=False, crop_size=None, labeled=True):
         self.samples, self.num_classes, self.generated = list(samples), num_classes, generated
@@ -491,61 +445,43 @@ class ImageList(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def load(self, index, with_label=True):
-        """(RGB PIL image, uint8 label (H, W) or None, name) of sample `index`."""
-        sample = self.samples[index]
-        if self.generated:
-            split, number = sample.name.rsplit("_", 1)
-            image, label = _toy_sample_cached(split, int(number))
-            return Image.fromarray(image, "RGB"), (label if with_label else None), sample.name
-        image = read_image(sample.image)
-        if not with_label:
-            return image, None, sample.name
-        label = read_label(sample.label, self.num_classes, CITYSCAPES_ID_TO_TRAIN if sample.map_ids else None)
-        if label.shape != (image.height, image.width):
-            raise DataError(_size_message(sample, image.size, label))
-        return image, label, sample.name
-
     def __getitem__(self, item):
-        if self.crop_size is None:
-            image, label, name = self.load(int(item))
-            return normalize(image), torch.from_numpy(label.astype(np.int64)), name
         # (index, seed) as a tuple, list or 2-element array/tensor (samplers may yield tensors)
         two = isinstance(item, (tuple, list)) or getattr(item, "ndim", 0) == 1
         index, seed = (int(item[0]), int(item[1])) if two else (int(item), int(item))
-        image, label, _ = self.load(index, with_label=self.labeled)
-        image, label, padding = weak_augment(image, label, self.crop_size, np.random.default_rng(seed))
+        sample, with_label = self.samples[index], self.labeled or self.crop_size is None
+        if self.generated:
+            split, number = sample.name.rsplit("_", 1)
+            image, label = _toy_sample_cached(split, int(number))
+            image = Image.fromarray(image, "RGB")
+        else:
+            image = read_image(sample.image)
+            label = _read_mask(sample, self.num_classes, image.size) if with_label else None
+        if self.crop_size is None:
+            return normalize(image), torch.from_numpy(label.astype(np.int64)), sample.name
+        rng = np.random.default_rng(seed)
+        image, label, padding = weak_augment(image, label if self.labeled else None, self.crop_size, rng)
         return image, (label if self.labeled else padding)
 
 
-@dataclass
-class Data:
-    name: str  # "toy" | "voc" | "cityscapes" | "folder"
-    num_classes: int
-    class_names: list
-    palette: np.ndarray  # (256, 3) uint8
-    labeled: Dataset
-    unlabeled: Dataset
-    val: Dataset
-    lists: dict = field(default_factory=dict)  # "labeled"/"unlabeled"/"val" -> lines as written
+# What build_data returns: name ("toy" | "voc" | "cityscapes" | "folder"), num_classes, class_names,
+# palette ((256, 3) uint8 colours of the class ids), the labeled, unlabeled and val ImageLists, and
+# lists ({"labeled"/"unlabeled"/"val": the lines as written}).
+Data = namedtuple("Data", "name num_classes class_names palette labeled unlabeled val lists")
 
 
 # --------------------------------------------------------------------------- split lists
-# A split is first a list: (numbered lines, origin), the lines [(line number, fields)] of a list
-# file or of a split drawn in code, and origin the file (or the draw) for error messages. The
-# dataset's resolve function then turns each line into a Sample.
+# A split is first a list: (lines, origin), the lines [(line number, fields)] of a list file or
+# of a split drawn in code, and origin the file (or the draw) for error messages. The dataset's
+# resolve function then turns each line into a Sample.
 
 def read_list(path):
-    """[(line number, fields)] for the non-blank lines of a list file (CRLF, no final newline: fine)."""
+    """The list of a list file: its non-blank lines (CRLF, no final newline: fine) and its path."""
     if not os.path.isfile(path):
         raise DataError(f"list file {path} does not exist")
     with open(path, encoding="utf-8") as handle:
         lines = handle.read().splitlines()
-    return [(number, line.split()) for number, line in enumerate(lines, 1) if line.strip()]
-
-
-def _listed(path):
-    return read_list(path), path
+    return [(number, line.split()) for number, line in enumerate(lines, 1) if line.strip()], path
 
 
 def _drawn(lines, origin):
@@ -561,12 +497,15 @@ def _stem(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def _resolve_voc(root, fields, need_label, use_aug=True):
-    """Line -> Sample for VOC layouts: 'id', 'id.jpg', 'JPEGImages/id.jpg' or 'image label'.
+def _first_file(paths, default):
+    """The first of `paths` that exists, else paths[default] (for the missing-file error)."""
+    return next((path for path in paths if os.path.isfile(path)), paths[default])
 
-    Images are JPEGImages/<id>.jpg (or .png/.jpeg); the mask of an id is
-    SegmentationClassAug/<id>.png when that exists (VOC, not folders), else SegmentationClass/<id>.png.
-    """
+
+def _resolve_voc(root, fields, need_label, masks=("SegmentationClassAug", "SegmentationClass")):
+    """Line -> Sample for VOC layouts: 'id', 'id.jpg', 'JPEGImages/id.jpg' or 'image label'. An
+    id's image is JPEGImages/<id>.jpg (or .png/.jpeg), its mask <id>.png in the first folder of
+    `masks` that has it (VOC: SegmentationClassAug, else SegmentationClass; folders: the latter)."""
     if len(fields) == 2:
         image, label = _relative(root, fields[0]), _relative(root, fields[1])
         return Sample(image, label if need_label else None, _stem(image), False)
@@ -574,23 +513,20 @@ def _resolve_voc(root, fields, need_label, use_aug=True):
         raise ValueError("expected 'id', 'image_path' or 'image_path label_path'")
     token = fields[0]
     if "/" in token:  # a path from the root, as in published lists: JPEGImages/<id>.jpg
-        image, image_id = _relative(root, token), _stem(token)
+        image = _relative(root, token)
     elif token.lower().endswith(IMAGE_EXTENSIONS):  # a file name in JPEGImages: <id>.jpg
-        image, image_id = os.path.join(root, "JPEGImages", token), _stem(token)
+        image = os.path.join(root, "JPEGImages", token)
     else:  # an id: the first image file of that name
-        candidates = [os.path.join(root, "JPEGImages", token + ext) for ext in IMAGE_EXTENSIONS]
-        image, image_id = next((p for p in candidates if os.path.isfile(p)), candidates[0]), token
-    if not need_label:
-        return Sample(image, None, image_id, False)
-    aug = os.path.join(root, "SegmentationClassAug", image_id + ".png")
-    mask = os.path.join(root, "SegmentationClass", image_id + ".png")
-    return Sample(image, aug if use_aug and os.path.isfile(aug) else mask, image_id, False)
+        image = _first_file([os.path.join(root, "JPEGImages", token + e) for e in IMAGE_EXTENSIONS], 0)
+    image_id = _stem(image)
+    labels = [os.path.join(root, folder, image_id + ".png") for folder in masks]
+    return Sample(image, _first_file(labels, -1) if need_label else None, image_id, False)
 
 
 def _resolve_cityscapes(root, fields, need_label):
-    """Line -> Sample for Cityscapes: 'leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png',
-    'image label' or a bare '<stem>'. Masks: gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png,
-    else _gtFine_labelIds.png mapped to train ids on the fly."""
+    """Line -> Sample for Cityscapes: 'leftImg8bit/<split>/<city>/<name>_leftImg8bit.png', a bare
+    '<name>' or 'image label'. Masks: gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png, else
+    _gtFine_labelIds.png, mapped to train ids on the fly."""
     if len(fields) == 2:
         image, label = _relative(root, fields[0]), _relative(root, fields[1])
         name = _stem(image).replace("_leftImg8bit", "")
@@ -611,9 +547,8 @@ def _resolve_cityscapes(root, fields, need_label):
         raise ValueError(f"cannot derive a gtFine mask from {token!r} "
                          "(expected leftImg8bit/<split>/<city>/<name>_leftImg8bit.png)")
     base = os.path.join(root, "gtFine", parts[1], parts[2], parts[3][: -len("_leftImg8bit.png")])
-    if os.path.isfile(base + "_gtFine_labelTrainIds.png"):
-        return Sample(image, base + "_gtFine_labelTrainIds.png", name, False)
-    return Sample(image, base + "_gtFine_labelIds.png", name, True)
+    label = _first_file([base + "_gtFine_labelTrainIds.png", base + "_gtFine_labelIds.png"], -1)
+    return Sample(image, label, name, label.endswith("_labelIds.png"))
 
 
 def _resolve_toy(root, fields, need_label):
@@ -674,10 +609,10 @@ def _voc_draw(root, labeled, seed, log):
     """Classic splits draw from the 1,464 train ids, blended ones from the 10,582 augmented ids
     (SegmentationClassAug minus val); the unlabeled set is the 10,582 minus the labeled."""
     lists = os.path.join(root, "ImageSets", "Segmentation")
-    train_ids = sorted({fields[0] for _, fields in read_list(os.path.join(lists, "train.txt"))})
+    train_ids = sorted({fields[0] for _, fields in read_list(os.path.join(lists, "train.txt"))[0]})
     aug_folder = os.path.join(root, "SegmentationClassAug")
     if os.path.isdir(aug_folder):
-        val_ids = {fields[0] for _, fields in read_list(os.path.join(lists, "val.txt"))}
+        val_ids = {fields[0] for _, fields in read_list(os.path.join(lists, "val.txt"))[0]}
         pool = sorted(_stem(name) for name in os.listdir(aug_folder)
                       if name.endswith(".png") and _stem(name) not in val_ids)
     else:
@@ -747,7 +682,7 @@ DATASETS = {
         layout="the VOC2012 folder: JPEGImages/, SegmentationClass/ (and SegmentationClassAug/), "
                "ImageSets/Segmentation/",
         classes=tuple(VOC_CLASSES), palette=voc_palette, resolve=_resolve_voc, draw=_voc_draw,
-        val=lambda root: _listed(os.path.join(root, "ImageSets", "Segmentation", "val.txt"))),
+        val=lambda root: read_list(os.path.join(root, "ImageSets", "Segmentation", "val.txt"))),
     "cityscapes": DatasetSpec(
         layout="leftImg8bit/{train,val}/<city>/ and gtFine/{train,val}/<city>/",
         classes=tuple(CITYSCAPES_CLASSES), palette=cityscapes_palette, resolve=_resolve_cityscapes,
@@ -756,8 +691,8 @@ DATASETS = {
     "folder": DatasetSpec(
         layout="JPEGImages/<id>.jpg, SegmentationClass/<id>.png, labeled.txt, unlabeled.txt, "
                "val.txt (optional classes.txt)",
-        classes=(), palette=voc_palette, resolve=functools.partial(_resolve_voc, use_aug=False),
-        val=lambda root: _listed(os.path.join(root, "val.txt"))),
+        classes=(), palette=voc_palette, val=lambda root: read_list(os.path.join(root, "val.txt")),
+        resolve=functools.partial(_resolve_voc, masks=("SegmentationClass",))),
 }
 
 
@@ -770,10 +705,10 @@ def _lists(spec, root, labeled, split_dir, seed, log):
     list_dir = root if split_dir is None else split_dir
     if not os.path.isdir(list_dir):
         raise DataError(f"--split-dir {split_dir} does not exist")
-    lists = {which: _listed(os.path.join(list_dir, which + ".txt")) for which in ("labeled", "unlabeled")}
+    lists = {which: read_list(os.path.join(list_dir, which + ".txt")) for which in ("labeled", "unlabeled")}
     vals = [os.path.normpath(os.path.join(list_dir, *parts, "val.txt")) for parts in ((), (os.pardir,))]
     vals = [path for path in vals if os.path.isfile(path)]
-    lists["val"] = _listed(vals[0]) if vals else spec.val(root)
+    lists["val"] = read_list(vals[0]) if vals else spec.val(root)
     log(f"data: lists from {list_dir} (val: {lists['val'][1]})")
     if labeled is not None and labeled != len(lists["labeled"][0]):
         log(f"warning: --labeled {labeled} but {lists['labeled'][1]} lists {len(lists['labeled'][0])} "
@@ -783,34 +718,23 @@ def _lists(spec, root, labeled, split_dir, seed, log):
 
 # --------------------------------------------------------------------------- pre-flight checks
 
-def _check_files(samples, origin, need_label):
-    """Every listed image (and mask where needed) exists."""
-    missing = [path for sample in samples
-               for path in ((sample.image, sample.label) if need_label else (sample.image,))
-               if not os.path.isfile(path)]
-    if missing:
-        raise DataError(f"{len(missing)} file(s) listed in {origin} do not exist: {_some(missing, 3)}")
-
-
 def _check_overlaps(splits, log):
     """Labeled in val: error. Labeled in unlabeled: removed from unlabeled with a warning."""
     labeled_samples, _, labeled_origin = splits["labeled"]
     if not labeled_samples:
         raise DataError(f"the labeled list {labeled_origin} is empty")
     labeled_keys = {os.path.normpath(sample.image) for sample in labeled_samples}
-    val_samples, _, val_origin = splits["val"]
-    in_val = [s.name for s in val_samples if os.path.normpath(s.image) in labeled_keys]
+    in_val = [s.name for s in splits["val"][0] if os.path.normpath(s.image) in labeled_keys]
     if in_val:
         raise DataError(f"{len(in_val)} labeled image(s) from {labeled_origin} are also in the val "
-                        f"list {val_origin}: {_some(in_val)}")
+                        f"list {splits['val'][2]}: {_some(in_val)}")
     samples, lines, origin = splits["unlabeled"]
-    keep = [os.path.normpath(s.image) not in labeled_keys for s in samples]
-    if not all(keep):
-        dropped = [s.name for s, k in zip(samples, keep) if not k]
+    dropped = [s.name for s in samples if os.path.normpath(s.image) in labeled_keys]
+    if dropped:
         log(f"warning: {len(dropped)} labeled image(s) also listed in {origin} were removed from "
             f"the unlabeled set: {_some(dropped)}")
-        splits["unlabeled"] = ([s for s, k in zip(samples, keep) if k],
-                               [line for line, k in zip(lines, keep) if k], origin)
+        kept = [(s, line) for s, line in zip(samples, lines) if os.path.normpath(s.image) not in labeled_keys]
+        splits["unlabeled"] = ([s for s, _ in kept], [line for _, line in kept], origin)
 
 
 # --------------------------------------------------------------------------- the full data check
@@ -828,21 +752,16 @@ def _check_chunk(task):
     chunk, num_classes, palette = task
     problems = []
     for which, sample in chunk:
+        size = None
         try:
             size = read_image(sample.image).size
         except DataError as error:
             problems.append((which, sample.image, str(error)))
-            size = None
-        if sample.label is None:
-            continue
         try:
-            lookup = CITYSCAPES_ID_TO_TRAIN if sample.map_ids else None
-            label = read_label(sample.label, num_classes, lookup, palette)
+            if sample.label is not None:
+                _read_mask(sample, num_classes, size, palette)
         except DataError as error:
             problems.append((which, sample.label, str(error)))
-            continue
-        if size is not None and label.shape != (size[1], size[0]):
-            problems.append((which, sample.label, _size_message(sample, size, label)))
     return len(chunk), problems
 
 
@@ -859,57 +778,24 @@ def _fingerprint(items, num_classes):
     equal fingerprints mean the same files, unchanged since they were checked."""
     digest = hashlib.sha256(f"{CHECK_VERSION} {num_classes}\n".encode())
     for which, sample in items:
-        for path in (sample.image, sample.label):
-            if path is not None:
-                try:
-                    stat = os.stat(path)
-                    facts = f"{stat.st_size} {stat.st_mtime_ns}"
-                except OSError:
-                    facts = "missing"
-                digest.update(f"{which} {int(sample.map_ids)} {os.path.abspath(path)} {facts}\n".encode())
+        for path in filter(None, (sample.image, sample.label)):
+            try:
+                stat = os.stat(path)
+                facts = f"{stat.st_size} {stat.st_mtime_ns}"
+            except OSError:
+                facts = "missing"
+            digest.update(f"{which} {int(sample.map_ids)} {os.path.abspath(path)} {facts}\n".encode())
     return digest.hexdigest()
 
 
-def _read_chunks(tasks, workers, log, clock):
-    """Every task's problems, read by `workers` processes (0: this one), with a progress line at
-    most every CHECK_PROGRESS_SECONDS."""
-    total = sum(len(chunk) for chunk, _, _ in tasks)
-    start = last_report = clock()
-    problems, done = [], 0
-    pool = multiprocessing.Pool(workers, initializer=_check_worker_init) if workers > 0 else None
-    try:
-        for count, chunk_problems in (pool.imap_unordered(_check_chunk, tasks) if pool
-                                      else map(_check_chunk, tasks)):
-            problems += chunk_problems
-            done += count
-            now = clock()
-            if now - last_report >= CHECK_PROGRESS_SECONDS and done < total:
-                last_report = now
-                eta = datetime.timedelta(seconds=int((total - done) * (now - start) / done))
-                log(f"data check: {done}/{total} images ({100 * done // total}%), "
-                    f"{len(problems)} bad file(s) so far, eta {eta}")
-        if pool is not None:
-            pool.close()
-    finally:
-        if pool is not None:
-            pool.terminate()  # after close(): a no-op for workers that already finished
-            pool.join()
-    return sorted(problems), clock() - start
-
-
 def check_data(data, workers=0, log=print, record_path=None, clock=time.monotonic):
-    """Decode every listed image and mask of `data` (labeled, unlabeled, val), in parallel.
+    """Decode every listed image and mask of `data` with `workers` processes (0: this one): each
+    must decode in full, a mask have its image's size and hold class ids or 255 (Cityscapes: after
+    the raw-id mapping). The log gets a line per bad file, then one DataError names them all.
 
-    Checks that each image and mask decodes in full, that a mask has its image's size, and
-    that mask values are class ids or 255 (Cityscapes: after the raw-id mapping). Every bad
-    file is collected, then one DataError names the first few and their count; the log gets
-    one line per bad file. `workers` processes read the files (0: this process).
-
-    record_path (a JSON file in the run directory) records the result with a fingerprint of
-    the files' paths, sizes and modification times: a later call with the same fingerprint
-    after a passed check (a resumed run) skips the reading. Generated data (the toy set) needs
-    no check. Returns the record (None for generated data).
-    """
+    record_path (JSON) records the result with a fingerprint of the files' paths, sizes and
+    modification times: a later call after a passed check of the same files (a resumed run)
+    skips the reading. Returns the record (None for generated data: nothing to check)."""
     items = [(which, sample) for which in SPLITS if not getattr(data, which).generated
              for sample in getattr(data, which).samples]
     if not items:
@@ -931,7 +817,24 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
     workers = max(0, min(int(workers), len(tasks)))
     log(f"data check: reading {len(items)} images and {masks} masks with "
         f"{workers or 'no'} worker process(es) (--skip-data-check skips this)")
-    problems, seconds = _read_chunks(tasks, workers, log, clock)
+    start = last_report = clock()
+    problems, done = [], 0
+    pool = multiprocessing.Pool(workers, initializer=_check_worker_init) if workers > 0 else None
+    try:
+        for count, chunk_problems in (pool.imap_unordered(_check_chunk, tasks) if pool
+                                      else map(_check_chunk, tasks)):
+            problems += chunk_problems
+            done, now = done + count, clock()
+            if now - last_report >= CHECK_PROGRESS_SECONDS and done < len(items):
+                last_report = now
+                eta = datetime.timedelta(seconds=int((len(items) - done) * (now - start) / done))
+                log(f"data check: {done}/{len(items)} images ({100 * done // len(items)}%), "
+                    f"{len(problems)} bad file(s) so far, eta {eta}")
+    finally:
+        if pool is not None:
+            pool.terminate()  # all tasks done, or stopped early (an error, Ctrl-C)
+            pool.join()
+    problems, seconds = sorted(problems), clock() - start
     record = {"version": CHECK_VERSION, "ok": not problems, "fingerprint": fingerprint,
               "num_classes": data.num_classes, "images": len(items), "masks": masks,
               "seconds": round(seconds, 1), "workers": workers,
@@ -959,20 +862,12 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
 
 def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_dir=None,
                seed=0, crop_size=513, out_dir=None, log=print):
-    """Build the labeled, unlabeled and val datasets of `dataset` (a DATASETS entry).
-
-    The lists come from split_dir, a folder dataset's root, or the dataset's split drawn for
-    `labeled` from `seed`; build_data checks that the listed files exist (check_data decodes
-    them). The lists are written to out_dir/{labeled,unlabeled,val}.txt when out_dir is given,
-    so that `--split-dir out_dir` repeats the run on the same images.
-    """
+    """Data of `dataset` (a DATASETS entry), its lists from split_dir, a folder dataset's root or
+    the split drawn for `labeled` from `seed`; the listed files must exist (check_data decodes
+    them). The lists go to out_dir/{labeled,unlabeled,val}.txt: `--split-dir out_dir` repeats them."""
     spec = DATASETS.get(dataset)
     if spec is None:
         raise DataError(f"--dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    if not isinstance(crop_size, int) or crop_size < 1:
-        raise DataError(f"--crop-size {crop_size}: must be a positive integer")
-    if labeled is not None and labeled < 1:
-        raise DataError(f"--labeled {labeled}: must be at least 1")
     if not spec.generated and data_root is None:
         raise DataError(f"--data-root is required for --dataset {dataset} ({spec.layout})")
     if not spec.generated and not os.path.isdir(data_root):
@@ -987,8 +882,10 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
     _check_overlaps(splits, log)
     for which in SPLITS:
         samples, lines, origin = splits[which]
-        if not spec.generated:
-            _check_files(samples, origin, need_label=which != "unlabeled")
+        missing = [path for sample in samples for path in (sample.image, sample.label)
+                   if path is not None and not spec.generated and not os.path.isfile(path)]
+        if missing:  # every listed image, and mask where one is needed
+            raise DataError(f"{len(missing)} file(s) listed in {origin} do not exist: {_some(missing, 3)}")
         if not samples and which != "labeled":
             log(f"warning: the {which} list {origin} is empty")
     lists = {which: splits[which][1] for which in SPLITS}

@@ -1,18 +1,11 @@
-"""Evaluation for PCR: confusion-matrix mIoU, the field's evaluation protocols, offline
-evaluation of a checkpoint, inference on new images, and pictures of predictions.
+"""Evaluation for PCR (docs/METHOD.md section 5): confusion-matrix mIoU, the field's protocols,
+pictures of predictions. train.py calls `evaluate`; the command line runs the same code on a saved
+checkpoint or new images, alone or under torchrun (README: "Evaluation, pictures and inference").
 
-docs/METHOD.md section 5. train.py calls `evaluate`; the command line runs the same code on
-a saved checkpoint, alone or under torchrun (README: "Evaluation, pictures and inference").
-
-Protocols (`mode`):
-  whole    one forward pass at the image's own size (Pascal VOC);
-  sliding  crop x crop windows every `stride` pixels (default round(2/3 crop)), outputs
-           averaged where windows overlap; an image smaller than the crop is zero-padded
-           (= the mean colour after normalisation) at the bottom/right (Cityscapes);
-  center   only the central crop x crop box is predicted and scored (`center_box`).
-Scales and flip: `predict_heads`. The pictures follow the same protocol, the map of nearest
-micro-prototypes included (`predict_nearest_prototypes`), so no mode needs more memory for
-them than for the scores.
+Protocols (`mode`): whole, one forward pass at the image's own size (Pascal VOC); sliding,
+crop x crop windows averaged where they overlap (Cityscapes); center, only the central crop x crop
+box is predicted and scored. Scales and flip: `predict_heads`. The pictures, the map of nearest
+micro-prototypes included, follow the same protocol: no mode needs more memory for them.
 """
 
 import argparse
@@ -34,9 +27,8 @@ import train  # used at call time only: train.py imports this module at its own 
 from model import DeepLabV3Plus
 from prototypes import PrototypeBank
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = data_lib.IGNORE_INDEX
 MODES = ("whole", "sliding", "center")
-HEADS = ("linear", "proto")
 # Budget for one chunk of full-resolution features read by the prototype bank:
 # chunk_pixels x D float32 values <= 64 MB (16 rows of a 2048-wide image at D = 512).
 PROTO_CHUNK_BYTES = 64 * 2 ** 20
@@ -67,29 +59,17 @@ def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE_INDEX):
 
 
 def metrics_from_confusion(cm):
-    """Metrics in % from a confusion matrix cm (K, K), rows = ground truth.
-
-    With TP_k = cm[k, k], GT_k = sum_p cm[k, p], PRED_k = sum_g cm[g, k]:
-      iou[k]    = TP_k / (GT_k + PRED_k - TP_k), None when that union is 0 (class absent
-                  from both ground truth and prediction);
-      miou      = mean of iou[k] over classes with a non-zero union (the usual convention:
-                  a class present in the ground truth or predicted counts; a class only
-                  predicted therefore scores 0 and lowers the mean);
-      pixel_acc = sum_k TP_k / sum_k GT_k;
-      mean_acc  = mean over classes with GT_k > 0 of TP_k / GT_k;
-      pixels    = sum_k GT_k, the number of labelled pixels scored.
-    Scores are NaN when no labelled pixel was scored.
-    """
+    """Metrics in % from a confusion matrix cm (K, K), rows = ground truth: iou[k] = TP / (GT +
+    PRED - TP) of class k, None when that union is 0; miou, their mean over the classes with a
+    non-zero union (the usual convention: a class only predicted scores 0 and lowers the mean);
+    pixel_acc = sum TP / sum GT; mean_acc, the mean of TP / GT over classes with GT > 0; pixels =
+    sum GT, the labelled pixels scored. Scores are NaN when no labelled pixel was scored."""
     cm = cm.detach().to("cpu", torch.float64)
-    true_positive = cm.diagonal()
-    ground_truth = cm.sum(dim=1)
-    predicted = cm.sum(dim=0)
+    true_positive, ground_truth, predicted = cm.diagonal(), cm.sum(dim=1), cm.sum(dim=0)
     union = ground_truth + predicted - true_positive
     iou = true_positive / union.clamp_min(1)
-    present = union > 0
-    labelled = ground_truth > 0
-    total = ground_truth.sum()
-    nan = float("nan")
+    present, labelled = union > 0, ground_truth > 0
+    total, nan = ground_truth.sum(), float("nan")
     return {
         "miou": 100 * iou[present].mean().item() if present.any() else nan,
         "pixel_acc": 100 * (true_positive.sum() / total).item() if total > 0 else nan,
@@ -106,8 +86,6 @@ def format_table(metrics, class_names=None):
     prediction) followed by one summary line with mIoU, pixel and mean accuracy."""
     ious = metrics["iou"]
     names = list(class_names) if class_names is not None else [str(k) for k in range(len(ious))]
-    if len(names) != len(ious):
-        raise ValueError(f"format_table: {len(names)} class names for {len(ious)} classes")
     width = max([len("class")] + [len(name) for name in names])
     lines = [f"{'class':<{width}}  {'IoU':>6}"]
     for name, iou in zip(names, ious):
@@ -120,9 +98,8 @@ def format_table(metrics, class_names=None):
 # ------------------------------------------------------------------------- prediction
 
 def window_starts(length, crop, stride):
-    """Start offsets of the sliding windows along one side of `length` pixels: every
-    `stride` pixels, the last window moved back to end exactly at the border, so
-    ceil((length - crop) / stride) + 1 windows cover the side ([0] if length <= crop)."""
+    """Start offsets of the windows along a side of `length` pixels: every `stride` pixels, the
+    last one moved back to end exactly at the border ([0] if length <= crop)."""
     if length <= crop:
         return [0]
     count = math.ceil((length - crop) / stride) + 1
@@ -137,11 +114,10 @@ def center_box(height, width, crop):
 
 
 def _per_pixel(feature, size, read, chunk_pixels=None):
-    """(B, C, H, W) assembled from read(f, rows) (B, r, W, C), f (B, r, W, D) float32 being
-    the feature (B, D, h, w) bilinearly interpolated (align_corners=True, as F.interpolate)
-    at the pixels of the image rows `rows` (a slice) of an image of `size` (H, W). Chunks of
-    whole rows of at most `chunk_pixels` pixels (default: PROTO_CHUNK_BYTES of float32
-    D-vectors): the full-resolution feature never exists at once (4 GB on Cityscapes)."""
+    """(B, C, H, W) assembled from read(f, rows) (B, r, W, C), f (B, r, W, D) float32 the feature
+    (B, D, h, w) bilinearly interpolated at image rows `rows` (a slice) of an image of `size` (H, W),
+    in chunks of at most `chunk_pixels` pixels (default: PROTO_CHUNK_BYTES of float32 D-vectors):
+    the full-resolution feature never exists at once (4 GB on Cityscapes)."""
     batch, dim = feature.shape[:2]
     height, width = size
     rows_per_chunk = max(1, (chunk_pixels or PROTO_CHUNK_BYTES // (4 * dim)) // (batch * width))
@@ -244,10 +220,8 @@ def _views(image, read, mode, crop_size, stride, scales, flip, classes=None):
             if mirrored:
                 view = view.flip(-1)
                 view_classes = None if classes is None else view_classes.flip(-1)
-            if mode == "sliding":
-                outputs = _sliding(view, view_classes, read, crop_size, stride)
-            else:
-                outputs = read(view, view_classes)
+            outputs = (_sliding(view, view_classes, read, crop_size, stride) if mode == "sliding"
+                       else read(view, view_classes))
             for name, value in outputs.items():
                 value = value.flip(-1) if mirrored else value
                 if value.shape[-2:] != (height, width):
@@ -269,8 +243,6 @@ def _check(mode, crop_size, stride, scales, amp, flip=False, heads=("linear",), 
         raise ValueError(f"scales (--scales) must be positive numbers, got {list(scales)}")
     if amp not in (None, "none", "bf16", "fp16"):
         raise ValueError(f"amp (--amp) must be bf16, fp16 or none, got {amp!r}")
-    if len(heads) == 0 or any(head not in HEADS for head in heads):
-        raise ValueError(f"heads (--head) must be among {', '.join(HEADS)}, got {list(heads)}")
     if "proto" in heads and bank is None:
         raise ValueError("the prototype head needs a PrototypeBank (bank=...)")
 
@@ -279,13 +251,10 @@ def _check(mode, crop_size, stride, scales, amp, flip=False, heads=("linear",), 
 def predict_heads(model, image, num_classes, mode="whole", crop_size=513, stride=None,
                   scales=(1.0,), flip=False, heads=("linear",), bank=None, amp=None):
     """Logits of several heads from shared forward passes: image (B, 3, H, W) normalised ->
-    {head: (B, K, H, W) float32}, in mode "center" for center_box(H, W, crop_size) only.
-
-    Views: every scale s (image resized to round(s H) x round(s W), bilinear,
-    align_corners=True) and, with flip, its mirror image, each predicted with `mode`. One
-    view: its logits as they are. Several: their softmax probabilities averaged (the
-    field's test-time augmentation), returned as logits log(mean p).
-    """
+    {head: (B, K, H, W) float32}, in mode "center" for center_box(H, W, crop_size) only. Views:
+    every scale s (image resized to round(s H) x round(s W)) and, with flip, its mirror image, each
+    predicted with `mode`. One view: its logits. Several: their softmax probabilities averaged (the
+    field's test-time augmentation), returned as logits log(mean p)."""
     heads = tuple(heads)
     _check(mode, crop_size, stride, scales, amp, heads=heads, bank=bank)
     views, result = len(scales) * (2 if flip else 1), {}
@@ -314,10 +283,9 @@ def predict(model, image, num_classes, mode="whole", crop_size=513, stride=None,
 @torch.no_grad()
 def predict_nearest_prototypes(model, image, bank, classes, mode="whole", crop_size=513,
                                stride=None, scales=(1.0,), flip=False, amp=None):
-    """(B, H, W) int64: which micro-prototype of its class `classes` (B, H, W, in
-    predict_heads' output coordinates) each pixel is nearest to, by predict_heads' protocol:
-    argmax over m of the cosine to p[class, m], averaged over views and windows as the
-    logits are. Windows read the feature one by one (never a whole-image feature map)."""
+    """(B, H, W) int64: the micro-prototype of its class `classes` (B, H, W, as predict_heads'
+    output) each pixel is nearest to: argmax over m of the cosine to p[class, m], averaged over
+    views and windows as predict_heads averages the logits (never a whole-image feature map)."""
     _check(mode, crop_size, stride, scales, amp, heads=("proto",), bank=bank)
 
     def read(window, window_classes):
@@ -333,24 +301,18 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
              stride=None, heads=("linear",), bank=None, amp=None, scales=(1.0,),
              flip=False, rank=0, world_size=1, log=print, save_dir=None, palette=None,
              class_names=None, prototype_map=False, background=0, clock=time.monotonic):
-    """Score `model` on `dataset` (item -> (image (3, H, W) normalised, label (H, W) int64 or
-    None, name)) -> {head: metrics_from_confusion(...)} over the whole set (ignore 255).
-
-    Process `rank` of `world_size` takes images rank, rank + world_size, ...; the confusion
-    matrices are then summed over the processes. The model's train/eval state is left as
-    the caller set it. `save_dir`: save_pictures of every image; `prototype_map`: also
-    predict_nearest_prototypes for the prototype head's prediction (else the linear one's).
-    Unlabeled items (--images) are drawn, not scored. Progress: at most one line every
-    PROGRESS_SECONDS of `clock`, plus the last one."""
+    """Score `model` on `dataset` (item -> (image (3, H, W) normalised, label (H, W) int64 or None,
+    name)) -> {head: metrics_from_confusion(...)}. Process `rank` of `world_size` takes images rank,
+    rank + world_size, ...; the confusion matrices are summed over the processes. The model's
+    train/eval state is left alone. `save_dir`: save_pictures of every image (unlabeled ones,
+    --images, are drawn, not scored); `prototype_map`: also predict_nearest_prototypes for the
+    prototype head's prediction (else the linear one's)."""
     heads = tuple(heads)
-    protocol = dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip,
-                    amp=amp)
+    protocol = dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip, amp=amp)
     _check(**protocol, heads=heads, bank=bank)
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"evaluate: world_size = {world_size} needs torch.distributed "
                          f"to be initialised")
-    if (save_dir is not None and palette is None) or (prototype_map and bank is None):
-        raise ValueError("evaluate: save_dir needs a palette, prototype_map a bank")
     device = torch.device(device)
     confusion = {head: torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
                  for head in heads}
@@ -402,9 +364,8 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
 # --------------------------------------------------------------------------- pictures
 
 def palette_mask(ids, palette):
-    """Class ids (H, W) -> PIL image of mode "P", pixel value = class id, colours from
-    `palette` (256, 3) uint8: Pascal VOC's mask format, so viewers show the colours and
-    data.read_label (--dataset folder) reads the ids back."""
+    """Class ids (H, W) -> PIL image of mode "P" (VOC's mask format), pixel value = class id,
+    colours from `palette` (256, 3) uint8: data.read_label (--dataset folder) reads the ids back."""
     mask = Image.fromarray(np.asarray(ids).astype(np.uint8), "P")
     mask.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
     return mask
@@ -499,12 +460,9 @@ def _figure(path, panels, entries):
 def save_pictures(save_dir, name, image, predictions, palette, class_names=None, label=None,
                   prototypes=None, background=0):
     """Pictures of one image (3, H, W) normalised and its predictions {head: (H, W) ids} in
-    SAVE_DIR, enlarged when small, with legends; the prototype head's files carry "_proto".
-    With a `label`: NAME.png, the ids as a palette PNG, and NAME_compare.png, image | truth
-    | per head prediction, errors. Without (--images): NAME_mask.png and NAME_overlay.png,
-    class `background` (None: none) left transparent. `prototypes` = (classes, nearest,
-    shades (K, M, 3)): NAME_prototypes.png, image | each pixel in its nearest
-    micro-prototype's shade; the legend counts each class's prototypes in use."""
+    save_dir (the files named in parse_args' --save-dir and --prototype-map), enlarged when small,
+    with legends. Without a label, class `background` (None: none) is left clear in the overlay.
+    `prototypes` = (classes, nearest, shades (K, M, 3)); its legend counts the prototypes in use."""
     path = Path(save_dir) / Path(name).name  # a name with folders stays inside save_dir
     path.parent.mkdir(parents=True, exist_ok=True)
     mean, std = (torch.tensor(values).view(3, 1, 1) for values in (data_lib.MEAN, data_lib.STD))
@@ -523,12 +481,11 @@ def save_pictures(save_dir, name, image, predictions, palette, class_names=None,
     panels = [(image_rgb, "image"), (palette[label], "ground truth")] if label is not None else []
     for head, ids in predictions.items():
         stem = f"{path}{'' if head == 'linear' else '_' + head}"
+        palette_mask(ids, palette).save(f"{stem}{'' if label is not None else '_mask'}.png")
         if label is not None:
-            palette_mask(ids, palette).save(f"{stem}.png")
             panels += [(palette[ids], f"{head} prediction"),
                        (error_picture(image_rgb, label, ids), f"{head} errors")]
         else:
-            palette_mask(ids, palette).save(f"{stem}_mask.png")
             clear = None if background is None else ids == background
             overlay = overlay_picture(image_rgb, palette[ids], clear=clear)
             _figure(f"{stem}_overlay.png", [(overlay, None)], classes_in(ids, skip=background))
@@ -555,16 +512,14 @@ def parse_args(argv=None):
     add("--data-root", help="dataset root (default: the run's)")
     add("--split-dir", help="folder with val.txt (default: the run's)")
     add("--mode", choices=MODES, help="evaluation protocol (default: the run's eval_mode)")
-    add("--crop-size", type=int,
-        help="window of 'sliding' / box of 'center' (default: the run's crop)")
+    add("--crop-size", type=int, help="window of 'sliding' / box of 'center' (default: the run's crop)")
     add("--stride", type=int, help="sliding-window stride (default: round(2/3 crop))")
     add("--scales", help="comma-separated test scales, e.g. 0.75,1,1.25 (default: 1)")
     add("--flip", action="store_true", help="average with the horizontally flipped prediction")
     add("--student", action="store_true", help="evaluate the student instead of the EMA teacher")
     add("--head", choices=["linear", "proto", "both"], default="linear",
         help="linear predictor, prototype predictor, or both")
-    add("--device", default="auto",
-        help="'auto', 'cpu', 'cuda' or 'cuda:N' (torchrun: cuda:LOCAL_RANK)")
+    add("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (torchrun: cuda:LOCAL_RANK)")
     add("--amp", choices=["bf16", "fp16", "none"], help="mixed precision (default: the run's)")
     add("--save-dir", help="write NAME.png, the predicted ids as a palette PNG (a mask for "
                            "--dataset folder), and NAME_compare.png, image | truth | prediction | "
@@ -578,17 +533,6 @@ def parse_args(argv=None):
                          "own size instead of evaluating; needs --save-dir")
     add("--out-json", help="also write the metrics to this JSON file")
     return parser.parse_args(argv)
-
-
-def _parse_scales(text):
-    try:
-        scales = tuple(float(part) for part in (text or "1").split(","))
-    except ValueError:
-        scales = ()
-    if not scales or any(not scale > 0 for scale in scales):
-        raise train.SetupError(f"--scales {text!r}: expected positive comma-separated numbers, "
-                               f"e.g. 0.75,1,1.25")
-    return scales
 
 
 def read_checkpoint(path, log=print):
@@ -606,16 +550,11 @@ def read_checkpoint(path, log=print):
     if not isinstance(checkpoint, dict) or not {"config", "student"} <= checkpoint.keys():
         raise train.SetupError(f"--checkpoint {path}: not a train.py checkpoint (no config "
                                f"and student weights)")
-    needed = ("dataset", "num_classes", "backbone", "output_stride", "crop_size")
-    absent = [key for key in needed if checkpoint["config"].get(key) is None]
-    if absent:
-        raise train.SetupError(f"--checkpoint {path}: its config lacks {', '.join(absent)}")
     return path, checkpoint
 
 
 def build_network(config, state_dict, which, path):
     """DeepLabV3Plus for the run's settings with the `which` ("teacher"/"student") weights."""
-    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
     deep_stem = "backbone.conv1.weight" not in state_dict  # else --pretrained torchvision
     network = DeepLabV3Plus(config["num_classes"], config["backbone"], config["output_stride"],
                             bool(config.get("aux", False)), deep_stem=deep_stem,
@@ -657,9 +596,8 @@ class ImageFiles:
 
 
 def class_names_of(config, data_root=None):
-    """Class names for the legends of --images, where no dataset is built: the dataset
-    table's (toy, voc, cityscapes), classes.txt of a folder dataset's root when it names
-    the right number of classes, else "class 0", "class 1", ..."""
+    """Class names for --images legends (no dataset is built): the dataset table's, a folder root's
+    classes.txt when it names the right number of classes, else "class 0", "class 1", ..."""
     num_classes = config["num_classes"]
     spec = data_lib.DATASETS.get(config["dataset"])
     if spec is not None and len(spec.classes) == num_classes:
@@ -679,7 +617,11 @@ def run(args):
     for flag, value in (("--images", args.images), ("--prototype-map", args.prototype_map)):
         if value and not args.save_dir:
             raise train.SetupError(f"{flag} needs --save-dir for its pictures")
-    scales = _parse_scales(args.scales)
+    try:
+        scales = tuple(float(part) for part in (args.scales or "1").split(","))
+    except ValueError:
+        raise train.SetupError(f"--scales {args.scales!r}: expected comma-separated numbers, "
+                               "e.g. 0.75,1,1.25") from None
     device = train.pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     path, checkpoint = read_checkpoint(args.checkpoint, log)
     config = checkpoint["config"]
