@@ -223,7 +223,7 @@ def build_run(args, device):
     cfg = train.resolve_config(train.parse_args(["--dataset", "voc"]))
     cfg.update(backbone=args.backbone, output_stride=args.output_stride, crop_size=args.crop_size,
                batch_size=args.batch_size, num_classes=args.num_classes, width=args.width,
-               amp=args.amp, channels_last=args.channels_last, aux_weight=0.0, aux=False,
+               amp=args.amp, channels_last=args.channels_last, aux_weight=0.0,
                method="pcr", warmup_iters=0, iters_per_epoch=1000, total_epochs=80, total_iters=80000)
     torch.manual_seed(0)
     student = build_model(args.num_classes, args.backbone, args.output_stride, aux=False,

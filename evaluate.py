@@ -556,8 +556,9 @@ def read_checkpoint(path, log=print):
 def build_network(config, state_dict, which, path):
     """DeepLabV3Plus for the run's settings with the `which` ("teacher"/"student") weights."""
     deep_stem = "backbone.conv1.weight" not in state_dict  # else --pretrained torchvision
+    aux = any(key.startswith("aux_classifier.") for key in state_dict)
     network = DeepLabV3Plus(config["num_classes"], config["backbone"], config["output_stride"],
-                            bool(config.get("aux", False)), deep_stem=deep_stem,
+                            aux, deep_stem=deep_stem,
                             width=config.get("width", 1.0))
     try:
         network.load_state_dict(state_dict)

@@ -446,7 +446,7 @@ def _save_toy_checkpoint(run_dir, iteration=5, **changes):
     student, teacher, bank = _toy_models()
     config = dict(dataset="toy", data_root=None, num_classes=TOY_CLASSES, labeled=1,
                   split_dir=str(run_dir / "splits"), seed=0, backbone="resnet18",
-                  output_stride=16, aux=False, crop_size=64, eval_mode="whole",
+                  output_stride=16, crop_size=64, eval_mode="whole",
                   num_prototypes=2, temperature=0.1, amp="none", out=str(run_dir),
                   warmup_iters=2, method="pcr")
     checkpoint = {"config": config, "iter": iteration, "best": {"miou": 0.0, "iter": iteration},

@@ -145,7 +145,9 @@ def test_cityscapes_layout_trains_with_aux_head(tmp_path, capsys):
     assert code == 0, err
     assert "4 labeled / 8 unlabeled / 2 val" in stdout
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["aux"] is True and config["eval_mode"] == "sliding"
+    student = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["student"]
+    assert any(key.startswith("aux_classifier.") for key in student)  # aux_weight 0.4: an aux head
+    assert config["aux_weight"] == 0.4 and config["eval_mode"] == "sliding"
     assert "aux weight 0.4" in stdout and "evaluation: eval mode sliding" in stdout
 
 
@@ -153,13 +155,13 @@ def test_paper_presets():
     cfg = train.resolve_config(train.parse_args(["--dataset", "voc", "--labeled", "366"]))
     expected = dict(backbone="resnet101", output_stride=8, crop_size=513, epochs=80, lr=0.001,
                     head_lr_mult=10.0, weight_decay=1e-4, num_prototypes=4, conf_threshold=0.8,
-                    aux=False, batch_size=16, num_classes=21, width=1.0, temperature=0.1,
+                    aux_weight=0.0, batch_size=16, num_classes=21, width=1.0, temperature=0.1,
                     proto_momentum=0.99, ema_decay=0.99, grid=32, ohem_thresh=0.7,
                     ohem_min_kept_per_image=50000, drop_start=0.2, cutmix_prob=0.5, momentum=0.9)
     assert {k: cfg[k] for k in expected} == expected
     cfg = train.resolve_config(train.parse_args(["--dataset", "cityscapes", "--lr", "0.02"]))
     expected = dict(crop_size=769, epochs=200, lr=0.02, head_lr_mult=1.0, weight_decay=5e-4,
-                    num_prototypes=3, conf_threshold=0.65, aux_weight=0.4, aux=True,
+                    num_prototypes=3, conf_threshold=0.65, aux_weight=0.4,
                     num_classes=19, eval_mode="sliding")
     assert {k: cfg[k] for k in expected} == expected
 
