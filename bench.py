@@ -24,6 +24,11 @@ One GPU, the paper's VOC setting per GPU (4 + 4 images of 513 x 513, OS 8):
     python bench.py --device cuda --backbone resnet101 --crop-size 513 --batch-size 4  # fp32 / TF32
     add --sync-check to prove that the PCR step never waits for the GPU
 
+Peak memory and time of the PCR step without and with --checkpoint-activations (the
+student's backbone recomputed in the backward pass), each in a fresh process:
+    python bench.py --device cpu --backbone resnet50 --crop-size 257 --batch-size 2 \
+        --iters 1 --warmup 0 --compare-checkpointing
+
 The prototype update alone, against the per-class, per-prototype loop it replaces
 (issue 2's comparison: N = 16384, 21 classes x 4 prototypes, 512-d):
     python bench.py --device cpu --prototype-update
@@ -32,11 +37,13 @@ The last line printed is one JSON object (for scripts); the table above it is fo
 """
 import argparse
 import copy
+import ctypes
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -44,6 +51,7 @@ from types import SimpleNamespace
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
@@ -76,6 +84,11 @@ def parse_args(argv=None):
     a("--amp", default="none", choices=["bf16", "fp16", "none"], help="mixed precision")
     a("--channels-last", action="store_true", help="channels_last memory format")
     a("--compile", action="store_true", help="torch.compile the student")
+    a("--checkpoint-activations", action="store_true", help="recompute the student's backbone "
+      "in the backward pass (train.py's flag)")
+    a("--compare-checkpointing", action="store_true", help="run the benchmark twice, each in a "
+      "fresh process, without and with --checkpoint-activations; report the PCR step's peak "
+      "memory and time of each")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
     a("--iters", type=int, default=5, help="timed repeats of every step kind (the median is reported)")
     a("--warmup", type=int, default=1, help="untimed rounds first (cuDNN autotuning, compilation, caches)")
@@ -101,6 +114,11 @@ def parse_args(argv=None):
         p.error(f"--width must be > 0, got {args.width}")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         p.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    if args.compile and (args.checkpoint_activations or args.compare_checkpointing):
+        p.error("--checkpoint-activations with --compile is not supported (torch.compile "
+                "would need its own recompute contexts)")
+    if args.compare_checkpointing and (args.checkpoint_activations or args.prototype_update):
+        p.error("--compare-checkpointing runs both settings of the PCR step by itself")
     return args
 
 
@@ -192,6 +210,37 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                      "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def c_allocated():
+    """Bytes the C allocator (glibc >= 2.33, which torch's CPU tensors come from) has handed
+    out and not got back, heap and mmap; None elsewhere."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class AllocationPeak(TorchDispatchMode):
+    """CPU: the most bytes c_allocated() held after any operator inside, minus those at the
+    start: the allocator's peak, which RSS overstates (freed heap pages stay resident)."""
+
+    def __enter__(self):
+        self.start = self.peak = c_allocated()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, c_allocated())
+        return out
+
+
 def upsampled_head_bytes(images, channels, crop, amp):
     """Memory the prototype head would need had it upsampled the feature map to image
     size, as the original code did: images x C x H x W x bytes, once for the forward
@@ -231,6 +280,7 @@ def build_run(args, device):
     if args.channels_last:
         student = student.to(memory_format=torch.channels_last)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    student.checkpoint_activations = args.checkpoint_activations
     bank = PrototypeBank(args.num_classes, cfg["num_prototypes"], student.feature_dim,
                          cfg["proto_momentum"], cfg["temperature"],
                          generator=torch.Generator().manual_seed(1)).to(device)
@@ -403,6 +453,11 @@ def measure(args, device):
     }
     if args.sync_check:
         result["sync_error"] = sync_check(run, batch)
+    result["allocator_peak"] = None
+    if device.type == "cpu" and c_allocated() is not None:  # one more PCR step, untimed
+        with AllocationPeak() as allocations:
+            loop_iteration(run, batch, "pcr")
+        result["allocator_peak"] = allocations.peak - allocations.start
     return result
 
 
@@ -488,7 +543,8 @@ def report(args, device, name, result):
     layout = "channels_last" if args.channels_last else "contiguous"
     print(f"bench: {args.backbone} x{args.width:g} OS{args.output_stride}, crop {args.crop_size}, "
           f"batch {args.batch_size} + {args.batch_size}, {args.num_classes} classes, {precision}, "
-          f"{layout}{', compiled' if args.compile else ''}")
+          f"{layout}{', compiled' if args.compile else ''}"
+          f"{', backbone recomputed in the backward pass' if args.checkpoint_activations else ''}")
     print(f"device: {name}" + (f" | load average {result['load_average']:.2f} (1 min, median over "
                                 f"the rounds)" if device.type == "cpu" else ""))
     print(f"median of {args.iters} repeats after {args.warmup} warm-up round(s)\n")
@@ -500,6 +556,9 @@ def report(args, device, name, result):
     if device.type == "cpu":
         print("* RSS cannot be reset: each figure is the process's peak so far, taken after the\n"
               "  kind's first run; the kinds run in increasing memory, so it bounds the kind's peak.")
+        if result["allocator_peak"] is not None:
+            print(f"  PCR step, C allocator's peak above its start: {human_bytes(result['allocator_peak'])}"
+                  " (glibc mallinfo2 after every operator of one more step)")
     total = sum(parts.values())
     inherent_parts = result["inherent_parts"]
     print(f"\n{'PCR step by part':<34}{'ms':>10}{'share':>10}{'inherent ms':>14}{'extra ms':>10}")
@@ -551,12 +610,14 @@ def report(args, device, name, result):
         "device": name, "device_type": device.type, "backbone": args.backbone, "width": args.width,
         "output_stride": args.output_stride, "crop_size": args.crop_size, "batch_size": args.batch_size,
         "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+        "checkpoint_activations": args.checkpoint_activations,
         "iters": args.iters, "warmup": args.warmup,
         "pcr_step_s": pcr, "supervised_step_s": times["supervised"],
         "meanteacher_step_s": times["meanteacher"], "inherent_s": inherent,
         "overhead_ratio": pcr / inherent, "overhead_ratio_paired": result["paired_ratio"],
         "machinery_s": machinery,
         "peak_mem_bytes": memory["pcr"], "peak_mem_bytes_by_step": memory,
+        "pcr_allocator_peak_bytes": result["allocator_peak"],
         "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss_running",
         "breakdown_s": parts, "inherent_breakdown_s": inherent_parts, "upsampled_head_bytes": upsampled,
         "flops_per_pcr_step": flops, "images_per_s": images_per_s,
@@ -568,6 +629,65 @@ def report(args, device, name, result):
         summary["load_average"] = result["load_average"]
     print(json.dumps(summary))
     return summary
+
+
+def paired_time_ratio(args, device):
+    """Median over --iters rounds (after --warmup) of the PCR step's time with / without
+    checkpointing, the two timed back to back on one model (each after an untimed step of
+    its own setting), so that a shared machine's changing load weighs on both alike."""
+    run = build_run(args, device)
+    batch = synthetic_batch(args.batch_size, args.crop_size, args.num_classes, device, args.channels_last)
+    clock, ratios = Clock(device), []
+    for round_index in range(args.warmup + args.iters):
+        seconds = []
+        for checkpointed in (False, True):
+            run.student.checkpoint_activations = checkpointed
+            loop_iteration(run, batch, "pcr")
+            clock.start()
+            loop_iteration(run, batch, "pcr")
+            clock.lap("pcr")
+            seconds.append(clock.seconds()["pcr"])
+        if round_index >= args.warmup:
+            ratios.append(seconds[1] / seconds[0])
+    return statistics.median(ratios)
+
+
+def compare_checkpointing(argv, args, device):
+    """--compare-checkpointing: bench.py with argv without, then with --checkpoint-activations,
+    each in a fresh process (on CPU the peak RSS of a process cannot be reset): the PCR step's
+    peak memory and median time of each; then, in this process, paired_time_ratio. One JSON
+    line holds it all."""
+    runs = {}
+    for setting, extra in (("without", []), ("with", ["--checkpoint-activations"])):
+        command = [sys.executable, os.path.abspath(__file__),
+                   *[a for a in argv if a != "--compare-checkpointing"], *extra]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"bench: {' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
+        runs[setting] = json.loads(done.stdout.strip().splitlines()[-1])
+    first, (memory_ratio, allocator_ratio) = runs["without"], (
+        runs["with"][key] / runs["without"][key] if runs["without"][key] else None
+        for key in ("peak_mem_bytes", "pcr_allocator_peak_bytes"))
+    time_ratio = paired_time_ratio(args, device)
+    print(f"bench --compare-checkpointing: {first['backbone']} x{first['width']:g} "
+          f"OS{first['output_stride']}, crop {first['crop_size']}, batch {first['batch_size']} + "
+          f"{first['batch_size']}, --amp {first['amp']}, median of {first['iters']} PCR steps, "
+          f"each setting in a fresh process")
+    print(f"device: {first['device']}")
+    memory = "peak mem" if first["device_type"] == "cuda" else "process peak RSS"
+    allocator = first["pcr_allocator_peak_bytes"] is not None
+    print(f"{'backbone recomputed':<22}{'PCR step s':>12}{memory:>20}"
+          + (f"{'C allocator peak*':>20}" if allocator else ""))
+    for setting, summary in runs.items():
+        print(f"{setting:<22}{summary['pcr_step_s']:>12.4f}{human_bytes(summary['peak_mem_bytes']):>20}"
+              + (f"{human_bytes(summary['pcr_allocator_peak_bytes']):>20}" if allocator else ""))
+    print(f"with / without: {memory} {memory_ratio:.3f}x"
+          + (f", C allocator peak* {allocator_ratio:.3f}x" if allocator else "")
+          + f"; time {time_ratio:.3f}x (median of {args.iters} paired steps in one process)"
+          + ("\n* of one PCR step above its start (bench.AllocationPeak)" if allocator else ""))
+    print(json.dumps({"device": first["device"], "time_ratio": time_ratio, "memory_ratio": memory_ratio,
+                      "allocator_peak_ratio": allocator_ratio, "runs": runs}))
+    return 0
 
 
 def main(argv=None):
@@ -586,6 +706,8 @@ def main(argv=None):
         torch.cuda.set_device(device)  # events and memory statistics of this device
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.compare_checkpointing:
+        return compare_checkpointing(sys.argv[1:] if argv is None else argv, args, device)
     name = device_name(device)
     if args.prototype_update:
         report_prototype_update(args, name, *measure_prototype_update(args, device))

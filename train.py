@@ -174,6 +174,10 @@ SETTINGS = {
     "channels_last": Setting("process", "auto", ("auto", "on", "off"), "channels_last memory format "
                              "(auto: on for CPU, where it takes a fifth off the toy's step; off for CUDA, "
                              "where it pays with --amp)", live=True),
+    "checkpoint_activations": Setting("process", False, bool, "recompute the student's backbone "
+                                      "(stem and residual blocks) in the backward pass: same "
+                                      "numbers, less memory, more time (bench.py "
+                                      "--compare-checkpointing)", live=True),
     "workers": Setting("process", min(4, os.cpu_count() or 1), int, "data-loading processes per "
                        "training process", NON_NEGATIVE, live=True),
     "log_every": Setting("process", 20, int, "print a progress line every N iterations", at_least(1),
@@ -1012,8 +1016,9 @@ def report_out_of_memory(cfg, ctx, it, semi):
     print(f"error: out of {ctx.device.type.upper()} memory at iteration {it} on process "
           f"{ctx.rank} ({'semi-supervised' if semi else 'supervised'} step, "
           f"{cfg['local_batch']} + {cfg['local_batch'] if semi else 0} images of "
-          f"{cfg['crop_size']} px per process, --amp {cfg['amp']}). Use --amp bf16, more "
-          f"processes (torchrun; --batch-size is global) or a smaller --batch-size / "
+          f"{cfg['crop_size']} px per process, --amp {cfg['amp']}). Use --amp bf16, "
+          + ("" if cfg["checkpoint_activations"] else "--checkpoint-activations, ")
+          + f"more processes (torchrun; --batch-size is global) or a smaller --batch-size / "
           f"--crop-size; {cfg['out']}/last.pt, if any, resumes with --resume auto.",
           file=sys.stderr, flush=True)
     return 4
@@ -1073,6 +1078,8 @@ def build_everything(cfg, ctx, resuming=False):
     teacher = None
     if cfg["method"] != "supervised":
         teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        teacher.checkpoint_activations = False  # no backward pass to recompute for
+    student.checkpoint_activations = cfg["checkpoint_activations"]
     bank = None
     if cfg["method"] == "pcr":
         # own random stream, so that pcr, meanteacher and supervised share the warm-up exactly

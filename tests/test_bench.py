@@ -51,6 +51,43 @@ def test_main_prints_table_then_json(capsys):
     # the same channel count and crop in the analytic formula as in the run (width 0.125)
     assert summary["upsampled_head_bytes"] == 2 * 4 * 64 * 33 * 33 * 4
     assert summary["flops_per_pcr_step"] > 0 and summary["mfu"] is None  # MFU: CUDA only
+    if bench.c_allocated() is not None:  # glibc
+        assert 0 < summary["pcr_allocator_peak_bytes"] < summary["peak_mem_bytes"]
+        assert "C allocator's peak above its start" in table
+
+
+def test_allocation_peak_counts_what_is_held_at_once():
+    """AllocationPeak: 40 MB held together, then freed, then 24 MB: a peak of 40 MB."""
+    if bench.c_allocated() is None:
+        pytest.skip("no glibc mallinfo2")
+    with bench.AllocationPeak() as allocations:
+        first = torch.ones(10_000_000)  # 40 MB
+        del first
+        second = torch.ones(6_000_000)  # 24 MB
+    assert 40e6 <= allocations.peak - allocations.start < 41e6
+    del second
+
+
+def test_compare_checkpointing_runs_each_setting_in_a_fresh_process(capsys):
+    assert bench.main(TINY + ["--iters", "1", "--warmup", "0", "--compare-checkpointing"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    runs = summary["runs"]
+    assert [runs[s]["checkpoint_activations"] for s in ("without", "with")] == [False, True]
+    assert runs["with"]["crop_size"] == 33 and runs["with"]["device_type"] == "cpu"
+    assert summary["time_ratio"] > 0  # paired steps in the parent process
+    assert summary["memory_ratio"] == pytest.approx(runs["with"]["peak_mem_bytes"]
+                                                    / runs["without"]["peak_mem_bytes"])
+    assert summary["allocator_peak_ratio"] == pytest.approx(runs["with"]["pcr_allocator_peak_bytes"]
+                                                            / runs["without"]["pcr_allocator_peak_bytes"])
+    # recomputation is counted: the checkpointed step does more arithmetic
+    assert runs["with"]["flops_per_pcr_step"] > runs["without"]["flops_per_pcr_step"]
+    table = "\n".join(lines[:-1])
+    assert "device: " in table and "with / without: process peak RSS" in table and "paired steps" in table
+    assert [line.split()[0] for line in lines[3:5]] == ["without", "with"]
+    # the flag reaches the student only
+    run = bench.build_run(bench.parse_args(TINY + ["--checkpoint-activations"]), torch.device("cpu"))
+    assert run.student.checkpoint_activations and not run.teacher.checkpoint_activations
 
 
 def _state(run):
@@ -210,6 +247,8 @@ def test_loop_prototype_update_by_hand():
     (["--device", "cpu", "--amp", "fp16"], "--amp fp16 needs a CUDA device"),
     (["--device", "tpu"], "--device 'tpu' is not a device"),
     (["--prototype-update", "--points", "0"], "--points must be >= 1"),
+    (["--checkpoint-activations", "--compile"], "--checkpoint-activations with --compile is not supported"),
+    (["--compare-checkpointing", "--checkpoint-activations"], "--compare-checkpointing runs both"),
 ])
 def test_bad_flags_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

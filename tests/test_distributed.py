@@ -86,6 +86,25 @@ def test_two_processes_one_node(two_processes):
     assert not torch.equal(checkpoint["rng"][0]["step"], checkpoint["rng"][1]["step"])
 
 
+def test_checkpoint_activations_under_ddp_change_nothing(two_processes, tmp_path):
+    """The same 2-process run with --checkpoint-activations (the student's backbone
+    recomputed inside DistributedDataParallel's backward): student, teacher and prototypes
+    bit-identical to the run without."""
+    plain, rc, output = two_processes
+    assert rc == 0, output
+    out = tmp_path / "checkpointed"
+    done = run(torchrun(["--standalone", "--nproc_per_node=2"], out, "--save-every", "2",
+                        "--checkpoint-activations", script=ROOT / "tests" / "replicas.py"),
+               cwd=ROOT, env=environment(), timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    expected, got = (torch.load(d / "last.pt", map_location="cpu", weights_only=True) for d in (plain, out))
+    assert got["config"]["checkpoint_activations"] and not expected["config"]["checkpoint_activations"]
+    for part in ("student", "teacher", "prototypes"):
+        assert expected[part].keys() == got[part].keys()
+        for key, value in expected[part].items():
+            assert torch.equal(value, got[part][key]), (part, key)
+
+
 def test_resume_with_another_number_of_processes(two_processes, tmp_path):
     """A 2-process checkpoint continues on 1 process, with a warning, not a crash."""
     out, rc, output = two_processes

@@ -1,5 +1,7 @@
 """Tests for model.py: shapes, checkpoint layout, dilation conventions, loading, groups."""
 
+import contextlib
+import copy
 import os
 import sys
 
@@ -395,6 +397,113 @@ def test_bad_arguments_are_named():
         DeepLabV3Plus(0, "resnet18")
     with pytest.raises(ValueError, match=r"\(B,3,H,W\)"):
         DeepLabV3Plus(3, "resnet18").eval()(torch.randn(1, 1, 33, 33))
+
+
+# ---------------------------------------------------------------- activation checkpointing
+
+@pytest.fixture
+def checkpoints(monkeypatch):
+    """The modules of every torch.utils.checkpoint call model.py makes, in call order."""
+    calls, real = [], model_module.checkpoint
+
+    def counted(function, x, *modules, **kwargs):
+        calls.append(modules)
+        return real(function, x, *modules, **kwargs)
+
+    monkeypatch.setattr(model_module, "checkpoint", counted)
+    return calls
+
+
+def forward_backward(net, x, checkpointed, amp=False):
+    """Train-mode forward and backward of a copy of net: (outputs, input gradient,
+    parameter gradients, buffers)."""
+    net = copy.deepcopy(net)
+    net.checkpoint_activations = checkpointed
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(1)  # the decoder's dropout
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        outputs = net(x)
+    sum(output.float().square().mean() for output in outputs).backward()
+    return outputs, x.grad, dict((n, p.grad) for n, p in net.named_parameters()), dict(net.named_buffers())
+
+
+def tiny_net_with_used_statistics(seed):
+    """resnet18 at width 0.25 with an aux head, in train mode, its BN statistics moved away
+    from their initial values (as after a few iterations)."""
+    torch.manual_seed(seed)
+    net = build_model(5, "resnet18", 8, aux=True, width=0.25).train()
+    for name, buffer in net.named_buffers():
+        buffer.copy_(torch.full_like(buffer, 3) if name.endswith("num_batches_tracked")
+                     else torch.rand_like(buffer) + 0.5)
+    return net
+
+
+# resnet18: the stem and 8 residual blocks, one checkpoint each
+CHECKPOINTS_PER_FORWARD = 9
+
+
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "syncbn", "cumulative"])
+def test_checkpointed_activations_change_nothing_but_memory(variant, checkpoints):
+    """Outputs, input and parameter gradients, BN running statistics and num_batches_tracked
+    after a forward and backward with the backbone checkpointed are bit-identical to those
+    without: with bf16 autocast, with SyncBatchNorm (train.py's CUDA conversion; without a
+    process group it runs as plain BN) and with momentum=None (a cumulative average that
+    reads num_batches_tracked)."""
+    net = tiny_net_with_used_statistics(8)
+    if variant == "syncbn":
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if variant == "cumulative":
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = None
+    x = torch.randn(2, 3, 49, 49)
+    plain = forward_backward(net, x, False, amp=variant == "bf16")
+    assert checkpoints == []
+    recomputed = forward_backward(net, x, True, amp=variant == "bf16")
+    assert len(checkpoints) == CHECKPOINTS_PER_FORWARD
+    for a, b in zip(plain[0], recomputed[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(plain[1], recomputed[1])
+    for kind, index in (("gradient", 2), ("buffer", 3)):
+        assert plain[index].keys() == recomputed[index].keys()
+        for name, value in plain[index].items():
+            assert torch.equal(value, recomputed[index][name]), (kind, name)
+    assert recomputed[3]["backbone.layer4.1.bn2.num_batches_tracked"] == 4  # 3 + this forward
+
+
+def test_without_its_guard_the_recomputation_updates_bn_statistics_twice(monkeypatch):
+    """The trap the test above closes is real: recomputed without buffers_untouched, every
+    checkpointed BN counts the batch twice and moves its running statistics twice."""
+    net = tiny_net_with_used_statistics(9)
+    x = torch.randn(2, 3, 49, 49)
+    plain = forward_backward(net, x, False)[3]
+    monkeypatch.setattr(model_module, "buffers_untouched", lambda modules: contextlib.nullcontext())
+    twice = forward_backward(net, x, True)[3]
+    assert plain["backbone.layer4.1.bn2.num_batches_tracked"] == 4
+    assert twice["backbone.layer4.1.bn2.num_batches_tracked"] == 5
+    assert not torch.equal(plain["backbone.layer4.1.bn2.running_mean"],
+                           twice["backbone.layer4.1.bn2.running_mean"])
+    # the decoder is not checkpointed: counted once either way
+    assert twice["classifier.0.1.num_batches_tracked"] == 4
+
+
+def test_no_recomputation_without_a_backward_pass(checkpoints):
+    """A teacher's pass (no gradients) and evaluation (eval mode) never checkpoint, so
+    nothing is recomputed; a training forward checkpoints the stem and every block."""
+    torch.manual_seed(10)
+    net = build_model(5, "resnet18", 8, width=0.25).train()
+    net.checkpoint_activations = True
+    x = torch.randn(2, 3, 33, 33)
+    with torch.no_grad():
+        net(x)
+    net.eval()(x)
+    assert checkpoints == []
+    net.train()(x)
+    assert len(checkpoints) == CHECKPOINTS_PER_FORWARD
+    assert checkpoints[0] == (net.backbone.conv1, net.backbone.bn1, net.backbone.relu,
+                              net.backbone.maxpool)
+    assert [m for (m,) in checkpoints[1:]] == [*net.backbone.layer1, *net.backbone.layer2,
+                                               *net.backbone.layer3, *net.backbone.layer4]
 
 
 # ---------------------------------------------------------------- downloaded weights, offline

@@ -282,7 +282,7 @@ def test_out_of_memory_stops_with_the_settings_and_what_to_change(tmp_path, caps
                                     "--out", str(tmp_path / "oom")], capsys)
     assert code == 4
     assert ("out of CPU memory at iteration 2 on process 0 (semi-supervised step, 2 + 2 images "
-            "of 32 px per process, --amp none). Use --amp bf16") in err
+            "of 32 px per process, --amp none). Use --amp bf16, --checkpoint-activations, more") in err
     assert torch.load(tmp_path / "oom" / "last.pt", weights_only=True)["iter"] == 2
 
 
@@ -474,6 +474,66 @@ def test_teacher_is_the_student_in_the_first_semi_supervised_epoch_then_an_ema()
         if t >= cfg["iters_per_epoch"]:
             params = [(teacher.state_dict()[k], v) for k, v in student.named_parameters()]
             assert any(not torch.equal(a, b) for a, b in params), it  # the EMA lags
+
+
+def test_checkpoint_activations_change_nothing_but_memory(monkeypatch):
+    """--checkpoint-activations through a warm-up iteration, the k-means prototypes, a
+    semi-supervised iteration in the first epoch (teacher = student) and one after (EMA):
+    loss terms, gradients, weights, BN statistics, prototypes and teacher are bit-identical
+    to the run without, and only the student's training passes were checkpointed (one per
+    stem and residual block), never the teacher's nor the k-means features."""
+    model_module = sys.modules[train.build_model.__module__]
+    calls, real = [], model_module.checkpoint
+
+    def counted(function, x, *modules, **kwargs):
+        calls.append(modules)
+        return real(function, x, *modules, **kwargs)
+
+    monkeypatch.setattr(model_module, "checkpoint", counted)
+    runs = []
+    for flags in ([], ["--checkpoint-activations"]):
+        torch.manual_seed(0)
+        cfg = train.resolve_config(train.parse_args(TINY + flags))
+        cfg.update(iters_per_epoch=1, total_epochs=4, total_iters=4, warmup_iters=1, local_batch=2)
+        ctx = train.Context("cpu")
+        data, student, teacher, bank, optimizer, scaler = train.build_everything(cfg, ctx)
+        assert student.checkpoint_activations == bool(flags) and not teacher.checkpoint_activations
+        batch = {"labeled": [torch.stack(x) for x in zip(*(data.labeled[(i, i)] for i in range(2)))],
+                 "unlabeled": [torch.stack(x) for x in zip(*(data.unlabeled[(i, i)] for i in range(2)))]}
+        rng, states = torch.Generator().manual_seed(0), []
+        for it in range(3):
+            if it == cfg["warmup_iters"]:
+                train.start_semi_supervised(student, teacher, bank, data.labeled, cfg, ctx)
+            torch.manual_seed(100 + it)  # dropout
+            terms, finite = train.train_iteration(batch, (student, teacher, bank), optimizer, scaler,
+                                                  cfg, ctx, it, rng, semi=it >= 1)
+            assert bool(finite) and len(terms) == (3 if it else 1)
+            states.append({**{"loss " + k: v.detach() for k, v in terms.items()},
+                           **{"grad " + k: p.grad.clone() for k, p in student.named_parameters()},
+                           **{"student " + k: v.clone() for k, v in student.state_dict().items()},
+                           **{"teacher " + k: v.clone() for k, v in teacher.state_dict().items()},
+                           "prototypes": bank.prototypes.clone()})
+        runs.append(states)
+        if not flags:
+            assert calls == []
+    student_modules = {id(m) for m in student.modules()}
+    assert len(calls) == 3 * 9  # three student forwards, resnet18: stem + 8 blocks
+    assert all(id(m) in student_modules for modules in calls for m in modules)
+    for it, (plain, recomputed) in enumerate(zip(*runs)):
+        assert plain.keys() == recomputed.keys()
+        for name, value in plain.items():
+            assert torch.equal(value, recomputed[name]), (it, name)
+    assert not torch.equal(runs[0][2]["teacher backbone.bn1.running_mean"],
+                           runs[0][2]["student backbone.bn1.running_mean"])  # an EMA by then
+
+
+def test_checkpoint_activations_may_change_when_a_run_resumes():
+    cfg = train.resolve_config(train.parse_args(TINY + ["--checkpoint-activations"]))
+    stored, lines = dict(cfg, checkpoint_activations=False), []
+    resumed, errors = train.resumed_config(cfg, {"checkpoint_activations": True}, stored,
+                                           "run/last.pt", lines.append)
+    assert errors == [] and resumed["checkpoint_activations"] is True
+    assert lines == ["resume: --checkpoint-activations False -> True (does not change training)"]
 
 
 # ------------------------------------------------------------------ a user's first hour
