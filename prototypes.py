@@ -183,7 +183,10 @@ def prototype_loss(prototype_logits, target, ignore_index=255):
     L = sum_{valid} -log softmax(prototype_logits)[target] / #valid.
     """
     valid = target != ignore_index
-    nll = F.cross_entropy(prototype_logits, torch.where(valid, target, 0), reduction="none")
+    # As one (1, K, N) map: the CPU softmax over a last dimension of K classes is 4x slower
+    # (fwd + bwd, N = 16384, K = 6) than over K planes of N pixels.
+    nll = F.cross_entropy(prototype_logits.t().contiguous()[None], torch.where(valid, target, 0)[None],
+                          reduction="none")[0]
     return (nll * valid).sum() / valid.sum().clamp(min=1)
 
 
@@ -402,7 +405,8 @@ class _WeightedRowSum(torch.autograd.Function):
     def backward(ctx, grad):
         index, weight = ctx.saved_tensors
         flat = index.flatten()                                                   # (N*K,)
-        order = torch.sort(flat, stable=True).indices
+        # int32 keys sort 1.6x faster on CPU; (N*K,) int32 indices of rows cannot overflow
+        order = torch.sort(flat.int() if ctx.num_rows < 2**31 else flat, stable=True).indices
         ends = torch.bincount(flat, minlength=ctx.num_rows).cumsum(0)           # (R,)
         offsets = torch.cat([ends.new_zeros(1), ends])                          # (R + 1,)
         grad_rows = F.embedding_bag(order // index.shape[1], grad.contiguous(), offsets, mode="sum",

@@ -258,19 +258,26 @@ def entropy_filtered_cross_entropy(logits, pseudo_label, entropy, drop_fraction)
     """
     valid = pseudo_label != IGNORE
     num_valid = valid.sum()
-    # entropies in ascending order with the invalid pixels first (as -inf); the threshold
-    # is the first dropped value, found by index arithmetic instead of a host-side count
+    # the threshold is the first dropped value in ascending order, invalid pixels first (as
+    # -inf): its position comes from index arithmetic, not from a host-side count
     flat = torch.where(valid, entropy, -math.inf).flatten()
-    ordered = flat.sort().values
     num_keep = torch.floor(num_valid * (1.0 - drop_fraction)).long()
     first_dropped = (flat.numel() - num_valid + num_keep).clamp(max=flat.numel() - 1)
-    # gather, not ordered[first_dropped]: indexing by a 0-dim tensor reads it on the host
-    first_dropped_value = ordered.gather(0, first_dropped.reshape(1)).squeeze(0)
+    first_dropped_value = sorted_value_at(flat, first_dropped)
     threshold = torch.where(num_keep >= num_valid, math.inf, first_dropped_value)
     kept = valid & (entropy < threshold)
     nll = F.cross_entropy(logits.float(), torch.where(kept, pseudo_label, 0), reduction="none")
     num_kept = kept.sum().clamp(min=1)
     return (nll * kept).sum() / num_kept * (kept.numel() / num_kept)
+
+
+def sorted_value_at(values, index, host_read=None):
+    """values.sort().values[index] for 1-D values and a 0-dim int64 tensor index. CPU (or
+    host_read=True): kthvalue, a selection, 5x faster than sorting 32k values, after reading
+    index (free on CPU). CUDA: sort and gather, since a read would wait for the GPU."""
+    if host_read if host_read is not None else not values.is_cuda:
+        return values.kthvalue(int(index) + 1).values
+    return values.sort().values.gather(0, index.reshape(1)).squeeze(0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -300,12 +307,17 @@ def ema_alpha(t, decay=0.99):
 @torch.no_grad()
 def ema_update(teacher, student, alpha):
     """teacher <- alpha * teacher + (1 - alpha) * student, parameters and BN statistics."""
-    t_state, s_state = teacher.state_dict(), student.state_dict()
-    floats = [k for k, v in t_state.items() if v.dtype.is_floating_point]
-    torch._foreach_lerp_([t_state[k] for k in floats], [s_state[k] for k in floats], 1.0 - alpha)
-    for k, v in t_state.items():
-        if not v.dtype.is_floating_point:  # BN's num_batches_tracked
-            v.copy_(s_state[k])
+    floats, counters = [], []  # counters: BN's num_batches_tracked, copied
+    for pair in zip(model_tensors(teacher), model_tensors(student)):
+        (floats if pair[0].dtype.is_floating_point else counters).append(pair)
+    torch._foreach_lerp_([t for t, _ in floats], [s for _, s in floats], 1.0 - alpha)
+    for t, s in counters:
+        t.copy_(s)
+
+
+def model_tensors(model):
+    """Parameters then buffers, in a fixed order (state_dict's tensors, without its cost)."""
+    return [*model.parameters(), *model.buffers()]
 
 
 @torch.no_grad()
@@ -315,7 +327,7 @@ def teacher_update(teacher, student, t, cfg):
     copied, as the reference copies the student's parameters into the teacher at every
     iteration of that epoch. Afterwards: EMA with alpha = min(1 - 1/(t + 1), ema_decay)."""
     if t < cfg["iters_per_epoch"]:
-        torch._foreach_copy_(list(teacher.state_dict().values()), list(student.state_dict().values()))
+        torch._foreach_copy_(model_tensors(teacher), model_tensors(student))
     else:
         ema_update(teacher, student, ema_alpha(t, cfg["ema_decay"]))
 

@@ -1,4 +1,5 @@
 """Losses, schedules, EMA and data order of train.py against independent computations."""
+import functools
 import math
 
 import numpy as np
@@ -75,8 +76,10 @@ def slow_entropy_ce(logits, pseudo_label, entropy, drop):
     return len(y) / len(kept) * float(np.mean([-log_prob[i, y[i]] for i in kept]))
 
 
+@pytest.mark.parametrize("host_read", [True, False])  # CPU's selection, CUDA's sort
 @pytest.mark.parametrize("drop", [0.0, 0.05, 0.2, 0.5, 0.99])
-def test_entropy_filtered_ce_matches_reference(drop):
+def test_entropy_filtered_ce_matches_reference(drop, host_read, monkeypatch):
+    monkeypatch.setattr(train, "sorted_value_at", functools.partial(train.sorted_value_at, host_read=host_read))
     torch.manual_seed(1)
     logits = torch.randn(2, 5, 8, 9)
     pseudo_label = torch.randint(0, 5, (2, 8, 9))

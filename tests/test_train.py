@@ -420,10 +420,11 @@ def test_host_reads_are_caught():
 @pytest.mark.parametrize("method", ["pcr", "supervised"])
 def test_training_iteration_reads_nothing_on_the_host(method, monkeypatch):
     """train_iteration along its CUDA code paths (strided point gather, index_add_ row
-    sums) under HostReads: no value goes to the host, so nothing waits for a GPU."""
+    sums, sorted entropies) under HostReads: no value goes to the host, so nothing waits for a GPU."""
     monkeypatch.setattr(train, "sample_features", functools.partial(prototypes.sample_features, rows=False))
     monkeypatch.setattr(prototypes, "sum_rows_by_index",
                         functools.partial(prototypes.sum_rows_by_index, grouped=False))
+    monkeypatch.setattr(train, "sorted_value_at", functools.partial(train.sorted_value_at, host_read=False))
     torch.manual_seed(0)
     cfg = train.resolve_config(train.parse_args(TINY + ["--method", method]))
     cfg.update(iters_per_epoch=10, total_epochs=10, total_iters=100, warmup_iters=1, local_batch=2)
