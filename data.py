@@ -89,26 +89,21 @@ def read_image(path):
     try:
         with Image.open(path) as image:
             image.load()
-            return _to_rgb(image)
+            mode = image.mode
+            if mode == "RGB":
+                return image
+            if mode.startswith("I;16") or mode in ("I", "F"):
+                gray = np.asarray(image, dtype=np.float64)
+                if mode.startswith("I;16") or (mode == "I" and gray.max() > 255):
+                    gray = gray / 257.0  # 0..65535 -> 0..255
+                elif mode == "F" and gray.max() <= 1.0:
+                    gray = gray * 255.0  # float images in [0, 1]
+                return Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L").convert("RGB")
+            if mode in ("P", "PA"):
+                image = image.convert("RGBA")  # palette transparency is only defined through RGBA
+            return image.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr, ...
     except DECODE_ERRORS as error:
         raise DataError(f"cannot decode image {path}: {error}") from None
-
-
-def _to_rgb(image):
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        gray = np.asarray(image, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and gray.max() > 255):
-            gray = gray / 257.0  # 0..65535 -> 0..255
-        elif mode == "F" and gray.max() <= 1.0:
-            gray = gray * 255.0  # float images in [0, 1]
-        gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if mode in ("P", "PA"):
-        image = image.convert("RGBA")  # palette transparency is only defined through RGBA
-    return image.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr, ...
 
 
 def read_label(path, num_classes, raw_to_train=None, palette=None):
@@ -506,21 +501,20 @@ def _resolve_voc(root, fields, need_label, masks=("SegmentationClassAug", "Segme
     """Line -> Sample for VOC layouts: 'id', 'id.jpg', 'JPEGImages/id.jpg' or 'image label'. An
     id's image is JPEGImages/<id>.jpg (or .png/.jpeg), its mask <id>.png in the first folder of
     `masks` that has it (VOC: SegmentationClassAug, else SegmentationClass; folders: the latter)."""
-    if len(fields) == 2:
-        image, label = _relative(root, fields[0]), _relative(root, fields[1])
-        return Sample(image, label if need_label else None, _stem(image), False)
-    if len(fields) != 1:
+    if len(fields) not in (1, 2):
         raise ValueError("expected 'id', 'image_path' or 'image_path label_path'")
     token = fields[0]
-    if "/" in token:  # a path from the root, as in published lists: JPEGImages/<id>.jpg
+    if len(fields) == 2 or "/" in token:  # a path from the root, as in published lists
         image = _relative(root, token)
     elif token.lower().endswith(IMAGE_EXTENSIONS):  # a file name in JPEGImages: <id>.jpg
         image = os.path.join(root, "JPEGImages", token)
     else:  # an id: the first image file of that name
         image = _first_file([os.path.join(root, "JPEGImages", token + e) for e in IMAGE_EXTENSIONS], 0)
-    image_id = _stem(image)
-    labels = [os.path.join(root, folder, image_id + ".png") for folder in masks]
-    return Sample(image, _first_file(labels, -1) if need_label else None, image_id, False)
+    image_id, label = _stem(image), None
+    if need_label:
+        label = (_relative(root, fields[1]) if len(fields) == 2 else
+                 _first_file([os.path.join(root, folder, image_id + ".png") for folder in masks], -1))
+    return Sample(image, label, image_id, False)
 
 
 def _resolve_cityscapes(root, fields, need_label):
