@@ -272,12 +272,9 @@ def predict_heads(model, image, num_classes, mode="whole", crop_size=513, stride
     return result
 
 
-@torch.no_grad()
-def predict(model, image, num_classes, mode="whole", crop_size=513, stride=None,
-            scales=(1.0,), flip=False, head="linear", bank=None, amp=None):
-    """Logits (B, K, H, W) of one head ("linear" or "proto"): predict_heads."""
-    return predict_heads(model, image, num_classes, mode, crop_size, stride, scales, flip,
-                         (head,), bank, amp)[head]
+def predict(model, image, num_classes, head="linear", bank=None, **protocol):
+    """Logits (B, K, H, W) of one head ("linear" or "proto"): predict_heads with the same protocol."""
+    return predict_heads(model, image, num_classes, heads=(head,), bank=bank, **protocol)[head]
 
 
 @torch.no_grad()
@@ -287,10 +284,8 @@ def predict_nearest_prototypes(model, image, bank, classes, mode="whole", crop_s
     output) each pixel is nearest to: argmax over m of the cosine to p[class, m], averaged over
     views and windows as predict_heads averages the logits (never a whole-image feature map)."""
     _check(mode, crop_size, stride, scales, amp, heads=("proto",), bank=bank)
-
-    def read(window, window_classes):
-        return _read_window(model, window, (), bank, amp, window_classes)
-    views = _views(image, read, mode, crop_size, stride, scales, flip, classes.long())
+    views = _views(image, lambda window, cut_classes: _read_window(model, window, (), bank, amp, cut_classes),
+                   mode, crop_size, stride, scales, flip, classes.long())
     return sum(outputs["cosine"] for outputs in views).argmax(dim=1)
 
 
