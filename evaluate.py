@@ -465,9 +465,8 @@ def save_pictures(save_dir, name, image, predictions, palette, class_names=None,
     image_rgb = image_rgb.permute(1, 2, 0).numpy()  # the image as read, (H, W, 3) uint8
 
     def name_of(k):
-        if k == IGNORE_INDEX:
-            return "ignore"
-        return str(class_names[k]) if class_names is not None and k < len(class_names) else f"class {k}"
+        names = () if class_names is None else class_names
+        return "ignore" if k == IGNORE_INDEX else str(names[k]) if k < len(names) else f"class {k}"
 
     def classes_in(*id_maps, skip=None):
         present = np.unique(np.concatenate([np.ravel(ids) for ids in id_maps])).tolist()
@@ -553,8 +552,7 @@ def build_network(config, state_dict, which, path):
     deep_stem = "backbone.conv1.weight" not in state_dict  # else --pretrained torchvision
     aux = any(key.startswith("aux_classifier.") for key in state_dict)
     network = DeepLabV3Plus(config["num_classes"], config["backbone"], config["output_stride"],
-                            aux, deep_stem=deep_stem,
-                            width=config.get("width", 1.0))
+                            aux, deep_stem=deep_stem, width=config.get("width", 1.0))
     try:
         network.load_state_dict(state_dict)
     except RuntimeError as error:
@@ -683,10 +681,8 @@ def run(args):
         return 0
     for head in heads:
         log(f"{head} head:\n{format_table(results[head], data.class_names)}")
-    record = {"source": "evaluate.py", "checkpoint": os.path.abspath(path), "iter": iteration,
-              "model": which, "mode": mode, "crop_size": crop_size, "stride": args.stride,
-              "scales": list(scales), "flip": args.flip, "amp": amp,
-              "seconds": round(time.time() - start, 1)}
+    record = {"source": "evaluate.py", "checkpoint": os.path.abspath(path), "iter": iteration, "model": which,
+              **settings, "scales": list(scales), "seconds": round(time.time() - start, 1)}
     record.update(results.get("linear", {}))  # miou, pixel_acc, mean_acc, iou, pixels
     if "proto" in results:
         record.update(miou_proto=results["proto"]["miou"], iou_proto=results["proto"]["iou"])
