@@ -430,8 +430,8 @@ def _read_mask(sample, num_classes, image_size=None, palette=None):
 
 class ImageList(Dataset):
     """The Samples of one split, read on every item (toy images: generated from their name). With a
-    crop_size, training items (index, seed) or index (seed = index), weakly augmented with
-    np.random.default_rng(seed) as the module docstring says; without, val items."""
+    crop_size, training items (index, seed) or index (seed = index), weakly augmented as the module
+    docstring says; without, val items, label None for a Sample without a mask (evaluate --images)."""
 
     def __init__(self, samples, num_classes, generated=False, crop_size=None, labeled=True):
         self.samples, self.num_classes, self.generated = list(samples), num_classes, generated
@@ -444,16 +444,17 @@ class ImageList(Dataset):
         # (index, seed) as a tuple, list or 2-element array/tensor (samplers may yield tensors)
         two = isinstance(item, (tuple, list)) or getattr(item, "ndim", 0) == 1
         index, seed = (int(item[0]), int(item[1])) if two else (int(item), int(item))
-        sample, with_label = self.samples[index], self.labeled or self.crop_size is None
+        sample = self.samples[index]
         if self.generated:
             split, number = sample.name.rsplit("_", 1)
             image, label = _toy_sample_cached(split, int(number))
             image = Image.fromarray(image, "RGB")
         else:
             image = read_image(sample.image)
-            label = _read_mask(sample, self.num_classes, image.size) if with_label else None
+            label = None if sample.label is None else _read_mask(sample, self.num_classes, image.size)
         if self.crop_size is None:
-            return normalize(image), torch.from_numpy(label.astype(np.int64)), sample.name
+            label = label if label is None else torch.from_numpy(label.astype(np.int64))
+            return normalize(image), label, sample.name
         rng = np.random.default_rng(seed)
         image, label, padding = weak_augment(image, label if self.labeled else None, self.crop_size, rng)
         return image, (label if self.labeled else padding)

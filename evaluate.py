@@ -562,31 +562,24 @@ def build_network(config, state_dict, which, path):
     return network
 
 
-class ImageFiles:
+class ImageFiles(data_lib.ImageList):
     """--images: an image file or a folder's images as evaluate() items (image, None, stem)."""
 
     def __init__(self, path):
         path = Path(path)
         if path.is_dir():
-            self.files = sorted(p for p in path.iterdir()
-                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         else:
-            self.files = [path] if path.is_file() else []
-        if not self.files:
+            files = [path] if path.is_file() else []
+        if not files:
             raise train.SetupError(f"--images {path}: no such file, or no images in this folder "
                                    f"({', '.join(IMAGE_SUFFIXES)})")
-        stems = [p.stem for p in self.files]
+        stems = [p.stem for p in files]
         clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
         if clashes:
             raise train.SetupError(f"--images {path}: several images share a name, their masks "
                                    f"would overwrite each other: {', '.join(clashes[:5])}")
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, index):
-        image = data_lib.normalize(data_lib.read_image(self.files[index]))
-        return image, None, self.files[index].stem
+        super().__init__([data_lib.Sample(str(p), None, p.stem, False) for p in files], num_classes=None)
 
 
 def class_names_of(config, data_root=None):
