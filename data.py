@@ -628,11 +628,6 @@ def _cityscapes_images(root, split):
     return [os.path.relpath(path, root).replace(os.sep, "/") for path in paths]
 
 
-def _cityscapes_draw(root, labeled, seed, log):
-    return _draw(labeled, CITYSCAPES_LABELED, _cityscapes_images(root, "train"), seed, "Cityscapes",
-                 f"{root}/leftImg8bit/train")
-
-
 def _folder_classes(root, num_classes):
     """Class names of a folder dataset: DIR/classes.txt (one name per line) sets the count;
     without it --num-classes does, and the names are class0, class1, ..."""
@@ -682,7 +677,9 @@ DATASETS = {
         layout="leftImg8bit/{train,val}/<city>/ and gtFine/{train,val}/<city>/",
         classes=tuple(CITYSCAPES_CLASSES), palette=cityscapes_palette, resolve=_resolve_cityscapes,
         val=lambda root: _drawn(_cityscapes_images(root, "val"), f"{root}/leftImg8bit/val"),
-        draw=_cityscapes_draw),
+        draw=lambda root, labeled, seed, log: _draw(
+            labeled, CITYSCAPES_LABELED, _cityscapes_images(root, "train"), seed, "Cityscapes",
+            f"{root}/leftImg8bit/train")),
     "folder": DatasetSpec(
         layout="JPEGImages/<id>.jpg, SegmentationClass/<id>.png, labeled.txt, unlabeled.txt, "
                "val.txt (optional classes.txt)",
@@ -710,8 +707,6 @@ def _lists(spec, root, labeled, split_dir, seed, log):
             "images; the list decides")
     return lists
 
-
-# --------------------------------------------------------------------------- pre-flight checks
 
 def _check_overlaps(splits, log):
     """Labeled in val: error. Labeled in unlabeled: removed from unlabeled with a warning."""
@@ -891,11 +886,8 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
         for which, lines in lists.items():
             with open(os.path.join(out_dir, which + ".txt"), "w", encoding="utf-8") as handle:
                 handle.write("".join(line + "\n" for line in lines))
-
-    def images(which, **training):
-        return ImageList(splits[which][0], len(class_names), spec.generated, **training)
-
+    images = {which: ImageList(splits[which][0], len(class_names), spec.generated,
+                               None if which == "val" else crop_size, labeled=which != "unlabeled")
+              for which in SPLITS}  # val: whole images; labeled, unlabeled: training crops
     return Data(name=dataset, num_classes=len(class_names), class_names=class_names,
-                palette=spec.palette(), labeled=images("labeled", crop_size=crop_size),
-                unlabeled=images("unlabeled", crop_size=crop_size, labeled=False),
-                val=images("val"), lists=lists)
+                palette=spec.palette(), lists=lists, **images)
