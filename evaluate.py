@@ -9,6 +9,7 @@ micro-prototypes included, follow the same protocol: no mode needs more memory f
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -75,8 +76,7 @@ def metrics_from_confusion(cm):
         "pixel_acc": 100 * (true_positive.sum() / total).item() if total > 0 else nan,
         "mean_acc": (100 * (true_positive[labelled] / ground_truth[labelled]).mean().item()
                      if labelled.any() else nan),
-        "iou": [100 * value if keep else None
-                for value, keep in zip(iou.tolist(), present.tolist())],
+        "iou": [100 * value if keep else None for value, keep in zip(iou.tolist(), present.tolist())],
         "pixels": int(total.item()),
     }
 
@@ -168,8 +168,7 @@ def _read_window(model, window, heads, bank, amp, classes=None):
         logits, feature = model(window)[:2]
     size, out = window.shape[-2:], {}
     if "linear" in heads:
-        out["linear"] = F.interpolate(logits.float(), size=size, mode="bilinear",
-                                      align_corners=True)
+        out["linear"] = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True)
     if "proto" in heads:
         out["proto"] = prototype_logits_map(feature, bank, size)
     if classes is not None:
@@ -225,8 +224,7 @@ def _views(image, read, mode, crop_size, stride, scales, flip, classes=None):
             for name, value in outputs.items():
                 value = value.flip(-1) if mirrored else value
                 if value.shape[-2:] != (height, width):
-                    value = F.interpolate(value, size=(height, width), mode="bilinear",
-                                          align_corners=True)
+                    value = F.interpolate(value, size=(height, width), mode="bilinear", align_corners=True)
                 outputs[name] = value
             yield outputs
 
@@ -306,8 +304,7 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
     protocol = dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip, amp=amp)
     _check(**protocol, heads=heads, bank=bank)
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(f"evaluate: world_size = {world_size} needs torch.distributed "
-                         f"to be initialised")
+        raise ValueError(f"evaluate: world_size = {world_size} needs torch.distributed to be initialised")
     device = torch.device(device)
     confusion = {head: torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
                  for head in heads}
@@ -316,8 +313,7 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
     for done, index in enumerate(indices, start=1):
         image, label, name = dataset[index]
         if label is not None:
-            # Checked on the CPU copy: a label value outside [0, K) would silently land in
-            # the wrong confusion cell or be dropped.
+            # Checked on the CPU copy: confusion_matrix would silently drop a value outside [0, K).
             bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= num_classes))
             if bad.any():
                 raise ValueError(f"label of {name!r} has values outside [0, {num_classes}) and "
@@ -347,9 +343,8 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
         if rank == 0 and (now - last_line >= PROGRESS_SECONDS or done == len(indices)):
             last_line, elapsed = now, max(now - start, 1e-9)
             share = f" (rank 0 of {world_size})" if world_size > 1 else ""
-            log(f"{'eval' if label is not None else 'predict'} {done}/{len(indices)} images"
-                f"{share}  {done / elapsed:.2f} img/s  "
-                f"ETA {train.format_eta(elapsed / done * (len(indices) - done))}")
+            log(f"{'eval' if label is not None else 'predict'} {done}/{len(indices)} images{share}  "
+                f"{done / elapsed:.2f} img/s  ETA {train.format_eta(elapsed / done * (len(indices) - done))}")
     if world_size > 1:  # only then: a caller on rank 0 alone must not block in all_reduce
         for matrix in confusion.values():
             dist.all_reduce(matrix, op=dist.ReduceOp.SUM)
@@ -395,9 +390,8 @@ def overlay_picture(image_rgb, mask_rgb, alpha=0.5, clear=None):
 
 
 def prototype_shades(palette, num_classes, num_prototypes):
-    """(K, M, 3) uint8: M shades of each class colour palette[k], from darker to lighter,
-    the middle one the colour itself; a colour too dark to darken (VOC's black background)
-    gets M greys instead."""
+    """(K, M, 3) uint8: M shades of each class colour palette[k], from darker to lighter, the middle
+    one the colour itself; a colour too dark to darken (VOC's black background) gets M greys instead."""
     colours = np.asarray(palette[:num_classes], dtype=np.float64)[:, None]  # (K, 1, 3)
     step = np.linspace(-0.5, 0.5, num_prototypes) if num_prototypes > 1 else np.zeros(1)
     step = step[None, :, None]                                              # (1, M, 1)
@@ -556,9 +550,8 @@ def build_network(config, state_dict, which, path):
     try:
         network.load_state_dict(state_dict)
     except RuntimeError as error:
-        raise train.SetupError(f"--checkpoint {path}: the {which} weights do not fit a "
-                               f"{config['backbone']} model with {config['num_classes']} "
-                               f"classes: {str(error)[:600]}") from None
+        raise train.SetupError(f"--checkpoint {path}: the {which} weights do not fit a {config['backbone']} "
+                               f"model with {config['num_classes']} classes: {str(error)[:600]}") from None
     return network
 
 
@@ -590,11 +583,9 @@ def class_names_of(config, data_root=None):
     if spec is not None and len(spec.classes) == num_classes:
         return list(spec.classes)
     root = data_root or config.get("data_root")
-    try:
-        if root and os.path.isfile(os.path.join(root, "classes.txt")):
+    if root and os.path.isfile(os.path.join(root, "classes.txt")):
+        with contextlib.suppress(data_lib.DataError):  # one that does not fit: the generic names
             return data_lib._folder_classes(root, num_classes)
-    except data_lib.DataError:
-        pass
     return [f"class {k}" for k in range(num_classes)]
 
 
