@@ -522,19 +522,18 @@ def _resolve_cityscapes(root, fields, need_label):
     """Line -> Sample for Cityscapes: 'leftImg8bit/<split>/<city>/<name>_leftImg8bit.png', a bare
     '<name>' or 'image label'. Masks: gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png, else
     _gtFine_labelIds.png, mapped to train ids on the fly."""
-    if len(fields) == 2:
-        image, label = _relative(root, fields[0]), _relative(root, fields[1])
-        name = _stem(image).replace("_leftImg8bit", "")
-        return Sample(image, label if need_label else None, name, label.endswith("_labelIds.png"))
-    if len(fields) != 1:
+    if len(fields) not in (1, 2):
         raise ValueError("expected 'image_path', 'image_path label_path' or an image name")
     token = fields[0].lstrip("/")
-    if "/" not in token:  # bare name like aachen_000000_000019: find its split
+    if len(fields) == 1 and "/" not in token:  # bare name like aachen_000000_000019: find its split
         stem = token.replace("_leftImg8bit.png", "")
         city = stem.split("_")[0]
         options = [f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png" for split in ("train", "val")]
         token = next((o for o in options if os.path.isfile(os.path.join(root, o))), options[0])
     image, name = os.path.join(root, token), _stem(token).replace("_leftImg8bit", "")
+    if len(fields) == 2:
+        label = _relative(root, fields[1])
+        return Sample(image, label if need_label else None, name, label.endswith("_labelIds.png"))
     if not need_label:
         return Sample(image, None, name, False)
     parts = token.split("/")
