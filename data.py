@@ -7,7 +7,6 @@ Every dataset yields three torch Datasets:
 All augmentation randomness (weak_augment) comes from np.random.default_rng(seed), so a
 training sample is a pure function of (index, seed) whatever the number of DataLoader workers.
 The splits come from list files or are drawn in code (DATASETS says which, per dataset).
-Bad input raises DataError with a one-line message naming the file or flag at fault.
 """
 import datetime
 import functools
@@ -62,7 +61,7 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 
 
 class DataError(Exception):
-    """Bad input data; the message names the file or flag and what is wrong."""
+    """Bad input data; its one-line message names the file or flag at fault and what is wrong."""
 
 
 def voc_palette():
@@ -727,9 +726,8 @@ def _check_overlaps(splits, log):
 
 
 # --------------------------------------------------------------------------- the full data check
-# build_data checks that the listed files exist. check_data decodes every one before the first
-# iteration: about half a minute of one core for VOC's 12,031 images, against a crash hours
-# into a run.
+# build_data checks that the listed files exist; check_data decodes every one before the first
+# iteration: about half a minute of one core for VOC's 12,031 images, against a crash hours into a run.
 
 CHECK_VERSION = 1  # bump when check_data checks more, so that old records are not trusted
 CHECK_CHUNK = 16  # samples per task handed to a worker
@@ -755,9 +753,8 @@ def _check_chunk(task):
 
 
 def _check_worker_init():
-    """A forked worker inherits the parent's signal handlers, which may be the trainer's
-    (SIGTERM: 'save and stop'): restore the default, so that Pool.terminate() ends it. Ctrl-C
-    is the parent's to handle."""
+    """A forked worker inherits the parent's signal handlers, which may be the trainer's (SIGTERM:
+    'save and stop'): restore the default, so that Pool.terminate() ends it. Ctrl-C is the parent's."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -781,10 +778,9 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
     """Decode every listed image and mask of `data` with `workers` processes (0: this one): each
     must decode in full, a mask have its image's size and hold class ids or 255 (Cityscapes: after
     the raw-id mapping). The log gets a line per bad file, then one DataError names them all.
-
-    record_path (JSON) records the result with a fingerprint of the files' paths, sizes and
-    modification times: a later call after a passed check of the same files (a resumed run)
-    skips the reading. Returns the record (None for generated data: nothing to check)."""
+    record_path (JSON) records the result and the files' _fingerprint: a later call after a passed
+    check of the same files (a resumed run) skips the reading. Returns the record (None for
+    generated data: nothing to check)."""
     items = [(which, sample) for which in SPLITS if not getattr(data, which).generated
              for sample in getattr(data, which).samples]
     if not items:
@@ -841,10 +837,9 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
         log(f"data check: {line}")
     if len(problems) > shown:
         log(f"data check: ... and {len(problems) - shown} more{where}")
-    others = [path for _, path, _ in problems[1:]]
+    others = f"; the others: {_some([path for _, path, _ in problems[1:]], 4)}" if len(problems) > 1 else ""
     raise DataError(f"the data check found {len(problems)} bad file(s) among {len(items)} listed "
-                    f"images and {masks} masks (listed above{where}); first, {record['problems'][0]}"
-                    + (f"; the others: {_some(others, 4)}" if others else ""))
+                    f"images and {masks} masks (listed above{where}); first, {record['problems'][0]}{others}")
 
 
 # --------------------------------------------------------------------------- entry point
