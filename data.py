@@ -39,19 +39,17 @@ VOC_CLASSIC_LABELED = (92, 183, 366, 732, 1464)  # drawn from the 1,464 train id
 VOC_BLENDED_LABELED = (662, 1323, 2646, 5291)  # drawn from the 10,582 augmented ids
 
 CITYSCAPES_CLASSES = [
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-    "motorcycle", "bicycle",
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 ]
 CITYSCAPES_LABELED = (186, 372, 744, 1488)
 # Official cityscapesScripts table (labels.py): the raw label ids of train ids 0..18; others -> 255.
 CITYSCAPES_ID_TO_TRAIN = np.full(256, IGNORE_INDEX, np.uint8)
 CITYSCAPES_ID_TO_TRAIN[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]] = range(19)
-CITYSCAPES_COLOURS = [
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+CITYSCAPES_COLOURS = [  # of train ids 0..18
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
@@ -706,25 +704,6 @@ def _lists(spec, root, labeled, split_dir, seed, log):
     return lists
 
 
-def _check_overlaps(splits, log):
-    """Labeled in val: error. Labeled in unlabeled: removed from unlabeled with a warning."""
-    labeled_samples, _, labeled_origin = splits["labeled"]
-    if not labeled_samples:
-        raise DataError(f"the labeled list {labeled_origin} is empty")
-    labeled_keys = {os.path.normpath(sample.image) for sample in labeled_samples}
-    in_val = [s.name for s in splits["val"][0] if os.path.normpath(s.image) in labeled_keys]
-    if in_val:
-        raise DataError(f"{len(in_val)} labeled image(s) from {labeled_origin} are also in the val "
-                        f"list {splits['val'][2]}: {_some(in_val)}")
-    samples, lines, origin = splits["unlabeled"]
-    dropped = [s.name for s in samples if os.path.normpath(s.image) in labeled_keys]
-    if dropped:
-        log(f"warning: {len(dropped)} labeled image(s) also listed in {origin} were removed from "
-            f"the unlabeled set: {_some(dropped)}")
-        kept = [(s, line) for s, line in zip(samples, lines) if os.path.normpath(s.image) not in labeled_keys]
-        splits["unlabeled"] = ([s for s, _ in kept], [line for _, line in kept], origin)
-
-
 # --------------------------------------------------------------------------- the full data check
 # build_data checks that the listed files exist; check_data decodes every one before the first
 # iteration: about half a minute of one core for VOC's 12,031 images, against a crash hours into a run.
@@ -863,7 +842,22 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
     lists = _lists(spec, data_root, labeled, split_dir, seed, log)
     splits = {which: _resolve_list(data_root, *lists[which], spec.resolve, which != "unlabeled")
               for which in SPLITS}
-    _check_overlaps(splits, log)
+    labeled_samples, _, labeled_origin = splits["labeled"]
+    if not labeled_samples:
+        raise DataError(f"the labeled list {labeled_origin} is empty")
+    # Labeled images in val: an error; in unlabeled: removed from it with a warning.
+    labeled_keys = {os.path.normpath(sample.image) for sample in labeled_samples}
+    in_val = [s.name for s in splits["val"][0] if os.path.normpath(s.image) in labeled_keys]
+    if in_val:
+        raise DataError(f"{len(in_val)} labeled image(s) from {labeled_origin} are also in the val "
+                        f"list {splits['val'][2]}: {_some(in_val)}")
+    samples, lines, origin = splits["unlabeled"]
+    dropped = [s.name for s in samples if os.path.normpath(s.image) in labeled_keys]
+    if dropped:
+        log(f"warning: {len(dropped)} labeled image(s) also listed in {origin} were removed from "
+            f"the unlabeled set: {_some(dropped)}")
+        kept = [(s, line) for s, line in zip(samples, lines) if os.path.normpath(s.image) not in labeled_keys]
+        splits["unlabeled"] = ([s for s, _ in kept], [line for _, line in kept], origin)
     for which in SPLITS:
         samples, lines, origin = splits[which]
         missing = [path for sample in samples for path in (sample.image, sample.label)
