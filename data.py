@@ -713,9 +713,8 @@ CHECK_CHUNK = 16  # samples per task handed to a worker
 CHECK_PROGRESS_SECONDS = 10.0  # at most one progress line this often
 
 
-def _check_chunk(task):
+def _check_chunk(chunk, num_classes, palette):
     """(pairs read, [(split, path, message)] for the bad files) for a chunk of (split, Sample) pairs."""
-    chunk, num_classes, palette = task
     problems = []
     for which, sample in chunk:
         size = None
@@ -758,8 +757,7 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
     must decode in full, a mask have its image's size and hold class ids or 255 (Cityscapes: after
     the raw-id mapping). The log gets a line per bad file, then one DataError names them all.
     record_path (JSON) records the result and the files' _fingerprint: a later call after a passed
-    check of the same files (a resumed run) skips the reading. Returns the record (None for
-    generated data: nothing to check)."""
+    check of the same files (a resumed run) skips the reading. Returns the record, None for generated data."""
     items = [(which, sample) for which in SPLITS if not getattr(data, which).generated
              for sample in getattr(data, which).samples]
     if not items:
@@ -776,8 +774,8 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
         return previous
 
     masks = sum(sample.label is not None for _, sample in items)
-    tasks = [(items[i:i + CHECK_CHUNK], data.num_classes, data.palette)
-             for i in range(0, len(items), CHECK_CHUNK)]
+    tasks = [items[i:i + CHECK_CHUNK] for i in range(0, len(items), CHECK_CHUNK)]
+    check = functools.partial(_check_chunk, num_classes=data.num_classes, palette=data.palette)
     workers = max(0, min(int(workers), len(tasks)))
     log(f"data check: reading {len(items)} images and {masks} masks with "
         f"{workers or 'no'} worker process(es) (--skip-data-check skips this)")
@@ -785,8 +783,7 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
     problems, done = [], 0
     pool = multiprocessing.Pool(workers, initializer=_check_worker_init) if workers > 0 else None
     try:
-        for count, chunk_problems in (pool.imap_unordered(_check_chunk, tasks) if pool
-                                      else map(_check_chunk, tasks)):
+        for count, chunk_problems in pool.imap_unordered(check, tasks) if pool else map(check, tasks):
             problems += chunk_problems
             done, now = done + count, clock()
             if now - last_report >= CHECK_PROGRESS_SECONDS and done < len(items):
