@@ -361,11 +361,9 @@ def toy_sample(split, index):
     for _ in range(rng.integers(TOY_CLUTTER[0], TOY_CLUTTER[1] + 1)):
         colour = jitter(TOY_BACKGROUND_COLOURS[rng.integers(len(TOY_BACKGROUND_COLOURS))], 20)
         if rng.random() < 0.5:
-            x0, y0, x1, y1 = rng.uniform(0, size, 4)
-            mask = _segment_mask(xx, yy, x0, y0, x1, y1, rng.uniform(1.0, 4.0))
+            mask = _segment_mask(xx, yy, *rng.uniform(0, size, 4), rng.uniform(1.0, 4.0))  # x0, y0, x1, y1
         else:
-            cx, cy = rng.uniform(0, size, 2)
-            rx, ry = rng.uniform(3, 12, 2)
+            (cx, cy), (rx, ry) = rng.uniform(0, size, 2), rng.uniform(3, 12, 2)
             mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
         image[mask] = colour
     # Distractors in object colours, too thin or small to be objects: labelled background.
