@@ -167,8 +167,7 @@ def colours_to_ids(rgb, palette):
 def _some(items, shown=5):
     """'a, b, c ... (N in all)' for error messages."""
     items = list(items)
-    text = ", ".join(str(item) for item in items[:shown])
-    return text + (f" ... ({len(items)} in all)" if len(items) > shown else "")
+    return ", ".join(map(str, items[:shown])) + (f" ... ({len(items)} in all)" if len(items) > shown else "")
 
 
 # --------------------------------------------------------------------------- tensors and pictures
