@@ -499,7 +499,7 @@ def _resolve_voc(root, fields, need_label, masks=("SegmentationClassAug", "Segme
     if len(fields) not in (1, 2):
         raise ValueError("expected 'id', 'image_path' or 'image_path label_path'")
     token = fields[0]
-    if len(fields) == 2 or "/" in token:  # a path from the root, as in published lists
+    if len(fields) == 2 or "/" in token:  # a path from the root as in published lists: JPEGImages/<id>.jpg
         image = _relative(root, token)
     elif token.lower().endswith(IMAGE_EXTENSIONS):  # a file name in JPEGImages: <id>.jpg
         image = os.path.join(root, "JPEGImages", token)
