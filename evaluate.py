@@ -270,7 +270,7 @@ def predict_heads(model, image, num_classes, mode="whole", crop_size=513, stride
     return result
 
 
-def predict(model, image, num_classes, head="linear", bank=None, **protocol):
+def predict(model, image, num_classes, *, head="linear", bank=None, **protocol):
     """Logits (B, K, H, W) of one head ("linear" or "proto"): predict_heads with the same protocol."""
     return predict_heads(model, image, num_classes, heads=(head,), bank=bank, **protocol)[head]
 
