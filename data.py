@@ -852,8 +852,7 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
             f"the unlabeled set: {_some(dropped)}")
         kept = [(s, line) for s, line in zip(samples, lines) if os.path.normpath(s.image) not in labeled_keys]
         splits["unlabeled"] = ([s for s, _ in kept], [line for _, line in kept], origin)
-    for which in SPLITS:
-        samples, lines, origin = splits[which]
+    for which, (samples, _, origin) in splits.items():  # labeled, unlabeled, val
         missing = [path for sample in samples for path in (sample.image, sample.label)
                    if path is not None and not spec.generated and not os.path.isfile(path)]
         if missing:  # every listed image, and mask where one is needed
