@@ -7,7 +7,6 @@ Every dataset yields three torch Datasets:
 All augmentation randomness (weak_augment) comes from np.random.default_rng(seed), so a
 training sample is a pure function of (index, seed) whatever the number of DataLoader workers.
 The splits come from list files or are drawn in code (DATASETS says which, per dataset).
-Bad input raises DataError with a one-line message naming the file or flag at fault.
 """
 import datetime
 import functools
@@ -40,19 +39,17 @@ VOC_CLASSIC_LABELED = (92, 183, 366, 732, 1464)  # drawn from the 1,464 train id
 VOC_BLENDED_LABELED = (662, 1323, 2646, 5291)  # drawn from the 10,582 augmented ids
 
 CITYSCAPES_CLASSES = [
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-    "motorcycle", "bicycle",
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 ]
 CITYSCAPES_LABELED = (186, 372, 744, 1488)
 # Official cityscapesScripts table (labels.py): the raw label ids of train ids 0..18; others -> 255.
 CITYSCAPES_ID_TO_TRAIN = np.full(256, IGNORE_INDEX, np.uint8)
 CITYSCAPES_ID_TO_TRAIN[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]] = range(19)
-CITYSCAPES_COLOURS = [
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+CITYSCAPES_COLOURS = [  # of train ids 0..18
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
@@ -62,7 +59,7 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 
 
 class DataError(Exception):
-    """Bad input data; the message names the file or flag and what is wrong."""
+    """Bad input data; its one-line message names the file or flag at fault and what is wrong."""
 
 
 def voc_palette():
@@ -89,26 +86,21 @@ def read_image(path):
     try:
         with Image.open(path) as image:
             image.load()
-            return _to_rgb(image)
+            mode = image.mode
+            if mode == "RGB":
+                return image
+            if mode.startswith("I;16") or mode in ("I", "F"):
+                gray = np.asarray(image, dtype=np.float64)
+                if mode.startswith("I;16") or (mode == "I" and gray.max() > 255):
+                    gray = gray / 257.0  # 0..65535 -> 0..255
+                elif mode == "F" and gray.max() <= 1.0:
+                    gray = gray * 255.0  # float images in [0, 1]
+                return Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L").convert("RGB")
+            if mode in ("P", "PA"):
+                image = image.convert("RGBA")  # palette transparency is only defined through RGBA
+            return image.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr, ...
     except DECODE_ERRORS as error:
         raise DataError(f"cannot decode image {path}: {error}") from None
-
-
-def _to_rgb(image):
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        gray = np.asarray(image, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and gray.max() > 255):
-            gray = gray / 257.0  # 0..65535 -> 0..255
-        elif mode == "F" and gray.max() <= 1.0:
-            gray = gray * 255.0  # float images in [0, 1]
-        gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if mode in ("P", "PA"):
-        image = image.convert("RGBA")  # palette transparency is only defined through RGBA
-    return image.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr, ...
 
 
 def read_label(path, num_classes, raw_to_train=None, palette=None):
@@ -175,8 +167,7 @@ def colours_to_ids(rgb, palette):
 def _some(items, shown=5):
     """'a, b, c ... (N in all)' for error messages."""
     items = list(items)
-    text = ", ".join(str(item) for item in items[:shown])
-    return text + (f" ... ({len(items)} in all)" if len(items) > shown else "")
+    return ", ".join(map(str, items[:shown])) + (f" ... ({len(items)} in all)" if len(items) > shown else "")
 
 
 # --------------------------------------------------------------------------- tensors and pictures
@@ -369,11 +360,9 @@ def toy_sample(split, index):
     for _ in range(rng.integers(TOY_CLUTTER[0], TOY_CLUTTER[1] + 1)):
         colour = jitter(TOY_BACKGROUND_COLOURS[rng.integers(len(TOY_BACKGROUND_COLOURS))], 20)
         if rng.random() < 0.5:
-            x0, y0, x1, y1 = rng.uniform(0, size, 4)
-            mask = _segment_mask(xx, yy, x0, y0, x1, y1, rng.uniform(1.0, 4.0))
+            mask = _segment_mask(xx, yy, *rng.uniform(0, size, 4), rng.uniform(1.0, 4.0))  # x0, y0, x1, y1
         else:
-            cx, cy = rng.uniform(0, size, 2)
-            rx, ry = rng.uniform(3, 12, 2)
+            (cx, cy), (rx, ry) = rng.uniform(0, size, 2), rng.uniform(3, 12, 2)
             mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
         image[mask] = colour
     # Distractors in object colours, too thin or small to be objects: labelled background.
@@ -435,8 +424,8 @@ def _read_mask(sample, num_classes, image_size=None, palette=None):
 
 class ImageList(Dataset):
     """The Samples of one split, read on every item (toy images: generated from their name). With a
-    crop_size, training items (index, seed) or index (seed = index), weakly augmented with
-    np.random.default_rng(seed) as the module docstring says; without, val items."""
+    crop_size, training items (index, seed) or index (seed = index), weakly augmented as the module
+    docstring says; without, val items, label None for a Sample without a mask (evaluate --images)."""
 
     def __init__(self, samples, num_classes, generated=False, crop_size=None, labeled=True):
         self.samples, self.num_classes, self.generated = list(samples), num_classes, generated
@@ -449,16 +438,17 @@ class ImageList(Dataset):
         # (index, seed) as a tuple, list or 2-element array/tensor (samplers may yield tensors)
         two = isinstance(item, (tuple, list)) or getattr(item, "ndim", 0) == 1
         index, seed = (int(item[0]), int(item[1])) if two else (int(item), int(item))
-        sample, with_label = self.samples[index], self.labeled or self.crop_size is None
+        sample = self.samples[index]
         if self.generated:
             split, number = sample.name.rsplit("_", 1)
             image, label = _toy_sample_cached(split, int(number))
             image = Image.fromarray(image, "RGB")
         else:
             image = read_image(sample.image)
-            label = _read_mask(sample, self.num_classes, image.size) if with_label else None
+            label = None if sample.label is None else _read_mask(sample, self.num_classes, image.size)
         if self.crop_size is None:
-            return normalize(image), torch.from_numpy(label.astype(np.int64)), sample.name
+            label = label if label is None else torch.from_numpy(label.astype(np.int64))
+            return normalize(image), label, sample.name
         rng = np.random.default_rng(seed)
         image, label, padding = weak_augment(image, label if self.labeled else None, self.crop_size, rng)
         return image, (label if self.labeled else padding)
@@ -506,40 +496,38 @@ def _resolve_voc(root, fields, need_label, masks=("SegmentationClassAug", "Segme
     """Line -> Sample for VOC layouts: 'id', 'id.jpg', 'JPEGImages/id.jpg' or 'image label'. An
     id's image is JPEGImages/<id>.jpg (or .png/.jpeg), its mask <id>.png in the first folder of
     `masks` that has it (VOC: SegmentationClassAug, else SegmentationClass; folders: the latter)."""
-    if len(fields) == 2:
-        image, label = _relative(root, fields[0]), _relative(root, fields[1])
-        return Sample(image, label if need_label else None, _stem(image), False)
-    if len(fields) != 1:
+    if len(fields) not in (1, 2):
         raise ValueError("expected 'id', 'image_path' or 'image_path label_path'")
     token = fields[0]
-    if "/" in token:  # a path from the root, as in published lists: JPEGImages/<id>.jpg
+    if len(fields) == 2 or "/" in token:  # a path from the root as in published lists: JPEGImages/<id>.jpg
         image = _relative(root, token)
     elif token.lower().endswith(IMAGE_EXTENSIONS):  # a file name in JPEGImages: <id>.jpg
         image = os.path.join(root, "JPEGImages", token)
     else:  # an id: the first image file of that name
         image = _first_file([os.path.join(root, "JPEGImages", token + e) for e in IMAGE_EXTENSIONS], 0)
-    image_id = _stem(image)
-    labels = [os.path.join(root, folder, image_id + ".png") for folder in masks]
-    return Sample(image, _first_file(labels, -1) if need_label else None, image_id, False)
+    image_id, label = _stem(image), None
+    if need_label:
+        label = (_relative(root, fields[1]) if len(fields) == 2 else
+                 _first_file([os.path.join(root, folder, image_id + ".png") for folder in masks], -1))
+    return Sample(image, label, image_id, False)
 
 
 def _resolve_cityscapes(root, fields, need_label):
     """Line -> Sample for Cityscapes: 'leftImg8bit/<split>/<city>/<name>_leftImg8bit.png', a bare
     '<name>' or 'image label'. Masks: gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png, else
     _gtFine_labelIds.png, mapped to train ids on the fly."""
-    if len(fields) == 2:
-        image, label = _relative(root, fields[0]), _relative(root, fields[1])
-        name = _stem(image).replace("_leftImg8bit", "")
-        return Sample(image, label if need_label else None, name, label.endswith("_labelIds.png"))
-    if len(fields) != 1:
+    if len(fields) not in (1, 2):
         raise ValueError("expected 'image_path', 'image_path label_path' or an image name")
     token = fields[0].lstrip("/")
-    if "/" not in token:  # bare name like aachen_000000_000019: find its split
+    if len(fields) == 1 and "/" not in token:  # bare name like aachen_000000_000019: find its split
         stem = token.replace("_leftImg8bit.png", "")
         city = stem.split("_")[0]
         options = [f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png" for split in ("train", "val")]
         token = next((o for o in options if os.path.isfile(os.path.join(root, o))), options[0])
     image, name = os.path.join(root, token), _stem(token).replace("_leftImg8bit", "")
+    if len(fields) == 2:
+        label = _relative(root, fields[1])
+        return Sample(image, label if need_label else None, name, label.endswith("_labelIds.png"))
     if not need_label:
         return Sample(image, None, name, False)
     parts = token.split("/")
@@ -633,11 +621,6 @@ def _cityscapes_images(root, split):
     return [os.path.relpath(path, root).replace(os.sep, "/") for path in paths]
 
 
-def _cityscapes_draw(root, labeled, seed, log):
-    return _draw(labeled, CITYSCAPES_LABELED, _cityscapes_images(root, "train"), seed, "Cityscapes",
-                 f"{root}/leftImg8bit/train")
-
-
 def _folder_classes(root, num_classes):
     """Class names of a folder dataset: DIR/classes.txt (one name per line) sets the count;
     without it --num-classes does, and the names are class0, class1, ..."""
@@ -687,7 +670,9 @@ DATASETS = {
         layout="leftImg8bit/{train,val}/<city>/ and gtFine/{train,val}/<city>/",
         classes=tuple(CITYSCAPES_CLASSES), palette=cityscapes_palette, resolve=_resolve_cityscapes,
         val=lambda root: _drawn(_cityscapes_images(root, "val"), f"{root}/leftImg8bit/val"),
-        draw=_cityscapes_draw),
+        draw=lambda root, labeled, seed, log: _draw(
+            labeled, CITYSCAPES_LABELED, _cityscapes_images(root, "train"), seed, "Cityscapes",
+            f"{root}/leftImg8bit/train")),
     "folder": DatasetSpec(
         layout="JPEGImages/<id>.jpg, SegmentationClass/<id>.png, labeled.txt, unlabeled.txt, "
                "val.txt (optional classes.txt)",
@@ -716,40 +701,17 @@ def _lists(spec, root, labeled, split_dir, seed, log):
     return lists
 
 
-# --------------------------------------------------------------------------- pre-flight checks
-
-def _check_overlaps(splits, log):
-    """Labeled in val: error. Labeled in unlabeled: removed from unlabeled with a warning."""
-    labeled_samples, _, labeled_origin = splits["labeled"]
-    if not labeled_samples:
-        raise DataError(f"the labeled list {labeled_origin} is empty")
-    labeled_keys = {os.path.normpath(sample.image) for sample in labeled_samples}
-    in_val = [s.name for s in splits["val"][0] if os.path.normpath(s.image) in labeled_keys]
-    if in_val:
-        raise DataError(f"{len(in_val)} labeled image(s) from {labeled_origin} are also in the val "
-                        f"list {splits['val'][2]}: {_some(in_val)}")
-    samples, lines, origin = splits["unlabeled"]
-    dropped = [s.name for s in samples if os.path.normpath(s.image) in labeled_keys]
-    if dropped:
-        log(f"warning: {len(dropped)} labeled image(s) also listed in {origin} were removed from "
-            f"the unlabeled set: {_some(dropped)}")
-        kept = [(s, line) for s, line in zip(samples, lines) if os.path.normpath(s.image) not in labeled_keys]
-        splits["unlabeled"] = ([s for s, _ in kept], [line for _, line in kept], origin)
-
-
 # --------------------------------------------------------------------------- the full data check
-# build_data checks that the listed files exist. check_data decodes every one before the first
-# iteration: about half a minute of one core for VOC's 12,031 images, against a crash hours
-# into a run.
+# build_data checks that the listed files exist; check_data decodes every one before the first
+# iteration: about half a minute of one core for VOC's 12,031 images, against a crash hours into a run.
 
 CHECK_VERSION = 1  # bump when check_data checks more, so that old records are not trusted
 CHECK_CHUNK = 16  # samples per task handed to a worker
 CHECK_PROGRESS_SECONDS = 10.0  # at most one progress line this often
 
 
-def _check_chunk(task):
+def _check_chunk(chunk, num_classes, palette):
     """(pairs read, [(split, path, message)] for the bad files) for a chunk of (split, Sample) pairs."""
-    chunk, num_classes, palette = task
     problems = []
     for which, sample in chunk:
         size = None
@@ -766,9 +728,8 @@ def _check_chunk(task):
 
 
 def _check_worker_init():
-    """A forked worker inherits the parent's signal handlers, which may be the trainer's
-    (SIGTERM: 'save and stop'): restore the default, so that Pool.terminate() ends it. Ctrl-C
-    is the parent's to handle."""
+    """A forked worker inherits the parent's signal handlers, which may be the trainer's (SIGTERM:
+    'save and stop'): restore the default, so that Pool.terminate() ends it. Ctrl-C is the parent's."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -792,10 +753,8 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
     """Decode every listed image and mask of `data` with `workers` processes (0: this one): each
     must decode in full, a mask have its image's size and hold class ids or 255 (Cityscapes: after
     the raw-id mapping). The log gets a line per bad file, then one DataError names them all.
-
-    record_path (JSON) records the result with a fingerprint of the files' paths, sizes and
-    modification times: a later call after a passed check of the same files (a resumed run)
-    skips the reading. Returns the record (None for generated data: nothing to check)."""
+    record_path (JSON) records the result and the files' _fingerprint: a later call after a passed
+    check of the same files (a resumed run) skips the reading. Returns the record, None for generated data."""
     items = [(which, sample) for which in SPLITS if not getattr(data, which).generated
              for sample in getattr(data, which).samples]
     if not items:
@@ -812,8 +771,8 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
         return previous
 
     masks = sum(sample.label is not None for _, sample in items)
-    tasks = [(items[i:i + CHECK_CHUNK], data.num_classes, data.palette)
-             for i in range(0, len(items), CHECK_CHUNK)]
+    tasks = [items[i:i + CHECK_CHUNK] for i in range(0, len(items), CHECK_CHUNK)]
+    check = functools.partial(_check_chunk, num_classes=data.num_classes, palette=data.palette)
     workers = max(0, min(int(workers), len(tasks)))
     log(f"data check: reading {len(items)} images and {masks} masks with "
         f"{workers or 'no'} worker process(es) (--skip-data-check skips this)")
@@ -821,8 +780,7 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
     problems, done = [], 0
     pool = multiprocessing.Pool(workers, initializer=_check_worker_init) if workers > 0 else None
     try:
-        for count, chunk_problems in (pool.imap_unordered(_check_chunk, tasks) if pool
-                                      else map(_check_chunk, tasks)):
+        for count, chunk_problems in pool.imap_unordered(check, tasks) if pool else map(check, tasks):
             problems += chunk_problems
             done, now = done + count, clock()
             if now - last_report >= CHECK_PROGRESS_SECONDS and done < len(items):
@@ -852,10 +810,9 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
         log(f"data check: {line}")
     if len(problems) > shown:
         log(f"data check: ... and {len(problems) - shown} more{where}")
-    others = [path for _, path, _ in problems[1:]]
+    others = f"; the others: {_some([path for _, path, _ in problems[1:]], 4)}" if len(problems) > 1 else ""
     raise DataError(f"the data check found {len(problems)} bad file(s) among {len(items)} listed "
-                    f"images and {masks} masks (listed above{where}); first, {record['problems'][0]}"
-                    + (f"; the others: {_some(others, 4)}" if others else ""))
+                    f"images and {masks} masks (listed above{where}); first, {record['problems'][0]}{others}")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -879,9 +836,23 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
     lists = _lists(spec, data_root, labeled, split_dir, seed, log)
     splits = {which: _resolve_list(data_root, *lists[which], spec.resolve, which != "unlabeled")
               for which in SPLITS}
-    _check_overlaps(splits, log)
-    for which in SPLITS:
-        samples, lines, origin = splits[which]
+    labeled_samples, _, labeled_origin = splits["labeled"]
+    if not labeled_samples:
+        raise DataError(f"the labeled list {labeled_origin} is empty")
+    # Labeled images in val: an error; in unlabeled: removed from it with a warning.
+    labeled_keys = {os.path.normpath(sample.image) for sample in labeled_samples}
+    in_val = [s.name for s in splits["val"][0] if os.path.normpath(s.image) in labeled_keys]
+    if in_val:
+        raise DataError(f"{len(in_val)} labeled image(s) from {labeled_origin} are also in the val "
+                        f"list {splits['val'][2]}: {_some(in_val)}")
+    samples, lines, origin = splits["unlabeled"]
+    dropped = [s.name for s in samples if os.path.normpath(s.image) in labeled_keys]
+    if dropped:
+        log(f"warning: {len(dropped)} labeled image(s) also listed in {origin} were removed from "
+            f"the unlabeled set: {_some(dropped)}")
+        kept = [(s, line) for s, line in zip(samples, lines) if os.path.normpath(s.image) not in labeled_keys]
+        splits["unlabeled"] = ([s for s, _ in kept], [line for _, line in kept], origin)
+    for which, (samples, _, origin) in splits.items():  # labeled, unlabeled, val
         missing = [path for sample in samples for path in (sample.image, sample.label)
                    if path is not None and not spec.generated and not os.path.isfile(path)]
         if missing:  # every listed image, and mask where one is needed
@@ -896,11 +867,8 @@ def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_di
         for which, lines in lists.items():
             with open(os.path.join(out_dir, which + ".txt"), "w", encoding="utf-8") as handle:
                 handle.write("".join(line + "\n" for line in lines))
-
-    def images(which, **training):
-        return ImageList(splits[which][0], len(class_names), spec.generated, **training)
-
+    images = {which: ImageList(splits[which][0], len(class_names), spec.generated,
+                               None if which == "val" else crop_size, labeled=which != "unlabeled")
+              for which in SPLITS}  # val: whole images; labeled, unlabeled: training crops
     return Data(name=dataset, num_classes=len(class_names), class_names=class_names,
-                palette=spec.palette(), labeled=images("labeled", crop_size=crop_size),
-                unlabeled=images("unlabeled", crop_size=crop_size, labeled=False),
-                val=images("val"), lists=lists)
+                palette=spec.palette(), lists=lists, **images)

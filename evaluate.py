@@ -9,6 +9,7 @@ micro-prototypes included, follow the same protocol: no mode needs more memory f
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -75,8 +76,7 @@ def metrics_from_confusion(cm):
         "pixel_acc": 100 * (true_positive.sum() / total).item() if total > 0 else nan,
         "mean_acc": (100 * (true_positive[labelled] / ground_truth[labelled]).mean().item()
                      if labelled.any() else nan),
-        "iou": [100 * value if keep else None
-                for value, keep in zip(iou.tolist(), present.tolist())],
+        "iou": [100 * value if keep else None for value, keep in zip(iou.tolist(), present.tolist())],
         "pixels": int(total.item()),
     }
 
@@ -168,8 +168,7 @@ def _read_window(model, window, heads, bank, amp, classes=None):
         logits, feature = model(window)[:2]
     size, out = window.shape[-2:], {}
     if "linear" in heads:
-        out["linear"] = F.interpolate(logits.float(), size=size, mode="bilinear",
-                                      align_corners=True)
+        out["linear"] = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True)
     if "proto" in heads:
         out["proto"] = prototype_logits_map(feature, bank, size)
     if classes is not None:
@@ -225,8 +224,7 @@ def _views(image, read, mode, crop_size, stride, scales, flip, classes=None):
             for name, value in outputs.items():
                 value = value.flip(-1) if mirrored else value
                 if value.shape[-2:] != (height, width):
-                    value = F.interpolate(value, size=(height, width), mode="bilinear",
-                                          align_corners=True)
+                    value = F.interpolate(value, size=(height, width), mode="bilinear", align_corners=True)
                 outputs[name] = value
             yield outputs
 
@@ -272,12 +270,9 @@ def predict_heads(model, image, num_classes, mode="whole", crop_size=513, stride
     return result
 
 
-@torch.no_grad()
-def predict(model, image, num_classes, mode="whole", crop_size=513, stride=None,
-            scales=(1.0,), flip=False, head="linear", bank=None, amp=None):
-    """Logits (B, K, H, W) of one head ("linear" or "proto"): predict_heads."""
-    return predict_heads(model, image, num_classes, mode, crop_size, stride, scales, flip,
-                         (head,), bank, amp)[head]
+def predict(model, image, num_classes, *, head="linear", bank=None, **protocol):
+    """Logits (B, K, H, W) of one head ("linear" or "proto"): predict_heads with the same protocol."""
+    return predict_heads(model, image, num_classes, heads=(head,), bank=bank, **protocol)[head]
 
 
 @torch.no_grad()
@@ -287,10 +282,8 @@ def predict_nearest_prototypes(model, image, bank, classes, mode="whole", crop_s
     output) each pixel is nearest to: argmax over m of the cosine to p[class, m], averaged over
     views and windows as predict_heads averages the logits (never a whole-image feature map)."""
     _check(mode, crop_size, stride, scales, amp, heads=("proto",), bank=bank)
-
-    def read(window, window_classes):
-        return _read_window(model, window, (), bank, amp, window_classes)
-    views = _views(image, read, mode, crop_size, stride, scales, flip, classes.long())
+    views = _views(image, lambda window, cut_classes: _read_window(model, window, (), bank, amp, cut_classes),
+                   mode, crop_size, stride, scales, flip, classes.long())
     return sum(outputs["cosine"] for outputs in views).argmax(dim=1)
 
 
@@ -311,8 +304,7 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
     protocol = dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip, amp=amp)
     _check(**protocol, heads=heads, bank=bank)
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(f"evaluate: world_size = {world_size} needs torch.distributed "
-                         f"to be initialised")
+        raise ValueError(f"evaluate: world_size = {world_size} needs torch.distributed to be initialised")
     device = torch.device(device)
     confusion = {head: torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
                  for head in heads}
@@ -321,8 +313,7 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
     for done, index in enumerate(indices, start=1):
         image, label, name = dataset[index]
         if label is not None:
-            # Checked on the CPU copy: a label value outside [0, K) would silently land in
-            # the wrong confusion cell or be dropped.
+            # Checked on the CPU copy: confusion_matrix would silently drop a value outside [0, K).
             bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= num_classes))
             if bad.any():
                 raise ValueError(f"label of {name!r} has values outside [0, {num_classes}) and "
@@ -352,9 +343,8 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
         if rank == 0 and (now - last_line >= PROGRESS_SECONDS or done == len(indices)):
             last_line, elapsed = now, max(now - start, 1e-9)
             share = f" (rank 0 of {world_size})" if world_size > 1 else ""
-            log(f"{'eval' if label is not None else 'predict'} {done}/{len(indices)} images"
-                f"{share}  {done / elapsed:.2f} img/s  "
-                f"ETA {train.format_eta(elapsed / done * (len(indices) - done))}")
+            log(f"{'eval' if label is not None else 'predict'} {done}/{len(indices)} images{share}  "
+                f"{done / elapsed:.2f} img/s  ETA {train.format_eta(elapsed / done * (len(indices) - done))}")
     if world_size > 1:  # only then: a caller on rank 0 alone must not block in all_reduce
         for matrix in confusion.values():
             dist.all_reduce(matrix, op=dist.ReduceOp.SUM)
@@ -400,9 +390,8 @@ def overlay_picture(image_rgb, mask_rgb, alpha=0.5, clear=None):
 
 
 def prototype_shades(palette, num_classes, num_prototypes):
-    """(K, M, 3) uint8: M shades of each class colour palette[k], from darker to lighter,
-    the middle one the colour itself; a colour too dark to darken (VOC's black background)
-    gets M greys instead."""
+    """(K, M, 3) uint8: M shades of each class colour palette[k], from darker to lighter, the middle
+    one the colour itself; a colour too dark to darken (VOC's black background) gets M greys instead."""
     colours = np.asarray(palette[:num_classes], dtype=np.float64)[:, None]  # (K, 1, 3)
     step = np.linspace(-0.5, 0.5, num_prototypes) if num_prototypes > 1 else np.zeros(1)
     step = step[None, :, None]                                              # (1, M, 1)
@@ -470,9 +459,8 @@ def save_pictures(save_dir, name, image, predictions, palette, class_names=None,
     image_rgb = image_rgb.permute(1, 2, 0).numpy()  # the image as read, (H, W, 3) uint8
 
     def name_of(k):
-        if k == IGNORE_INDEX:
-            return "ignore"
-        return str(class_names[k]) if class_names is not None and k < len(class_names) else f"class {k}"
+        names = () if class_names is None else class_names
+        return "ignore" if k == IGNORE_INDEX else str(names[k]) if k < len(names) else f"class {k}"
 
     def classes_in(*id_maps, skip=None):
         present = np.unique(np.concatenate([np.ravel(ids) for ids in id_maps])).tolist()
@@ -558,42 +546,33 @@ def build_network(config, state_dict, which, path):
     deep_stem = "backbone.conv1.weight" not in state_dict  # else --pretrained torchvision
     aux = any(key.startswith("aux_classifier.") for key in state_dict)
     network = DeepLabV3Plus(config["num_classes"], config["backbone"], config["output_stride"],
-                            aux, deep_stem=deep_stem,
-                            width=config.get("width", 1.0))
+                            aux, deep_stem=deep_stem, width=config.get("width", 1.0))
     try:
         network.load_state_dict(state_dict)
     except RuntimeError as error:
-        raise train.SetupError(f"--checkpoint {path}: the {which} weights do not fit a "
-                               f"{config['backbone']} model with {config['num_classes']} "
-                               f"classes: {str(error)[:600]}") from None
+        raise train.SetupError(f"--checkpoint {path}: the {which} weights do not fit a {config['backbone']} "
+                               f"model with {config['num_classes']} classes: {str(error)[:600]}") from None
     return network
 
 
-class ImageFiles:
+class ImageFiles(data_lib.ImageList):
     """--images: an image file or a folder's images as evaluate() items (image, None, stem)."""
 
     def __init__(self, path):
         path = Path(path)
         if path.is_dir():
-            self.files = sorted(p for p in path.iterdir()
-                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         else:
-            self.files = [path] if path.is_file() else []
-        if not self.files:
+            files = [path] if path.is_file() else []
+        if not files:
             raise train.SetupError(f"--images {path}: no such file, or no images in this folder "
                                    f"({', '.join(IMAGE_SUFFIXES)})")
-        stems = [p.stem for p in self.files]
+        stems = [p.stem for p in files]
         clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
         if clashes:
             raise train.SetupError(f"--images {path}: several images share a name, their masks "
                                    f"would overwrite each other: {', '.join(clashes[:5])}")
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, index):
-        image = data_lib.normalize(data_lib.read_image(self.files[index]))
-        return image, None, self.files[index].stem
+        super().__init__([data_lib.Sample(str(p), None, p.stem, False) for p in files], num_classes=None)
 
 
 def class_names_of(config, data_root=None):
@@ -604,11 +583,9 @@ def class_names_of(config, data_root=None):
     if spec is not None and len(spec.classes) == num_classes:
         return list(spec.classes)
     root = data_root or config.get("data_root")
-    try:
-        if root and os.path.isfile(os.path.join(root, "classes.txt")):
+    if root and os.path.isfile(os.path.join(root, "classes.txt")):
+        with contextlib.suppress(data_lib.DataError):  # one that does not fit: the generic names
             return data_lib._folder_classes(root, num_classes)
-    except data_lib.DataError:
-        pass
     return [f"class {k}" for k in range(num_classes)]
 
 
@@ -688,10 +665,8 @@ def run(args):
         return 0
     for head in heads:
         log(f"{head} head:\n{format_table(results[head], data.class_names)}")
-    record = {"source": "evaluate.py", "checkpoint": os.path.abspath(path), "iter": iteration,
-              "model": which, "mode": mode, "crop_size": crop_size, "stride": args.stride,
-              "scales": list(scales), "flip": args.flip, "amp": amp,
-              "seconds": round(time.time() - start, 1)}
+    record = {"source": "evaluate.py", "checkpoint": os.path.abspath(path), "iter": iteration, "model": which,
+              **settings, "scales": list(scales), "seconds": round(time.time() - start, 1)}
     record.update(results.get("linear", {}))  # miou, pixel_acc, mean_acc, iou, pixels
     if "proto" in results:
         record.update(miou_proto=results["proto"]["miou"], iou_proto=results["proto"]["iou"])
