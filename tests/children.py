@@ -9,8 +9,10 @@ and no child (nor a grandchild, such as torchrun's workers) outlives its test.
 import os
 import signal
 import subprocess
+import sys
 import time
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 TAIL = 6000  # characters of a hung child's output shown in the failure
@@ -25,7 +27,8 @@ def spawn(fn, args=(), nprocs=2, timeout=120):
     torch.multiprocessing.ProcessRaisedException (the others are terminated); one that dies
     from a signal or os._exit: ProcessExitedException; all still running at the deadline:
     ChildTimeout, after every child is killed."""
-    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    context = mp.start_processes(_run_then_leave, args=(fn, *args), nprocs=nprocs, join=False,
+                                 start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
         while not context.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
@@ -38,6 +41,21 @@ def spawn(fn, args=(), nprocs=2, timeout=120):
             if process.is_alive():
                 process.kill()
             process.join()
+
+
+def _run_then_leave(rank, fn, *args):
+    """A spawn() worker: fn(rank, *args), then os._exit(0), skipping the teardown of its
+    process group and interpreter. On torch 2.4 that teardown can deadlock (seen with gdb):
+    destroying a gloo group joins its threads while holding the GIL, and one of them waits
+    for the GIL to free the last reference to a tensor of the last collective. So the
+    workers never call destroy_process_group; their results are on disk by then. A raising
+    fn reports through torch.multiprocessing as before."""
+    fn(rank, *args)
+    if dist.is_initialized():
+        dist.barrier()  # no rank closes its sockets while another still talks to it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _descendants(pid):

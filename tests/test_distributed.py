@@ -257,19 +257,16 @@ def test_check_replicas_equal_finds_swapped_values(monkeypatch):
 def log_sums_worker(rank, world, init_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=world)
-    try:
-        # rank r: 4 steps with losses (1 + r, 10 (1 + r), 100 (1 + r)), the last r non-finite
-        cfg = dict(method="pcr", warmup_iters=0, total_iters=10, eval_every=10, batch_size=2)
-        progress = train.Progress(cfg, 0, torch.device("cpu"))
-        terms = dict(zip(train.LOSS_TERMS, torch.tensor([1.0, 10.0, 100.0]) * (1 + rank)))
-        for it in range(4):
-            finite = it < 4 - rank
-            progress.add({k: v if finite else v * math.nan for k, v in terms.items()},
-                         torch.tensor(finite), it)
-        means, skipped, longest, _, _ = progress.take(world)
-        torch.save((means, skipped, longest), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+    # rank r: 4 steps with losses (1 + r, 10 (1 + r), 100 (1 + r)), the last r non-finite
+    cfg = dict(method="pcr", warmup_iters=0, total_iters=10, eval_every=10, batch_size=2)
+    progress = train.Progress(cfg, 0, torch.device("cpu"))
+    terms = dict(zip(train.LOSS_TERMS, torch.tensor([1.0, 10.0, 100.0]) * (1 + rank)))
+    for it in range(4):
+        finite = it < 4 - rank
+        progress.add({k: v if finite else v * math.nan for k, v in terms.items()},
+                     torch.tensor(finite), it)
+    means, skipped, longest, _, _ = progress.take(world)
+    torch.save((means, skipped, longest), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_progress_losses_are_averaged_over_processes(tmp_path):
@@ -288,21 +285,18 @@ def test_progress_losses_are_averaged_over_processes(tmp_path):
 def stop_vote_worker(rank, world, init_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=world)
-    try:
-        received = []
-        vote = train.StopVote(received, world)
-        stopped_at = None
-        for it in range(20):
-            if rank == world - 1 and it == 3:  # the signal reaches one process only
-                received.append(signal.SIGTERM)
-            if vote():
-                stopped_at = it
-                break
-        vote.close()
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(str(stopped_at))
-    finally:
-        torch.distributed.destroy_process_group()
+    received = []
+    vote = train.StopVote(received, world)
+    stopped_at = None
+    for it in range(20):
+        if rank == world - 1 and it == 3:  # the signal reaches one process only
+            received.append(signal.SIGTERM)
+        if vote():
+            stopped_at = it
+            break
+    vote.close()
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(str(stopped_at))
 
 
 def test_a_signal_to_one_process_stops_all_at_the_next_iteration(tmp_path):

@@ -298,24 +298,21 @@ def distributed_worker(rank, world_size, init_file, out_dir):
     run by the wrong processes would fail after the 60 s timeout instead of hanging."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    try:
-        pair = dist.new_group([0, 1])  # every process takes part in creating it
-        features, targets, bank = distributed_case()
-        halves = [slice(0, 100), slice(100, 200), slice(0, 100)]
-        results = {}
-        alone = copy.deepcopy(bank)
-        alone.update(features[halves[rank]], targets[halves[rank]])
-        results["alone"] = alone.prototypes
-        if rank < 2:
-            paired = copy.deepcopy(bank)
-            paired.update(features[halves[rank]], targets[halves[rank]], group=pair)
-            results["pair"] = paired.prototypes
-        third = slice(66 * rank, 66 * (rank + 1))
-        bank.update(features[third], targets[third], group=dist.group.WORLD)
-        results["world"] = bank.prototypes
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    pair = dist.new_group([0, 1])  # every process takes part in creating it
+    features, targets, bank = distributed_case()
+    halves = [slice(0, 100), slice(100, 200), slice(0, 100)]
+    results = {}
+    alone = copy.deepcopy(bank)
+    alone.update(features[halves[rank]], targets[halves[rank]])
+    results["alone"] = alone.prototypes
+    if rank < 2:
+        paired = copy.deepcopy(bank)
+        paired.update(features[halves[rank]], targets[halves[rank]], group=pair)
+        results["pair"] = paired.prototypes
+    third = slice(66 * rank, 66 * (rank + 1))
+    bank.update(features[third], targets[third], group=dist.group.WORLD)
+    results["world"] = bank.prototypes
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def distributed_case():
