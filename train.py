@@ -47,10 +47,7 @@ from model import BACKBONES, build_model, param_groups
 from prototypes import PrototypeBank, prototype_loss, sample_features, sample_points
 
 IGNORE = 255
-
-
-# The loss terms, in the order the progress line shows them (L = their sum, step 8).
-LOSS_TERMS = ("sup", "unsup", "proto")
+LOSS_TERMS = ("sup", "unsup", "proto")  # in the order the progress line shows them (L = their sum, step 8)
 
 
 # Paper settings (docs/METHOD.md section 5) plus the toy default; SETTINGS below holds the
@@ -58,29 +55,25 @@ LOSS_TERMS = ("sup", "unsup", "proto")
 # None: worked out from the data or the run (see the setting's help).
 PRESETS = {
     "toy": dict(backbone="resnet18", width=0.25, pretrained="none", output_stride=8, crop_size=64,
-                batch_size=8, epochs=30, lr=0.01, head_lr_mult=1.0,
-                weight_decay=1e-4, num_prototypes=4, conf_threshold=0.8, aux_weight=0.0,
-                labeled=data_lib.TOY_LABELED, num_classes=len(data_lib.TOY_CLASSES),
-                eval_mode="whole", eval_every=600),
-    "voc": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth", output_stride=8,
-                crop_size=513, batch_size=16, epochs=80, lr=0.001, head_lr_mult=10.0,
-                weight_decay=1e-4, num_prototypes=4, conf_threshold=0.8, aux_weight=0.0,
-                labeled=366, num_classes=21, eval_mode="whole", eval_every=None),
-    "cityscapes": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth",
-                       output_stride=8, crop_size=769, batch_size=16, epochs=200, lr=0.01,
-                       head_lr_mult=1.0, weight_decay=5e-4, num_prototypes=3,
-                       conf_threshold=0.65, aux_weight=0.4, labeled=744, num_classes=19,
+                batch_size=8, epochs=30, lr=0.01, head_lr_mult=1.0, weight_decay=1e-4, num_prototypes=4,
+                conf_threshold=0.8, aux_weight=0.0, labeled=data_lib.TOY_LABELED,
+                num_classes=len(data_lib.TOY_CLASSES), eval_mode="whole", eval_every=600),
+    "voc": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth", output_stride=8, crop_size=513,
+                batch_size=16, epochs=80, lr=0.001, head_lr_mult=10.0, weight_decay=1e-4, num_prototypes=4,
+                conf_threshold=0.8, aux_weight=0.0, labeled=366, num_classes=21, eval_mode="whole",
+                eval_every=None),
+    "cityscapes": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth", output_stride=8,
+                       crop_size=769, batch_size=16, epochs=200, lr=0.01, head_lr_mult=1.0, weight_decay=5e-4,
+                       num_prototypes=3, conf_threshold=0.65, aux_weight=0.4, labeled=744, num_classes=19,
                        eval_mode="sliding", eval_every=None),
-    # users' own data in VOC layout, usually tens to thousands of images: VOC's optimiser
-    # recipe on a lighter network whose ImageNet weights torchvision downloads by itself
-    # (resnet50, 7x7 stem, output stride 16, crop 321, batch 8 + 8). For the paper's network,
-    # pass VOC's settings (--backbone resnet101 --pretrained pretrained/resnet101.pth
-    # --output-stride 8 --crop-size 513 --batch-size 16).
-    "folder": dict(backbone="resnet50", pretrained="torchvision",
-                   output_stride=16, crop_size=321, batch_size=8, epochs=80, lr=0.001,
-                   head_lr_mult=10.0, weight_decay=1e-4, num_prototypes=4,
-                   conf_threshold=0.8, aux_weight=0.0, labeled=None, num_classes=None,
-                   eval_mode="whole", eval_every=None),
+    # users' own data in VOC layout (tens to thousands of images): VOC's optimiser recipe on a lighter
+    # network whose ImageNet weights torchvision downloads itself (resnet50, 7x7 stem, OS16, crop 321,
+    # batch 8 + 8). The paper's network: --backbone resnet101 --pretrained pretrained/resnet101.pth
+    # --output-stride 8 --crop-size 513 --batch-size 16, as VOC.
+    "folder": dict(backbone="resnet50", pretrained="torchvision", output_stride=16, crop_size=321,
+                   batch_size=8, epochs=80, lr=0.001, head_lr_mult=10.0, weight_decay=1e-4, num_prototypes=4,
+                   conf_threshold=0.8, aux_weight=0.0, labeled=None, num_classes=None, eval_mode="whole",
+                   eval_every=None),
 }
 
 
@@ -106,19 +99,19 @@ SETTINGS = {
     "dataset": Setting("run", "toy", tuple(PRESETS), "dataset and its preset"),
     "data_root": Setting("run", None, str, "dataset root (VOC: the VOC2012 folder; Cityscapes: holds "
                          "leftImg8bit/ and gtFine/; folder: JPEGImages/, SegmentationClass/, lists)"),
-    "labeled": Setting("run", None, int, "labeled images: VOC 92/183/366/732/1464 (classic) or "
-                       "662/1323/2646/5291 (blended), Cityscapes 186/372/744/1488 (auto: all of the "
-                       "folder's labeled.txt)", at_least(1)),
-    "split_dir": Setting("run", None, str, "folder with labeled.txt / unlabeled.txt (and val.txt) of "
-                         "a published split (U2PL, UniMatch or CPS format)"),
+    "labeled": Setting("run", None, int, "labeled images: VOC 92/183/366/732/1464 (classic) or 662/1323/"
+                       "2646/5291 (blended), Cityscapes 186/372/744/1488 (auto: all of the folder's "
+                       "labeled.txt)", at_least(1)),
+    "split_dir": Setting("run", None, str, "folder with labeled.txt / unlabeled.txt (and val.txt) of a "
+                         "published split (U2PL, UniMatch or CPS format)"),
     "method": Setting("run", "pcr", ("pcr", "meanteacher", "supervised"),
                       "pcr; meanteacher = pcr without prototypes; supervised = labeled images only"),
     "seed": Setting("run", 0, int, "random seed (data order, splits, initialisation)"),
-    "num_classes": Setting("model", None, int, "number of classes (auto: the folder's classes.txt, "
-                           "one name per line)", at_least(1)),
+    "num_classes": Setting("model", None, int, "number of classes (auto: the folder's classes.txt, one "
+                           "name per line)", at_least(1)),
     "backbone": Setting("model", None, tuple(sorted(BACKBONES)), "ResNet depth (model.BACKBONES)"),
-    "width": Setting("model", 1.0, float, "channel multiplier of the whole network (1.0 = the "
-                     "paper's; the toy uses a thin network to train in minutes on a CPU)", POSITIVE),
+    "width": Setting("model", 1.0, float, "channel multiplier of the whole network (1.0 = the paper's; "
+                     "the toy uses a thin network to train in minutes on a CPU)", POSITIVE),
     "pretrained": Setting("model", None, str, "'none', 'torchvision' (7x7 stem, torchvision ImageNet "
                           "weights), 'hub:resnet101s' / 'hub:resnet50s' (deep stem, timm's ImageNet "
                           "weights, downloaded once into torch's hub cache) or the path of a deep-stem "
@@ -129,36 +122,33 @@ SETTINGS = {
     "epochs": Setting("training", None, int, "epochs; one epoch = one pass over the unlabeled set",
                       at_least(1)),
     "iters": Setting("training", None, int, "total iterations (auto: from --epochs)", at_least(1)),
-    "warmup_epochs": Setting("training", 1, int, "supervised-only epochs before the semi-supervised "
-                             "phase (at most half the run)", NON_NEGATIVE),
-    "warmup_iters": Setting("training", None, int, "supervised-only iterations (auto: from "
-                            "--warmup-epochs)", NON_NEGATIVE),
-    "batch_size": Setting("training", None, int, "GLOBAL labeled batch over all processes; the "
-                          "unlabeled batch is equal", at_least(1)),
+    "warmup_epochs": Setting("training", 1, int, "supervised-only epochs before the semi-supervised phase "
+                             "(at most half the run)", NON_NEGATIVE),
+    "warmup_iters": Setting("training", None, int, "supervised-only iterations (auto: from --warmup-epochs)",
+                            NON_NEGATIVE),
+    "batch_size": Setting("training", None, int, "GLOBAL labeled batch over all processes; the unlabeled "
+                          "batch is equal", at_least(1)),
     "crop_size": Setting("training", None, int, "training crop (square)", at_least(16)),
     "lr": Setting("optimizer", None, float, "base learning rate of the backbone", POSITIVE),
-    "head_lr_mult": Setting("optimizer", None, float, "learning-rate multiplier of decoder and heads",
-                            POSITIVE),
+    "head_lr_mult": Setting("optimizer", None, float, "learning-rate multiplier of decoder and heads", POSITIVE),
     "weight_decay": Setting("optimizer", None, float, "SGD weight decay", NON_NEGATIVE),
     "momentum": Setting("optimizer", 0.9, float, "SGD momentum", UNIT),
     "poly_power": Setting("optimizer", 0.9, float, "power of the poly learning-rate decay", NON_NEGATIVE),
-    "ohem_thresh": Setting("losses", 0.7, float, "OHEM keeps pixels whose probability of the true "
-                           "class is at most this", UNIT),
-    "ohem_min_kept_per_image": Setting("losses", 50000, int, "OHEM keeps at least this many pixels "
-                                       "per labeled image of a process (the reference's 100000 for "
-                                       "its 2 images per GPU)", at_least(1)),
-    "unsup_weight": Setting("unlabeled", 1.0, float, "weight of the unsupervised loss L_u",
-                            NON_NEGATIVE),
-    "drop_start": Setting("unlabeled", 0.2, float, "share of highest-entropy pixels dropped from L_u "
-                          "at the start (falls linearly to 0)", UNIT),
-    "cutmix_prob": Setting("unlabeled", 0.5, float, "probability that an iteration's unlabeled batch "
-                           "is CutMixed", UNIT),
+    "ohem_thresh": Setting("losses", 0.7, float, "OHEM keeps pixels whose probability of the true class is "
+                           "at most this", UNIT),
+    "ohem_min_kept_per_image": Setting("losses", 50000, int, "OHEM keeps at least this many pixels per "
+                                       "labeled image of a process (the reference's 100000 for its 2 images "
+                                       "per GPU)", at_least(1)),
+    "unsup_weight": Setting("unlabeled", 1.0, float, "weight of the unsupervised loss L_u", NON_NEGATIVE),
+    "drop_start": Setting("unlabeled", 0.2, float, "share of highest-entropy pixels dropped from L_u at the "
+                          "start (falls linearly to 0)", UNIT),
+    "cutmix_prob": Setting("unlabeled", 0.5, float, "probability that an iteration's unlabeled batch is "
+                           "CutMixed", UNIT),
     "ema_decay": Setting("unlabeled", 0.99, float, "upper bound of the teacher's EMA momentum", UNIT),
-    "proto_weight": Setting("prototypes", 1.0, float, "weight of the prototype consistency loss",
-                            NON_NEGATIVE),
+    "proto_weight": Setting("prototypes", 1.0, float, "weight of the prototype consistency loss", NON_NEGATIVE),
     "num_prototypes": Setting("prototypes", None, int, "micro-prototypes per class (M)", at_least(1)),
-    "conf_threshold": Setting("prototypes", None, float, "teacher confidence needed for an unlabeled "
-                              "pixel to train the prototype head (gamma)", UNIT),
+    "conf_threshold": Setting("prototypes", None, float, "teacher confidence needed for an unlabeled pixel "
+                              "to train the prototype head (gamma)", UNIT),
     "temperature": Setting("prototypes", 0.1, float, "temperature of the prototype logits", POSITIVE),
     "proto_momentum": Setting("prototypes", 0.99, float, "momentum of the prototype update", UNIT),
     "grid": Setting("prototypes", 32, int, "the prototype loss reads one pixel per GRID x GRID cell",
@@ -166,30 +156,28 @@ SETTINGS = {
     "eval_mode": Setting("evaluation", None, ("whole", "sliding", "center"), "evaluation protocol"),
     "eval_every": Setting("evaluation", None, int, "evaluate every N iterations (auto: once per epoch)",
                           at_least(1), live=True),
-    "save_every": Setting("evaluation", 0, int, "write last.pt every N iterations (0: at every "
-                          "evaluation)", NON_NEGATIVE, live=True),
+    "save_every": Setting("evaluation", 0, int, "write last.pt every N iterations (0: at every evaluation)",
+                          NON_NEGATIVE, live=True),
     "amp": Setting("process", "none", ("bf16", "fp16", "none"), "mixed precision (CUDA; bf16 also on CPU)"),
     "device": Setting("process", "auto", str, "'auto', 'cpu', 'cuda' or 'cuda:N' (torchrun picks "
                       "cuda:LOCAL_RANK)", live=True),
-    "channels_last": Setting("process", "auto", ("auto", "on", "off"), "channels_last memory format "
-                             "(auto: on for CPU, where it takes a fifth off the toy's step; off for CUDA, "
-                             "where it pays with --amp)", live=True),
-    "checkpoint_activations": Setting("process", False, bool, "recompute the student's backbone "
-                                      "(stem and residual blocks) in the backward pass: same "
-                                      "numbers, less memory, more time (bench.py "
-                                      "--compare-checkpointing)", live=True),
-    "workers": Setting("process", min(4, os.cpu_count() or 1), int, "data-loading processes per "
-                       "training process", NON_NEGATIVE, live=True),
+    "channels_last": Setting("process", "auto", ("auto", "on", "off"), "channels_last memory format (auto: "
+                             "on for CPU, where it takes a fifth off the toy's step; off for CUDA, where it "
+                             "pays with --amp)", live=True),
+    "checkpoint_activations": Setting("process", False, bool, "recompute the student's backbone (stem and "
+                                      "residual blocks) in the backward pass: same numbers, less memory, "
+                                      "more time (bench.py --compare-checkpointing)", live=True),
+    "workers": Setting("process", min(4, os.cpu_count() or 1), int, "data-loading processes per training "
+                       "process", NON_NEGATIVE, live=True),
     "log_every": Setting("process", 20, int, "print a progress line every N iterations", at_least(1),
                          live=True),
     "out": Setting("process", None, str, "run directory: config, log, metrics, checkpoints (auto: "
                    "runs/DATASET_LABELED_METHOD_sSEED, e.g. runs/toy_16_pcr_s0)", live=True),
-    "resume": Setting("process", None, str, "'auto' (OUT/last.pt if present) or a checkpoint path; the "
-                      "run's settings come from the checkpoint", live=True),
-    "skip_data_check": Setting("process", False, bool, "do not decode every listed image and mask "
-                               "before training (about half a minute of one core for VOC; a passed "
-                               "check is recorded in OUT/data_check.json and not repeated on resume)",
-                               live=True),
+    "resume": Setting("process", None, str, "'auto' (OUT/last.pt if present) or a checkpoint path; the run's "
+                      "settings come from the checkpoint", live=True),
+    "skip_data_check": Setting("process", False, bool, "do not decode every listed image and mask before "
+                               "training (about half a minute of one core for VOC; a passed check is "
+                               "recorded in OUT/data_check.json and not repeated on resume)", live=True),
     "print_config": Setting("process", False, bool, "print the resolved settings and exit", live=True),
 }
 
@@ -528,7 +516,6 @@ def start_semi_supervised(student, teacher, bank, labeled_set, cfg, ctx):
     teacher.load_state_dict(student.state_dict())
 
 
-
 # ========================================================================================
 # THE RUN: from the flags to final.json. Every function it calls after the method's is
 # plumbing, below.
@@ -559,17 +546,15 @@ def main(argv=None):
     except (SetupError, CheckpointError, data_lib.DataError, ValueError) as e:
         return report_errors([last_line(e)], ctx, cfg["out"])
     except Exception as e:  # a bug or a system error: its traceback follows, the log says why
-        ctx.log_error(f"{type(e).__name__}: {last_line(e)}")
+        ctx.write(f"error: {type(e).__name__}: {last_line(e)}")
         raise
     save_config(cfg, ctx)
     total = cfg["total_iters"]
     if start_iter >= total:
         ctx.log(f"resume: the run already finished ({start_iter}/{total} iterations); nothing to do")
         return 0
-    model = student
-    if ctx.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    model = student if ctx.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        student, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     model.train()
     received = []  # SIGTERM / SIGINT: save and stop, all processes together
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -657,64 +642,50 @@ def flag_name(key):
 def preset_help(key):
     """' (default: X)', or ' (preset: toy 64; voc 513; ...)' where the presets differ: what a
     flag left out becomes (auto: worked out from the data or the run)."""
-    values = {name: preset.get(key, SETTINGS[key].default) for name, preset in PRESETS.items()}
-    groups = {}  # value -> datasets, in PRESETS order
-    for name, value in values.items():
+    groups = {}  # repr(value) -> (value, datasets), in PRESETS order
+    for name, preset in PRESETS.items():
+        value = preset.get(key, SETTINGS[key].default)
         groups.setdefault(repr(value), (value, []))[1].append(name)
     if len(groups) == 1:
-        value = next(iter(values.values()))
         return "" if value is None or value is False else f" (default: {value})"
-    shown = "; ".join(f"{', '.join(names)} {'auto' if value is None else value}"
-                      for value, names in groups.values())
-    return f" (preset: {shown})"
+    return " (preset: " + "; ".join(f"{', '.join(names)} {'auto' if value is None else value}"
+                                    for value, names in groups.values()) + ")"
 
 
 def parse_args(argv=None):
-    """Every flag parses to None when left out, so that the flags the user gave can be told
-    from the defaults (a resumed run keeps its own); --help shows what they become."""
+    """{setting: value} of the flags the user gave: a flag left out is absent, not its
+    default (a resumed run keeps its own); --help shows what it becomes."""
     parser = argparse.ArgumentParser(description="PCR trainer (launch commands: the module docstring)")
     for key, setting in SETTINGS.items():
-        kind, text = setting.kind, setting.help + preset_help(key)
-        if kind is bool:
-            parser.add_argument(flag_name(key), action="store_const", const=True, help=text)
-        elif isinstance(kind, tuple):
-            parser.add_argument(flag_name(key), choices=kind, type=type(kind[0]), help=text)
-        else:
-            parser.add_argument(flag_name(key), type=kind, help=text)
-    return parser.parse_args(argv)
+        kind = setting.kind
+        parser.add_argument(flag_name(key), help=setting.help + preset_help(key), **(
+            dict(action="store_const", const=True) if kind is bool else
+            dict(choices=kind, type=type(kind[0])) if isinstance(kind, tuple) else dict(type=kind)))
+    return {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
 
 
-def explicit_flags(args):
-    """{setting: value} of the flags given on the command line."""
-    return {key: value for key, value in vars(args).items() if value is not None}
-
-
-def default_out(cfg):
-    """runs/{dataset}_{labeled}_{method}_s{seed}: another dataset, split, method or seed
-    never lands in (or resumes from) the run directory of the quick start. A folder
-    dataset is named after its root; without --labeled its labeled.txt is the split."""
-    name = cfg["dataset"]
-    if name == "folder" and cfg.get("data_root"):
-        name = "folder-" + (os.path.basename(os.path.normpath(cfg["data_root"])) or "root")
-    labeled = cfg["labeled"] if cfg["labeled"] is not None else "lists"
-    return os.path.join("runs", f"{name}_{labeled}_{cfg['method']}_s{cfg['seed']}")
-
-
-def resolve_config(args):
-    """The declared defaults, then the dataset's preset, then every flag the user gave."""
-    given = explicit_flags(args)
+def resolve_config(given):
+    """The declared defaults, then the dataset's preset, then every flag the user gave.
+    --out defaults to runs/{dataset}_{labeled}_{method}_s{seed}: another dataset, split,
+    method or seed never lands in (or resumes from) the run directory of the quick start. A
+    folder dataset is named after its root; without --labeled its labeled.txt is the split."""
     cfg = {key: setting.default for key, setting in SETTINGS.items()}
     cfg.update(PRESETS[given.get("dataset", cfg["dataset"])])
     cfg.update(given)
-    cfg["out"] = cfg["out"] or default_out(cfg)
+    if not cfg["out"]:
+        name = cfg["dataset"]
+        if name == "folder" and cfg["data_root"]:
+            name = "folder-" + (os.path.basename(os.path.normpath(cfg["data_root"])) or "root")
+        labeled = "lists" if cfg["labeled"] is None else cfg["labeled"]
+        cfg["out"] = os.path.join("runs", f"{name}_{labeled}_{cfg['method']}_s{cfg['seed']}")
     return cfg
 
 
 def read_settings(argv):
     """The run's settings and every problem found without writing a file, all at once.
     Returns (cfg, ctx, the checkpoint to resume or None, its path, errors)."""
-    args = parse_args(argv)
-    given, cfg = explicit_flags(args), resolve_config(args)
+    given = parse_args(argv)
+    cfg = resolve_config(given)
     errors, ckpt, path = [], None, None
     try:
         ctx = Context(cfg["device"])
@@ -735,8 +706,7 @@ def read_settings(argv):
             errors += conflicts
     elif not cfg["print_config"]:  # (printing writes nothing)
         errors += occupied_out_error(cfg)
-    errors += flag_errors(cfg, ctx)
-    errors += file_errors(cfg, resuming=ckpt is not None)
+    errors += setup_errors(cfg, ctx, resuming=ckpt is not None)
     return cfg, ctx, ckpt, path, errors
 
 
@@ -747,9 +717,11 @@ def warmup_errors(cfg, total, source):
     return []
 
 
-def flag_errors(cfg, ctx):
-    """Every number out of its declared range, and a global batch that does not split over
-    the processes (torchrun's processes all find the same problem; rank 0 reports it)."""
+def setup_errors(cfg, ctx, resuming):
+    """Every number out of its declared range, a global batch that does not split over the
+    processes (torchrun's processes all find the same problem; rank 0 reports it), an --out
+    that cannot be written, a missing data root, split folder or ImageNet weights (data.py
+    checks the contents once the run directory exists)."""
     errors = []
     for key, setting in SETTINGS.items():
         value = cfg[key]
@@ -761,23 +733,14 @@ def flag_errors(cfg, ctx):
             errors.append(f"{flag_name(key)} {value}: must be {bound}")
     if cfg["iters"]:
         errors += warmup_errors(cfg, cfg["iters"], f"--iters {cfg['iters']}")
-    batch, world = cfg["batch_size"], ctx.world
-    if batch is None or batch < 1:
-        return errors  # (named above)
-    if batch % world:
+    batch, world = cfg["batch_size"] or 0, ctx.world  # (a batch below 1 is named above)
+    if batch >= 1 and batch % world:
         errors.append(f"--batch-size {batch} (global) does not split over {world} processes; pass a "
                       f"multiple of {world}, e.g. --batch-size {world * max(1, round(batch / world))}")
-    elif batch // world < 2 and not (ctx.device.type == "cuda" and world > 1):
+    elif batch >= 1 and batch // world < 2 and not (ctx.device.type == "cuda" and world > 1):
         # plain BatchNorm (ASPP's image pooling) needs two images; SyncBN pools processes
         errors.append(f"--batch-size {batch} leaves {batch // world} image per process; BatchNorm "
                       f"needs at least 2: pass --batch-size {2 * world}")
-    return errors
-
-
-def file_errors(cfg, resuming):
-    """An --out that cannot be written, a missing data root, split folder or ImageNet
-    weights, all at once (data.py checks the contents once the run directory exists)."""
-    errors = []
     existing = os.path.abspath(cfg["out"])
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -806,37 +769,32 @@ def file_errors(cfg, resuming):
 def check_batches(cfg, ctx, data):
     """The schedule from the data's size and the number of processes: the local batch,
     iterations per epoch, total, warm-up, intervals."""
-    pool = len(data.unlabeled) if cfg["method"] != "supervised" else 0
-    if cfg["method"] != "supervised" and pool < cfg["batch_size"]:
+    if cfg["method"] != "supervised" and len(data.unlabeled) < cfg["batch_size"]:
         raise SetupError(f"--method {cfg['method']} needs at least --batch-size "
-                         f"({cfg['batch_size']}) unlabeled images, the split has {pool}")
+                         f"({cfg['batch_size']}) unlabeled images, the split has {len(data.unlabeled)}")
     cfg["local_batch"] = cfg["batch_size"] // ctx.world
     # an epoch is a pass over the unlabeled set (the labeled set for the supervised-only
     # baseline when there are no unlabeled images, so that it still has epochs)
     cfg["iters_per_epoch"] = max(1, (len(data.unlabeled) or len(data.labeled)) // cfg["batch_size"])
     cfg["total_iters"] = cfg["iters"] or cfg["epochs"] * cfg["iters_per_epoch"]
     cfg["total_epochs"] = math.ceil(cfg["total_iters"] / cfg["iters_per_epoch"])
-    errors = warmup_errors(cfg, cfg["total_iters"], f"--epochs {cfg['total_epochs']} x "
-                           f"{cfg['iters_per_epoch']} per epoch")
-    if errors:
-        raise SetupError(errors[0])
+    for error in warmup_errors(cfg, cfg["total_iters"], f"--epochs {cfg['total_epochs']} x "
+                               f"{cfg['iters_per_epoch']} per epoch"):
+        raise SetupError(error)
     if cfg["warmup_iters"] is None:
         cfg["warmup_iters"] = min(cfg["warmup_epochs"] * cfg["iters_per_epoch"], cfg["total_iters"] // 2)
     cfg["eval_every"] = cfg["eval_every"] or cfg["iters_per_epoch"]
     cfg["save_every"] = cfg["save_every"] or cfg["eval_every"]
 
 
-def same_setting(key, a, b):
-    if key in ("data_root", "split_dir", "pretrained") and a is not None and b is not None:
-        return os.path.abspath(str(a)) == os.path.abspath(str(b))
-    return a == b
-
-
 def differs(key, value, stored):
     """A setting that changes training, set here (not left to the run), that the stored
-    run has with another value."""
-    return (key in SETTINGS and not SETTINGS[key].live and value is not None and key in stored
-            and not same_setting(key, value, stored[key]))
+    run has with another value (paths compared as absolute paths)."""
+    if key not in SETTINGS or SETTINGS[key].live or value is None or key not in stored:
+        return False
+    if key in ("data_root", "split_dir", "pretrained") and stored[key] is not None:
+        return os.path.abspath(str(value)) != os.path.abspath(str(stored[key]))
+    return value != stored[key]
 
 
 def resumed_config(cfg, given, stored, origin, log):
@@ -944,10 +902,8 @@ class Context:
     the setup checks have passed, so that a bad flag stops every process at once."""
 
     def __init__(self, device_flag):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.main = self.rank == 0
-        self.log_file, self.unwritten = None, []
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        self.main, self.log_file, self.unwritten = self.rank == 0, None, []
         self.device = pick_device(device_flag, int(os.environ.get("LOCAL_RANK", "0")))
 
     def connect(self):
@@ -959,25 +915,19 @@ class Context:
         """Append to path from now on, starting with the lines logged before it was open."""
         if self.main:
             self.log_file = open(path, "a")
-            self.write(self.unwritten)
+            self.write(*self.unwritten)
 
-    def write(self, lines):
-        self.log_file.write("".join(line + "\n" for line in lines))
-        self.log_file.flush()
+    def write(self, *lines):
+        """Lines for log.txt alone (once it is open), such as errors printed to stderr."""
+        if self.log_file is not None:
+            self.log_file.write("".join(line + "\n" for line in lines))
+            self.log_file.flush()
 
     def log(self, *parts):
         if self.main:
             line = " ".join(str(p) for p in parts)
             print(line, flush=True)
-            if self.log_file:
-                self.write([line])
-            else:
-                self.unwritten.append(line)
-
-    def log_error(self, error):
-        """An error line in log.txt (its text went to stderr)."""
-        if self.log_file is not None:
-            self.write([f"error: {error}"])
+            self.write(line) if self.log_file else self.unwritten.append(line)
 
 
 def last_line(error):
@@ -994,8 +944,7 @@ def report_errors(errors, ctx, out):
             print(f"error: {error}", file=sys.stderr, flush=True)
         if ctx.log_file is None and os.path.exists(os.path.join(out, "log.txt")):
             ctx.open_log(os.path.join(out, "log.txt"))
-        for error in errors:
-            ctx.log_error(error)
+        ctx.write(*(f"error: {error}" for error in errors))
     return 2
 
 
@@ -1050,30 +999,28 @@ class StopVote:
     def __call__(self):
         if self.world == 1:
             return bool(self.received)
-        stop = False
-        if self.pending is not None:
-            work, flag = self.pending
-            work.wait()
-            stop = bool(flag.item())  # a CPU tensor: no device sync
+        stop = self.close()
         flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
         self.pending = dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.group, async_op=True), flag
         return stop
 
     def close(self):
-        if self.pending is not None:
-            self.pending[0].wait()
-            self.pending = None
+        """Waits for the vote in flight; returns whether it says stop."""
+        if self.pending is None:
+            return False
+        (work, flag), self.pending = self.pending, None
+        work.wait()
+        return bool(flag.item())  # a CPU tensor: no device sync
 
 
 # ----------------------------------------------------------------------------------------
 # Building: data, models, optimizer; the data check
 
 def build_everything(cfg, ctx, resuming=False):
-    """Data, student, teacher, prototype bank, optimizer, scaler. (file_errors has checked
+    """Data, student, teacher, prototype bank, optimizer, scaler. (setup_errors has checked
     the ImageNet weights; a resumed run does not need them.)"""
-    pretrained = cfg["pretrained"]
-    if resuming and pretrained != "torchvision":
-        pretrained = "none"  # the same deep-stem network; every weight comes from the checkpoint
+    # resumed: the same deep-stem network, every weight from the checkpoint
+    pretrained = "none" if resuming and cfg["pretrained"] != "torchvision" else cfg["pretrained"]
     data = data_lib.build_data(cfg["dataset"], cfg["data_root"], cfg["num_classes"], cfg["labeled"],
                                cfg["split_dir"], cfg["seed"], cfg["crop_size"],
                                out_dir=cfg["out"] if ctx.main else None, log=ctx.log)
@@ -1087,17 +1034,12 @@ def build_everything(cfg, ctx, resuming=False):
     on = cfg["channels_last"] in ("on", True) or (cfg["channels_last"] == "auto" and ctx.device.type == "cpu")
     ctx.memory_format = torch.channels_last if on else torch.contiguous_format
     student = student.to(memory_format=ctx.memory_format)
-    teacher = None
-    if cfg["method"] != "supervised":
-        teacher = copy.deepcopy(student).eval().requires_grad_(False)
-        teacher.checkpoint_activations = False  # no backward pass to recompute for
-    student.checkpoint_activations = cfg["checkpoint_activations"]
-    bank = None
-    if cfg["method"] == "pcr":
-        # own random stream, so that pcr, meanteacher and supervised share the warm-up exactly
-        bank = PrototypeBank(data.num_classes, cfg["num_prototypes"], student.feature_dim,
-                             cfg["proto_momentum"], cfg["temperature"],
-                             generator=torch.Generator().manual_seed(cfg["seed"] + 1)).to(ctx.device)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False) if cfg["method"] != "supervised" else None
+    student.checkpoint_activations = cfg["checkpoint_activations"]  # not the teacher's: no backward
+    # own random stream, so that pcr, meanteacher and supervised share the warm-up exactly
+    bank = None if cfg["method"] != "pcr" else PrototypeBank(
+        data.num_classes, cfg["num_prototypes"], student.feature_dim, cfg["proto_momentum"],
+        cfg["temperature"], generator=torch.Generator().manual_seed(cfg["seed"] + 1)).to(ctx.device)
     optimizer, scaler = make_optimizer(student, cfg, ctx.device)
     return data, student, teacher, bank, optimizer, scaler
 
@@ -1105,17 +1047,16 @@ def build_everything(cfg, ctx, resuming=False):
 def make_optimizer(student, cfg, device):
     """SGD over the backbone / head parameter groups (each remembers its base_lr for the
     poly schedule) and the GradScaler that guards every step."""
-    groups = param_groups(student, cfg["lr"], cfg["lr"] * cfg["head_lr_mult"])
-    for g in groups:
-        g["base_lr"] = g["lr"]
     # fused SGD skips a step with non-finite gradients on the device, without a host sync
-    optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
-                                weight_decay=cfg["weight_decay"], fused=True)
-    # Zero momentum buffers up front. Fused SGD otherwise allocates them uninitialised on
-    # its first step and fills them in the kernel, which a non-finite first step (the rule
-    # under fp16, whose loss scale starts high) skips: the garbage then enters every later
-    # step. From zero, the first real step gives buf = grad, as a fresh buffer would.
-    for group in groups:
+    optimizer = torch.optim.SGD(param_groups(student, cfg["lr"], cfg["lr"] * cfg["head_lr_mult"]),
+                                lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+                                fused=True)
+    # Zero momentum buffers up front: fused SGD otherwise allocates them uninitialised on its
+    # first step and fills them in the kernel, which a non-finite first step (the rule under
+    # fp16's high first loss scale) skips, leaving garbage for every later step. From zero, the
+    # first real step gives buf = grad, as a fresh buffer would.
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
         for param in group["params"]:
             optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
     # fp16 needs loss scaling; for bf16/fp32 a scale of 1 just detects non-finite steps
@@ -1133,20 +1074,16 @@ def check_data_before_training(data, cfg, ctx):
     if cfg["skip_data_check"]:
         ctx.log("data check: skipped (--skip-data-check)")
         return
-    error = None
+    verdict = [None]  # rank 0's error message
     if ctx.main:
         try:
             data_lib.check_data(data, cfg["workers"], ctx.log, os.path.join(cfg["out"], "data_check.json"))
         except data_lib.DataError as e:
-            error = str(e)
+            verdict[0] = str(e)
     if ctx.world > 1:
-        verdict = [error]
         dist.broadcast_object_list(verdict, src=0)
-        error = verdict[0]
-    if error is not None:
-        if not ctx.main:
-            raise SystemExit(2)
-        raise data_lib.DataError(error)
+    if verdict[0] is not None:
+        raise data_lib.DataError(verdict[0]) if ctx.main else SystemExit(2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1164,21 +1101,16 @@ class TrainKeys(torch.utils.data.Sampler):
     """
 
     def __init__(self, num_items, global_batch, iters_per_epoch, seed, stream, rank, world, start_iter):
-        self.n, self.batch, self.ipe = num_items, global_batch, iters_per_epoch
+        self.n, self.batch, self.ipe, self.start_iter = num_items, global_batch, iters_per_epoch, start_iter
         self.seed, self.stream, self.rank, self.world = seed, stream, rank, world
-        self.start_iter = start_iter
-
-    def epoch_keys(self, epoch):
-        rng = np.random.default_rng([self.seed, self.stream, epoch])
-        needed = self.ipe * self.batch
-        order = np.concatenate([rng.permutation(self.n) for _ in range(-(-needed // self.n))])
-        return order[:needed], rng.integers(0, 2**31 - 1, needed)
 
     def __iter__(self):
-        it = self.start_iter
+        it, needed = self.start_iter, self.ipe * self.batch
         while True:
             epoch = it // self.ipe
-            order, seeds = self.epoch_keys(epoch)
+            rng = np.random.default_rng([self.seed, self.stream, epoch])
+            order = np.concatenate([rng.permutation(self.n) for _ in range(-(-needed // self.n))])
+            seeds = rng.integers(0, 2**31 - 1, needed)
             for i in range(it - epoch * self.ipe, self.ipe):
                 for j in range(i * self.batch + self.rank, (i + 1) * self.batch, self.world):
                     yield int(order[j]), int(seeds[j])
@@ -1223,12 +1155,6 @@ def next_batch(loaders, data, cfg, ctx, it, semi):
 # ----------------------------------------------------------------------------------------
 # Checkpoints: written atomically; last.pt keeps its predecessor as last.prev.pt
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def load_checkpoint(path, flag="--resume"):
     """Read a checkpoint written by this script; a missing file is a SetupError, a damaged
     one a CheckpointError, each naming the flag and the file."""
@@ -1259,19 +1185,16 @@ def find_resume_checkpoint(cfg, ctx):
     return None, None
 
 
-def rng_state(step_rng):
+def save_checkpoint(name, it, parts, best, step_rng, cfg, ctx):
+    """Gather every process's RNG state, then rank 0 writes OUT/name atomically (a temporary
+    file, renamed: a crash never leaves half a file). A student holding non-finite values is
+    not written, so that the last good checkpoint stays."""
     state = {"torch": torch.get_rng_state(), "step": step_rng.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def save_checkpoint(name, it, parts, best, step_rng, cfg, ctx):
-    """Gather every process's RNG state, then rank 0 writes OUT/name atomically. A student
-    holding non-finite values is not written, so that the last good checkpoint stays."""
-    states = [rng_state(step_rng)] * ctx.world
+    states = [state] * ctx.world
     if ctx.world > 1:
-        dist.all_gather_object(states, rng_state(step_rng))
+        dist.all_gather_object(states, state)
     if not ctx.main:
         return
     weights = [v for v in parts["student"].state_dict().values() if v.is_floating_point()]
@@ -1284,7 +1207,8 @@ def save_checkpoint(name, it, parts, best, step_rng, cfg, ctx):
     path = os.path.join(cfg["out"], name)
     if name == "last.pt" and os.path.exists(path):
         os.replace(path, os.path.join(cfg["out"], "last.prev.pt"))
-    atomic_save(ckpt, path)
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def resume(ckpt, path, parts, step_rng, ctx):
@@ -1481,7 +1405,7 @@ def log_progress(progress, optimizer, cfg, ctx, it, semi):
 
 def run_evaluation(student, teacher, bank, data, cfg, ctx, semi):
     """Teacher (student before the semi-supervised phase), linear and prototype heads."""
-    model = teacher if semi and teacher is not None else student
+    model = teacher if semi else student  # (semi: a method with a teacher)
     was_training = model.training
     model.eval()
     results = evaluate_lib.evaluate(
@@ -1500,7 +1424,7 @@ def record_evaluation(results, best, data, cfg, ctx, it, semi):
     if linear["miou"] > best["miou"]:
         best.update(miou=linear["miou"], iter=done)
     metrics = {"iter": done, "epoch": it // cfg["iters_per_epoch"],
-               "model": "teacher" if semi and cfg["method"] != "supervised" else "student",
+               "model": "teacher" if semi else "student",
                "miou": linear["miou"], "pixel_acc": linear["pixel_acc"],
                "mean_acc": linear["mean_acc"], "iou": linear["iou"],
                "miou_proto": results["proto"]["miou"] if "proto" in results else None,
