@@ -184,15 +184,13 @@ SETTINGS = {
 
 # ========================================================================================
 # THE METHOD: docs/METHOD.md sections 3 and 4, in the order of the steps. Losses, schedules,
-# one training iteration (steps 2-10) and the prototype initialisation that opens the
-# semi-supervised phase. `main` below runs it; the plumbing after it makes it run, resume
-# and report.
+# one training iteration (steps 2-10) and the prototype initialisation that opens the semi-
+# supervised phase. `main` below runs it; the plumbing after it makes it run, resume and report.
 # ========================================================================================
 
 # ----------------------------------------------------------------------------------------
 # Losses (steps 5-7; the prototype loss is prototypes.prototype_loss). Each returns a scalar
-# float32 tensor and never syncs with the host: counts stay tensors, empty selections
-# give 0, not NaN.
+# float32 tensor and never syncs with the host: counts stay tensors, empty selections give 0.
 
 def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000):
     """Online hard example mining CE (step 5).
@@ -445,11 +443,9 @@ def train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, step_rng, se
 
 @torch.no_grad()
 def labeled_features(model, dataset, cfg, ctx, max_per_class=3000):
-    """Student features (D-dim) and labels at grid-sampled pixels of the labeled images.
-
-    Every process reads its share of the images; the result is gathered on all processes,
-    then at most max_per_class pixels per class are kept at random.
-    """
+    """Student features (D-dim) and labels at grid-sampled pixels of the labeled images: every
+    process reads its share of the images, the result is gathered on all processes, then at
+    most max_per_class pixels per class are kept at random."""
     crop = cfg["crop_size"]
     grid = int(np.clip(math.sqrt(100_000 / max(len(dataset), 1)), 4, cfg["grid"]))
     gen = torch.Generator().manual_seed(cfg["seed"])
@@ -533,7 +529,7 @@ def main(argv=None):
     # 2. the run directory (before joining the other processes: a failure stops the job at
     #    once), data, models, the schedule, the checkpoint's state, the data check
     try:
-        open_run_directory(cfg, ctx)
+        ctx.open_log(cfg["out"])
         ctx.connect()
         data, student, teacher, bank, optimizer, scaler = build_everything(cfg, ctx, ckpt is not None)
         check_batches(cfg, ctx, data)
@@ -560,8 +556,7 @@ def main(argv=None):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: received.append(signum))
     stop_vote = StopVote(received, ctx.world)
-    loaders = {"labeled": make_loader(data.labeled, cfg, ctx, stream=0, start_iter=start_iter)}
-    progress, metrics = Progress(cfg, start_iter, ctx.device), None
+    loaders, progress, metrics = {}, Progress(cfg, start_iter, ctx.device), None
 
     # 3. the loop: steps 2-10 per iteration, progress lines, evaluations, checkpoints
     for it in range(start_iter, total):
@@ -697,10 +692,9 @@ def read_settings(argv):
             ckpt, path = find_resume_checkpoint(cfg, ctx)
         except (SetupError, CheckpointError) as e:
             errors.append(str(e))
-        stored, origin = (ckpt["config"], path) if ckpt is not None else (None, None)
-        if ckpt is None and cfg["resume"] == "auto":
-            # a run that stopped before its first checkpoint starts again, with its settings
-            stored, origin = stored_config(cfg["out"], "config.json"), os.path.join(cfg["out"], "config.json")
+        # without a checkpoint, --resume auto restarts a run that stopped before its first one
+        origin = path if ckpt is not None else os.path.join(cfg["out"], "config.json")
+        stored = ckpt["config"] if ckpt is not None else cfg["resume"] == "auto" and stored_config(origin)
         if stored:
             cfg, conflicts = resumed_config(cfg, given, stored, origin, ctx.log)
             errors += conflicts
@@ -818,11 +812,10 @@ def resumed_config(cfg, given, stored, origin, log):
     return resumed, errors
 
 
-def stored_config(out, name):
-    """The settings of the run in directory out (config.json, or a checkpoint's), or None."""
-    path = os.path.join(out, name)
+def stored_config(path):
+    """The settings stored at path (a run's config.json, or a checkpoint's), or None."""
     try:
-        if name.endswith(".json"):
+        if path.endswith(".json"):
             with open(path) as f:
                 return json.load(f)
         return torch.load(path, map_location="cpu", weights_only=True)["config"]
@@ -836,7 +829,8 @@ def occupied_out_error(cfg):
     out = cfg["out"]
     if not os.path.exists(os.path.join(out, "last.pt")):
         return []
-    stored = stored_config(out, "config.json") or stored_config(out, "last.pt") or {}
+    stored = (stored_config(os.path.join(out, "config.json"))
+              or stored_config(os.path.join(out, "last.pt")) or {})
     differences = [f"{flag_name(key)} {'unset' if stored[key] is None else stored[key]} there, "
                    f"{value} here" for key, value in cfg.items() if differs(key, value, stored)]
     if differences:
@@ -911,10 +905,15 @@ class Context:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=30))
 
-    def open_log(self, path):
-        """Append to path from now on, starting with the lines logged before it was open."""
+    def open_log(self, out):
+        """Make the run directory OUT (a failure is a SetupError) and append to OUT/log.txt from
+        now on, starting with the lines logged before it was open."""
         if self.main:
-            self.log_file = open(path, "a")
+            try:
+                os.makedirs(out, exist_ok=True)
+                self.log_file = open(os.path.join(out, "log.txt"), "a")
+            except OSError as e:
+                raise SetupError(f"--out {out}: cannot write the run directory: {e}")
             self.write(*self.unwritten)
 
     def write(self, *lines):
@@ -943,18 +942,9 @@ def report_errors(errors, ctx, out):
         for error in errors:
             print(f"error: {error}", file=sys.stderr, flush=True)
         if ctx.log_file is None and os.path.exists(os.path.join(out, "log.txt")):
-            ctx.open_log(os.path.join(out, "log.txt"))
+            ctx.open_log(out)
         ctx.write(*(f"error: {error}" for error in errors))
     return 2
-
-
-def open_run_directory(cfg, ctx):
-    if ctx.main:
-        try:
-            os.makedirs(cfg["out"], exist_ok=True)
-            ctx.open_log(os.path.join(cfg["out"], "log.txt"))
-        except OSError as e:
-            raise SetupError(f"--out {cfg['out']}: cannot write the run directory: {e}")
 
 
 def stop_on_bad_file(error, it, parts, best, step_rng, cfg, ctx):
@@ -1092,13 +1082,11 @@ def check_data_before_training(data, cfg, ctx):
 # of workers, and a resumed run continues with exactly the batches it would have seen.
 
 class TrainKeys(torch.utils.data.Sampler):
-    """Endless (index, seed) keys for this process, from iteration start_iter on.
-
-    An epoch has iters_per_epoch iterations of global_batch images. The epoch's order is a
-    random permutation of the dataset (concatenated permutations when the dataset is
-    smaller: the labeled set is repeated to the length of the unlabeled epoch).
-    Process r of w takes every w-th image of each global batch.
-    """
+    """Endless (index, seed) keys for this process, from iteration start_iter on. An epoch
+    has iters_per_epoch iterations of global_batch images. The epoch's order is a random
+    permutation of the dataset (concatenated permutations when the dataset is smaller: the
+    labeled set is repeated to the length of the unlabeled epoch). Process r of w takes
+    every w-th image of each global batch."""
 
     def __init__(self, num_items, global_batch, iters_per_epoch, seed, stream, rank, world, start_iter):
         self.n, self.batch, self.ipe, self.start_iter = num_items, global_batch, iters_per_epoch, start_iter
@@ -1127,26 +1115,23 @@ def detach_worker(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset, cfg, ctx, stream, start_iter):
-    keys = TrainKeys(len(dataset), cfg["batch_size"], cfg["iters_per_epoch"], cfg["seed"], stream,
-                     ctx.rank, ctx.world, start_iter)
-    workers = cfg["workers"]
-    return iter(torch.utils.data.DataLoader(
-        dataset, batch_size=cfg["local_batch"], sampler=keys, num_workers=workers,
-        pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None, drop_last=True, worker_init_fn=detach_worker,
-        # its own generator: creating the iterator draws a seed, which must not come from the
-        # global RNG (dropout's), or a resumed run would diverge from an uninterrupted one
-        generator=torch.Generator().manual_seed(cfg["seed"])))
-
-
 def next_batch(loaders, data, cfg, ctx, it, semi):
-    """The iteration's labeled batch, and in the semi-supervised phase the unlabeled one
-    (its loader starts there), on the device."""
-    if semi and "unlabeled" not in loaders:
-        loaders["unlabeled"] = make_loader(data.unlabeled, cfg, ctx, stream=1, start_iter=it)
-    batch = {name: [x.to(ctx.device, non_blocking=True) for x in next(loaders[name])]
-             for name in (("labeled", "unlabeled") if semi else ("labeled",))}
+    """The iteration's labeled batch, and in the semi-supervised phase the unlabeled one, on
+    the device. A loader (random stream 0: labeled, 1: unlabeled) starts at its first batch."""
+    names = ("labeled", "unlabeled") if semi else ("labeled",)
+    for stream, name in enumerate(names):
+        if name not in loaders:
+            dataset, workers = getattr(data, name), cfg["workers"]
+            keys = TrainKeys(len(dataset), cfg["batch_size"], cfg["iters_per_epoch"], cfg["seed"], stream,
+                             ctx.rank, ctx.world, start_iter=it)
+            loaders[name] = iter(torch.utils.data.DataLoader(
+                dataset, batch_size=cfg["local_batch"], sampler=keys, num_workers=workers,
+                pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None, drop_last=True, worker_init_fn=detach_worker,
+                # its own generator: creating the iterator draws a seed, which must not come from
+                # the global RNG (dropout's), or a resumed run would diverge from an uninterrupted one
+                generator=torch.Generator().manual_seed(cfg["seed"])))
+    batch = {name: [x.to(ctx.device, non_blocking=True) for x in next(loaders[name])] for name in names}
     for x in batch.values():
         x[0] = x[0].contiguous(memory_format=ctx.memory_format)
     return batch
@@ -1244,11 +1229,9 @@ def resume(ckpt, path, parts, step_rng, ctx):
 @torch.no_grad()
 def average_buffers(module, ctx):
     """Replace the floating-point buffers (BN running statistics) by their mean over processes.
-
     Plain BatchNorm (CPU; CUDA uses SyncBatchNorm) updates its statistics from the local
     batch only, so they drift apart between processes, and so would the teacher, their
-    EMA, and its evaluation. Mean of running means = running mean of the global batch.
-    """
+    EMA, and its evaluation. Mean of running means = running mean of the global batch."""
     buffers = [b for b in module.buffers() if b.dtype.is_floating_point]
     flat = torch.cat([b.reshape(-1) for b in buffers])
     dist.all_reduce(flat)  # SUM: gloo has no AVG
@@ -1283,12 +1266,12 @@ def unwrap(model):
 
 class Progress:
     """Loss sums and non-finite streaks, kept on the device by add() (no host sync) and read
-    back by take() once per --log-every; speed and ETA. The clock counts training only:
-    the k-means and evaluations run inside pause(), an evaluation's time is kept for the
-    ETA. The ETA prices the warm-up and semi-supervised iterations left each at its own
-    measured duration, plus the evaluations left. A semi-supervised iteration not yet
-    measured is guessed at SEMI_COST_GUESS warm-up ones (twice the student's images and the
-    teacher's pass; measured 1.8-2.1x at the paper's scale, 2-3x for the toy's small steps)."""
+    back by take() once per --log-every; speed and ETA. The clock counts training only: the
+    k-means and evaluations run inside pause(), an evaluation's time is kept for the ETA, which
+    prices the warm-up and semi-supervised iterations left each at its own measured duration,
+    plus the evaluations left. A semi-supervised iteration not yet measured is guessed at
+    SEMI_COST_GUESS warm-up ones (twice the student's images and the teacher's pass; measured
+    1.8-2.1x at the paper's scale, 2-3x for the toy's small steps)."""
     SEMI_COST_GUESS = 2.5
 
     def __init__(self, cfg, start_iter, device, clock=time.monotonic):
