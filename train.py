@@ -544,7 +544,12 @@ def main(argv=None):
     except Exception as e:  # a bug or a system error: its traceback follows, the log says why
         ctx.write(f"error: {type(e).__name__}: {last_line(e)}")
         raise
-    save_config(cfg, ctx)
+    config_path = os.path.join(cfg["out"], "config.json")  # (a resumed run keeps its own)
+    if ctx.main and not (cfg["resume"] and os.path.exists(config_path)):
+        with open(config_path, "w") as f:
+            json.dump(cfg, f, indent=2)
+    for line in describe_config(cfg, ctx):
+        ctx.log(line)
     total = cfg["total_iters"]
     if start_iter >= total:
         ctx.log(f"resume: the run already finished ({start_iter}/{total} iterations); nothing to do")
@@ -598,9 +603,8 @@ def main(argv=None):
 
     # 4. the end: final.json with the last and the best evaluation
     stop_vote.close()
-    summary = {"method": cfg["method"], "dataset": cfg["dataset"], "iters": total,
-               "miou": metrics["miou"], "miou_proto": metrics["miou_proto"],
-               "best_miou": best["miou"], "best_iter": best["iter"]}
+    summary = {"method": cfg["method"], "dataset": cfg["dataset"], "iters": total, "miou": metrics["miou"],
+               "miou_proto": metrics["miou_proto"], "best_miou": best["miou"], "best_iter": best["iter"]}
     if ctx.main:
         with open(os.path.join(cfg["out"], "final.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -751,12 +755,11 @@ def setup_errors(cfg, ctx, resuming):
     pretrained = cfg["pretrained"]
     named = pretrained in ("none", "torchvision") or pretrained.startswith("hub:")
     if not resuming and not named and not os.path.exists(pretrained):  # (a resumed run has them)
-        errors.append(
-            f"--pretrained: ImageNet weights not found at {pretrained}. The paper starts from the "
-            "deep-stem resnet101.pth / resnet50.pth that U2PL, UniMatch and CPS publish: put it "
-            "there or pass --pretrained PATH. Else --pretrained hub:resnet101s (same layout, timm's "
-            "weights, downloaded once; results may differ a little), --pretrained torchvision (7x7 "
-            "stem; results differ) or --pretrained none (from scratch; far below the paper).")
+        errors.append(f"--pretrained: ImageNet weights not found at {pretrained}. The paper starts from "
+                      "the deep-stem resnet101.pth / resnet50.pth that U2PL, UniMatch and CPS publish: put "
+                      "it there or pass --pretrained PATH. Else --pretrained hub:resnet101s (same layout, "
+                      "timm's weights, downloaded once; results may differ a little), --pretrained torchvision "
+                      "(7x7 stem; results differ) or --pretrained none (from scratch; far below the paper).")
     return errors
 
 
@@ -794,14 +797,14 @@ def differs(key, value, stored):
 def resumed_config(cfg, given, stored, origin, log):
     """The stored run's settings with the harmless flags the user gave (logged); a flag
     that would change training is an error naming both values."""
-    resumed = dict(cfg)  # keys a run of an older version did not store keep today's values
-    resumed.update({key: value for key, value in stored.items() if key not in DERIVED})
+    # keys a run of an older version did not store keep today's values
+    resumed = {**cfg, **{key: value for key, value in stored.items() if key not in DERIVED}}
     errors = []
     for key, value in given.items():
         if differs(key, value, stored):
-            errors.append(f"{flag_name(key)} {value} differs from the run's {flag_name(key)} "
-                          f"{stored[key]} ({origin}); a resumed run keeps its settings: drop the "
-                          f"flag, or start a new run with another --out")
+            errors.append(f"{flag_name(key)} {value} differs from the run's {flag_name(key)} {stored[key]} "
+                          f"({origin}); a resumed run keeps its settings: drop the flag, or start a new "
+                          "run with another --out")
             continue
         if key in stored and stored[key] != value and key not in ("out", "resume", "print_config"):
             log(f"resume: {flag_name(key)} {stored[key]} -> {value} (does not change training)")
@@ -834,9 +837,8 @@ def occupied_out_error(cfg):
     differences = [f"{flag_name(key)} {'unset' if stored[key] is None else stored[key]} there, "
                    f"{value} here" for key, value in cfg.items() if differs(key, value, stored)]
     if differences:
-        return [f"--out {out} already holds a run with other settings ({'; '.join(differences)}); "
-                "choose another --out, or continue that run with --resume auto (it keeps its "
-                "own settings)"]
+        return [f"--out {out} already holds a run with other settings ({'; '.join(differences)}); choose "
+                "another --out, or continue that run with --resume auto (it keeps its own settings)"]
     return [f"--out {out} already holds this run (last.pt); continue it with --resume auto, or "
             "choose another --out"]
 
@@ -858,16 +860,6 @@ def describe_config(cfg, ctx):
         f"{cfg['local_batch']}" + (f" + {cfg['local_batch']}" if semi else "") + " images each | OHEM "
         f"min kept {cfg['ohem_min_kept_per_image']} x {cfg['local_batch']} = "
         f"{ohem_min_kept(cfg, cfg['local_batch'])} per process"]
-
-
-def save_config(cfg, ctx):
-    """config.json (a resumed run keeps its own) and the config summary in the log."""
-    path = os.path.join(cfg["out"], "config.json")
-    if ctx.main and not (cfg["resume"] and os.path.exists(path)):
-        with open(path, "w") as f:
-            json.dump(cfg, f, indent=2)
-    for line in describe_config(cfg, ctx):
-        ctx.log(line)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1038,9 +1030,9 @@ def make_optimizer(student, cfg, device):
     """SGD over the backbone / head parameter groups (each remembers its base_lr for the
     poly schedule) and the GradScaler that guards every step."""
     # fused SGD skips a step with non-finite gradients on the device, without a host sync
-    optimizer = torch.optim.SGD(param_groups(student, cfg["lr"], cfg["lr"] * cfg["head_lr_mult"]),
-                                lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-                                fused=True)
+    groups = param_groups(student, cfg["lr"], cfg["lr"] * cfg["head_lr_mult"])
+    optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
+                                weight_decay=cfg["weight_decay"], fused=True)
     # Zero momentum buffers up front: fused SGD otherwise allocates them uninitialised on its
     # first step and fills them in the kernel, which a non-finite first step (the rule under
     # fp16's high first loss scale) skips, leaving garbage for every later step. From zero, the
@@ -1206,10 +1198,10 @@ def resume(ckpt, path, parts, step_rng, ctx):
                 part.load_state_dict(ckpt[key])
     except (RuntimeError, ValueError, KeyError) as e:
         saved = ckpt.get("config", {})
-        raise SetupError(
-            f"--resume {path}: the checkpoint does not fit this run (it was --method "
-            f"{saved.get('method')} --backbone {saved.get('backbone')} --width {saved.get('width')} "
-            f"with {saved.get('num_classes')} classes): {str(e).strip().splitlines()[0]}")
+        raise SetupError(f"--resume {path}: the checkpoint does not fit this run (it was --method "
+                         f"{saved.get('method')} --backbone {saved.get('backbone')} --width "
+                         f"{saved.get('width')} with {saved.get('num_classes')} classes): "
+                         f"{str(e).strip().splitlines()[0]}")
     if len(ckpt["rng"]) == ctx.world:
         state = ckpt["rng"][ctx.rank]
         torch.set_rng_state(state["torch"])
@@ -1370,10 +1362,9 @@ def log_progress(progress, optimizer, cfg, ctx, it, semi):
     means, skipped, longest, bad_iter, bad_terms = progress.take(ctx.world)
     if longest >= 5:
         bad = [n for n, b in zip(LOSS_TERMS, bad_terms) if b]
-        ctx.log(f"error: the loss was non-finite for {longest} iterations in a row, last "
-                f"at iteration {bad_iter} (terms: {', '.join(bad) or 'total'}). Stopping without "
-                f"saving; the last good checkpoint is {cfg['out']}/last.pt. Try a lower --lr "
-                f"or --amp bf16/none.")
+        ctx.log(f"error: the loss was non-finite for {longest} iterations in a row, last at iteration "
+                f"{bad_iter} (terms: {', '.join(bad) or 'total'}). Stopping without saving; the last good "
+                f"checkpoint is {cfg['out']}/last.pt. Try a lower --lr or --amp bf16/none.")
         return False
     speed = progress.speed(done)
     eta, evaluations_left_out = progress.eta(done)
@@ -1392,10 +1383,9 @@ def run_evaluation(student, teacher, bank, data, cfg, ctx, semi):
     was_training = model.training
     model.eval()
     results = evaluate_lib.evaluate(
-        model, data.val, data.num_classes, ctx.device, mode=cfg["eval_mode"],
-        crop_size=cfg["crop_size"], heads=("linear", "proto") if semi and bank is not None else ("linear",),
-        bank=bank, amp=None if cfg["amp"] == "none" else cfg["amp"], rank=ctx.rank,
-        world_size=ctx.world, log=ctx.log)
+        model, data.val, data.num_classes, ctx.device, mode=cfg["eval_mode"], crop_size=cfg["crop_size"],
+        heads=("linear", "proto") if semi and bank is not None else ("linear",), bank=bank,
+        amp=None if cfg["amp"] == "none" else cfg["amp"], rank=ctx.rank, world_size=ctx.world, log=ctx.log)
     model.train(was_training)
     return results
 
@@ -1406,16 +1396,13 @@ def record_evaluation(results, best, data, cfg, ctx, it, semi):
     done, linear = it + 1, results["linear"]
     if linear["miou"] > best["miou"]:
         best.update(miou=linear["miou"], iter=done)
-    metrics = {"iter": done, "epoch": it // cfg["iters_per_epoch"],
-               "model": "teacher" if semi else "student",
-               "miou": linear["miou"], "pixel_acc": linear["pixel_acc"],
-               "mean_acc": linear["mean_acc"], "iou": linear["iou"],
-               "miou_proto": results["proto"]["miou"] if "proto" in results else None,
+    metrics = {"iter": done, "epoch": it // cfg["iters_per_epoch"], "model": "teacher" if semi else "student",
+               "miou": linear["miou"], "pixel_acc": linear["pixel_acc"], "mean_acc": linear["mean_acc"],
+               "iou": linear["iou"], "miou_proto": results["proto"]["miou"] if "proto" in results else None,
                "best_miou": best["miou"]}
     ctx.log(evaluate_lib.format_table(linear, data.class_names))
-    ctx.log(f"eval it {done}: mIoU {linear['miou']:.2f}"
-            + (f" | prototype head {metrics['miou_proto']:.2f}" if "proto" in results else "")
-            + f" | best {best['miou']:.2f} (it {best['iter']})")
+    ctx.log(f"eval it {done}: mIoU {linear['miou']:.2f}" + (f" | prototype head {metrics['miou_proto']:.2f}"
+            if "proto" in results else "") + f" | best {best['miou']:.2f} (it {best['iter']})")
     if ctx.main:
         with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
