@@ -166,17 +166,13 @@ def layer_dilations(num_blocks, output_stride):
     Outside multi-grid, the first block of a dilated layer keeps the previous dilation:
     it replaces the strided conv, whose input still had the previous spacing.
     """
-    n2, n3, n4 = num_blocks[1], num_blocks[2], num_blocks[3]
-    layer2 = (2, [1] * n2)
-    if output_stride == 8:
-        layer3 = (1, [1] + [2] * (n3 - 1))
-        layer4 = (1, [4 * MULTI_GRID[i % len(MULTI_GRID)] for i in range(n4)])
-    elif output_stride == 16:
-        layer3 = (2, [1] * n3)
-        layer4 = (1, [1] + [2] * (n4 - 1))
-    else:
+    _, n2, n3, n4 = num_blocks
+    if output_stride not in (8, 16):
         raise ValueError(f"output_stride must be 8 or 16 (--output-stride), got {output_stride}")
-    return layer2, layer3, layer4
+    if output_stride == 8:
+        multi_grid = [4 * MULTI_GRID[i % len(MULTI_GRID)] for i in range(n4)]
+        return (2, [1] * n2), (1, [1] + [2] * (n3 - 1)), (1, multi_grid)
+    return (2, [1] * n2), (2, [1] * n3), (1, [1] + [2] * (n4 - 1))
 
 
 class ResNet(nn.Module):
@@ -283,10 +279,8 @@ class ASPP(nn.Module):
             raise ValueError("ASPP image pooling: BatchNorm in train mode needs a batch of "
                              "at least 2 images per process; got 1 (use a larger batch "
                              "or model.eval())")
-        height, width = x.shape[-2:]
-        pooled = self.pool_branch(x)  # (B,256,1,1)
-        pooled = F.interpolate(pooled, size=(height, width), mode="bilinear",
-                               align_corners=True)
+        pooled = F.interpolate(self.pool_branch(x), size=x.shape[-2:], mode="bilinear",
+                               align_corners=True)  # (B,256,1,1) -> (B,256,h,w)
         return torch.cat([pooled] + [branch(x) for branch in self.branches], dim=1)
 
 
@@ -322,11 +316,9 @@ class DeepLabV3Plus(nn.Module):
             conv_bn_relu(self.feature_dim, channels, 3), nn.Dropout2d(dropout),
             conv_bn_relu(channels, channels, 3), nn.Dropout2d(dropout),
             nn.Conv2d(channels, num_classes, 1))
-        self.aux_classifier = None
-        if aux:
-            self.aux_classifier = nn.Sequential(
-                conv_bn_relu(layer3_channels, channels, 3), nn.Dropout2d(dropout),
-                nn.Conv2d(channels, num_classes, 1))
+        self.aux_classifier = nn.Sequential(
+            conv_bn_relu(layer3_channels, channels, 3), nn.Dropout2d(dropout),
+            nn.Conv2d(channels, num_classes, 1)) if aux else None
         self.num_classes = num_classes
         self.checkpoint_activations = False
 
@@ -353,39 +345,21 @@ class DeepLabV3Plus(nn.Module):
                                 align_corners=True)  # (B,256,h4,w4)
         feature = torch.cat([self.low_level(layer1), context], dim=1)  # (B,512,h4,w4)
         logits = self.classifier(feature)  # (B,K,h4,w4)
-        aux_logits = None
-        if self.aux_classifier is not None:
-            aux_logits = self.aux_classifier(layer3)
+        aux_logits = None if self.aux_classifier is None else self.aux_classifier(layer3)
         return logits, feature, aux_logits
 
 
-def _state_dict_from_checkpoint(checkpoint, path):
-    """Plain state_dict, or one under "state_dict"/"model"; leading "module." stripped."""
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a state_dict (dict of tensors), "
-                         f"found {type(checkpoint).__name__}")
-    for wrapper_key in ("state_dict", "model"):
-        if isinstance(checkpoint.get(wrapper_key), dict):
-            checkpoint = checkpoint[wrapper_key]
-            break
-    return {(key[len("module."):] if key.startswith("module.") else key): value
-            for key, value in checkpoint.items()}
-
-
 def _load_checked(backbone, state_dict, source):
-    """Copy state_dict into backbone after checking keys and shapes; fc.* is ignored.
-
-    Raises ValueError naming `source` and listing missing, unexpected and mis-shaped keys.
-    num_batches_tracked may be absent (old checkpoints); it is a counter, not a weight.
-    """
+    """Copy state_dict into backbone after checking keys and shapes; fc.* is ignored, and
+    num_batches_tracked may be absent (old checkpoints; a counter, not a weight). ValueError
+    naming `source` and listing the missing, unexpected and mis-shaped keys."""
     expected = backbone.state_dict()
     given = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    missing = [k for k in expected
-               if k not in given and not k.endswith("num_batches_tracked")]
+    missing = [k for k in expected if k not in given and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in given if k not in expected]
-    misshaped = [(k, tuple(expected[k].shape), tuple(getattr(given[k], "shape", ())))
-                 for k in given if k in expected
-                 and (not torch.is_tensor(given[k]) or given[k].shape != expected[k].shape)]
+    misshaped = [f"{k} expected {list(expected[k].shape)} found {list(getattr(v, 'shape', ()))}"
+                 for k, v in given.items() if k in expected
+                 and (not torch.is_tensor(v) or v.shape != expected[k].shape)]
     if missing or unexpected or misshaped:
         lines = [f"{source}: checkpoint does not match the backbone"]
         deep_stem_model = "conv1.0.weight" in expected
@@ -396,14 +370,8 @@ def _load_checked(backbone, state_dict, source):
         elif not deep_stem_model and "conv1.0.weight" in given:
             lines.append("  it looks like a deep-stem checkpoint but the model has the "
                          "torchvision 7x7 stem (build it with deep_stem=True)")
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-        if misshaped:
-            lines.append(f"  mis-shaped keys ({len(misshaped)}): " + ", ".join(
-                f"{k} expected {list(want)} found {list(found)}"
-                for k, want, found in misshaped))
+        lines += [f"  {what} keys ({len(keys)}): " + ", ".join(keys) for what, keys in (
+            ("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
         raise ValueError("\n".join(lines))
     backbone.load_state_dict(given, strict=False)  # only num_batches_tracked can be absent
 
@@ -414,8 +382,7 @@ def load_backbone_weights(backbone, path):
     Accepts a plain state_dict or one stored under "state_dict" / "model"; strips a
     leading "module." (DataParallel) prefix and ignores fc.* (the classifier).
     FileNotFoundError if `path` does not exist; ValueError if torch cannot read it or its
-    keys/shapes do not match (the message lists every offending key).
-    """
+    keys/shapes do not match (the message lists every offending key)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist (--pretrained "
@@ -428,7 +395,14 @@ def load_backbone_weights(backbone, path):
     except Exception as error:  # any unreadable file: report which one and why
         raise ValueError(f"{path}: torch.load could not read it as a weights-only "
                          f"checkpoint ({type(error).__name__}: {error})") from error
-    _load_checked(backbone, _state_dict_from_checkpoint(checkpoint, path), path)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: expected a state_dict (dict of tensors), "
+                         f"found {type(checkpoint).__name__}")
+    for wrapper_key in ("state_dict", "model"):
+        if isinstance(checkpoint.get(wrapper_key), dict):
+            checkpoint = checkpoint[wrapper_key]
+            break
+    _load_checked(backbone, {k.removeprefix("module."): v for k, v in checkpoint.items()}, path)
 
 
 # --pretrained hub:NAME -> (backbone, URL). timm's Gluon "v1s" ResNets (timm/models/resnet.py:
@@ -455,43 +429,39 @@ def hub_weights_path(name):
     return os.path.join(torch.hub.get_dir(), "checkpoints", f"timm_{name}.gluon_in1k.bin")
 
 
-def check_hub_name(name, backbone):
-    """ValueError (one line) unless hub:NAME exists and holds `backbone` weights."""
-    if name not in HUB_WEIGHTS:
-        raise ValueError(f"--pretrained hub:{name}: unknown; choose one of "
-                         + ", ".join(f"hub:{key}" for key in HUB_WEIGHTS))
-    if backbone != HUB_WEIGHTS[name][0]:
-        raise ValueError(f"--pretrained hub:{name} holds {HUB_WEIGHTS[name][0]} weights but "
-                         f"--backbone is {backbone}")
+def download_failed(source, url, error, path):
+    """The one-line ValueError of a failed download of --pretrained `source`: the URL, why
+    (URLError and HTTPError are OSErrors with a reason), where to put the file by hand."""
+    reason = " ".join(str(getattr(error, "reason", None) or error).split())
+    return ValueError(f"--pretrained {source}: could not download {url} ({type(error).__name__}: "
+                      f"{reason[:200]}); without network access, fetch that file on another "
+                      f"machine and put it at {path}")
 
 
 def fetch_hub_weights(name, backbone):
     """--pretrained hub:NAME -> local file: HUB_WEIGHTS[name] downloaded once into torch's hub
     cache (hub_weights_path). ValueError (one line) for an unknown name, a backbone that does
-    not match, or a failed download (naming the URL and where to put the file by hand)."""
-    check_hub_name(name, backbone)
-    url = HUB_WEIGHTS[name][1]
+    not match, or a failed download (download_failed)."""
+    if name not in HUB_WEIGHTS:
+        raise ValueError(f"--pretrained hub:{name}: unknown; choose one of "
+                         + ", ".join(f"hub:{key}" for key in HUB_WEIGHTS))
+    weights_backbone, url = HUB_WEIGHTS[name]
+    if backbone != weights_backbone:
+        raise ValueError(f"--pretrained hub:{name} holds {weights_backbone} weights but --backbone "
+                         f"is {backbone}")
     path = hub_weights_path(name)
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             _download(url, path)
-        except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
-            raise ValueError(f"--pretrained hub:{name}: could not download {url} "
-                             f"({_one_line(error)}); without network access, fetch that file on "
-                             f"another machine and put it at {path}") from None
+        except (OSError, ValueError) as error:
+            raise download_failed(f"hub:{name}", url, error, path) from None
     return path
-
-
-def _one_line(error):
-    text = " ".join(str(getattr(error, "reason", None) or error).split())
-    return f"{type(error).__name__}: {text[:200]}"
 
 
 def _torchvision_weights(backbone):
     """(weights enum, state_dict) of torchvision's default ImageNet weights for `backbone`
-    (downloaded on first use into torch's hub cache); ValueError (one line) naming the URL
-    and the cache file when the download fails."""
+    (downloaded on first use into torch's hub cache; download_failed if that fails)."""
     weights = get_model_weights(backbone).DEFAULT
     try:
         return weights, weights.get_state_dict(progress=True)
@@ -499,9 +469,7 @@ def _torchvision_weights(backbone):
         url = getattr(weights, "url", "?")
         path = os.path.join(torch.hub.get_dir(), "checkpoints",
                             os.path.basename(urlparse(url).path))
-        raise ValueError(f"--pretrained torchvision: could not download {url} "
-                         f"({_one_line(error)}); without network access, fetch that file on "
-                         f"another machine and put it at {path}") from None
+        raise download_failed("torchvision", url, error, path) from None
 
 
 def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False,

@@ -47,10 +47,7 @@ from model import BACKBONES, build_model, param_groups
 from prototypes import PrototypeBank, prototype_loss, sample_features, sample_points
 
 IGNORE = 255
-
-
-# The loss terms, in the order the progress line shows them (L = their sum, step 8).
-LOSS_TERMS = ("sup", "unsup", "proto")
+LOSS_TERMS = ("sup", "unsup", "proto")  # in the order the progress line shows them (L = their sum, step 8)
 
 
 # Paper settings (docs/METHOD.md section 5) plus the toy default; SETTINGS below holds the
@@ -58,29 +55,25 @@ LOSS_TERMS = ("sup", "unsup", "proto")
 # None: worked out from the data or the run (see the setting's help).
 PRESETS = {
     "toy": dict(backbone="resnet18", width=0.25, pretrained="none", output_stride=8, crop_size=64,
-                batch_size=8, epochs=30, lr=0.01, head_lr_mult=1.0,
-                weight_decay=1e-4, num_prototypes=4, conf_threshold=0.8, aux_weight=0.0,
-                labeled=data_lib.TOY_LABELED, num_classes=len(data_lib.TOY_CLASSES),
-                eval_mode="whole", eval_every=600),
-    "voc": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth", output_stride=8,
-                crop_size=513, batch_size=16, epochs=80, lr=0.001, head_lr_mult=10.0,
-                weight_decay=1e-4, num_prototypes=4, conf_threshold=0.8, aux_weight=0.0,
-                labeled=366, num_classes=21, eval_mode="whole", eval_every=None),
-    "cityscapes": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth",
-                       output_stride=8, crop_size=769, batch_size=16, epochs=200, lr=0.01,
-                       head_lr_mult=1.0, weight_decay=5e-4, num_prototypes=3,
-                       conf_threshold=0.65, aux_weight=0.4, labeled=744, num_classes=19,
+                batch_size=8, epochs=30, lr=0.01, head_lr_mult=1.0, weight_decay=1e-4, num_prototypes=4,
+                conf_threshold=0.8, aux_weight=0.0, labeled=data_lib.TOY_LABELED,
+                num_classes=len(data_lib.TOY_CLASSES), eval_mode="whole", eval_every=600),
+    "voc": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth", output_stride=8, crop_size=513,
+                batch_size=16, epochs=80, lr=0.001, head_lr_mult=10.0, weight_decay=1e-4, num_prototypes=4,
+                conf_threshold=0.8, aux_weight=0.0, labeled=366, num_classes=21, eval_mode="whole",
+                eval_every=None),
+    "cityscapes": dict(backbone="resnet101", pretrained="pretrained/resnet101.pth", output_stride=8,
+                       crop_size=769, batch_size=16, epochs=200, lr=0.01, head_lr_mult=1.0, weight_decay=5e-4,
+                       num_prototypes=3, conf_threshold=0.65, aux_weight=0.4, labeled=744, num_classes=19,
                        eval_mode="sliding", eval_every=None),
-    # users' own data in VOC layout, usually tens to thousands of images: VOC's optimiser
-    # recipe on a lighter network whose ImageNet weights torchvision downloads by itself
-    # (resnet50, 7x7 stem, output stride 16, crop 321, batch 8 + 8). For the paper's network,
-    # pass VOC's settings (--backbone resnet101 --pretrained pretrained/resnet101.pth
-    # --output-stride 8 --crop-size 513 --batch-size 16).
-    "folder": dict(backbone="resnet50", pretrained="torchvision",
-                   output_stride=16, crop_size=321, batch_size=8, epochs=80, lr=0.001,
-                   head_lr_mult=10.0, weight_decay=1e-4, num_prototypes=4,
-                   conf_threshold=0.8, aux_weight=0.0, labeled=None, num_classes=None,
-                   eval_mode="whole", eval_every=None),
+    # users' own data in VOC layout (tens to thousands of images): VOC's optimiser recipe on a lighter
+    # network whose ImageNet weights torchvision downloads itself (resnet50, 7x7 stem, OS16, crop 321,
+    # batch 8 + 8). The paper's network: --backbone resnet101 --pretrained pretrained/resnet101.pth
+    # --output-stride 8 --crop-size 513 --batch-size 16, as VOC.
+    "folder": dict(backbone="resnet50", pretrained="torchvision", output_stride=16, crop_size=321,
+                   batch_size=8, epochs=80, lr=0.001, head_lr_mult=10.0, weight_decay=1e-4, num_prototypes=4,
+                   conf_threshold=0.8, aux_weight=0.0, labeled=None, num_classes=None, eval_mode="whole",
+                   eval_every=None),
 }
 
 
@@ -106,19 +99,19 @@ SETTINGS = {
     "dataset": Setting("run", "toy", tuple(PRESETS), "dataset and its preset"),
     "data_root": Setting("run", None, str, "dataset root (VOC: the VOC2012 folder; Cityscapes: holds "
                          "leftImg8bit/ and gtFine/; folder: JPEGImages/, SegmentationClass/, lists)"),
-    "labeled": Setting("run", None, int, "labeled images: VOC 92/183/366/732/1464 (classic) or "
-                       "662/1323/2646/5291 (blended), Cityscapes 186/372/744/1488 (auto: all of the "
-                       "folder's labeled.txt)", at_least(1)),
-    "split_dir": Setting("run", None, str, "folder with labeled.txt / unlabeled.txt (and val.txt) of "
-                         "a published split (U2PL, UniMatch or CPS format)"),
+    "labeled": Setting("run", None, int, "labeled images: VOC 92/183/366/732/1464 (classic) or 662/1323/"
+                       "2646/5291 (blended), Cityscapes 186/372/744/1488 (auto: all of the folder's "
+                       "labeled.txt)", at_least(1)),
+    "split_dir": Setting("run", None, str, "folder with labeled.txt / unlabeled.txt (and val.txt) of a "
+                         "published split (U2PL, UniMatch or CPS format)"),
     "method": Setting("run", "pcr", ("pcr", "meanteacher", "supervised"),
                       "pcr; meanteacher = pcr without prototypes; supervised = labeled images only"),
     "seed": Setting("run", 0, int, "random seed (data order, splits, initialisation)"),
-    "num_classes": Setting("model", None, int, "number of classes (auto: the folder's classes.txt, "
-                           "one name per line)", at_least(1)),
+    "num_classes": Setting("model", None, int, "number of classes (auto: the folder's classes.txt, one "
+                           "name per line)", at_least(1)),
     "backbone": Setting("model", None, tuple(sorted(BACKBONES)), "ResNet depth (model.BACKBONES)"),
-    "width": Setting("model", 1.0, float, "channel multiplier of the whole network (1.0 = the "
-                     "paper's; the toy uses a thin network to train in minutes on a CPU)", POSITIVE),
+    "width": Setting("model", 1.0, float, "channel multiplier of the whole network (1.0 = the paper's; "
+                     "the toy uses a thin network to train in minutes on a CPU)", POSITIVE),
     "pretrained": Setting("model", None, str, "'none', 'torchvision' (7x7 stem, torchvision ImageNet "
                           "weights), 'hub:resnet101s' / 'hub:resnet50s' (deep stem, timm's ImageNet "
                           "weights, downloaded once into torch's hub cache) or the path of a deep-stem "
@@ -129,36 +122,33 @@ SETTINGS = {
     "epochs": Setting("training", None, int, "epochs; one epoch = one pass over the unlabeled set",
                       at_least(1)),
     "iters": Setting("training", None, int, "total iterations (auto: from --epochs)", at_least(1)),
-    "warmup_epochs": Setting("training", 1, int, "supervised-only epochs before the semi-supervised "
-                             "phase (at most half the run)", NON_NEGATIVE),
-    "warmup_iters": Setting("training", None, int, "supervised-only iterations (auto: from "
-                            "--warmup-epochs)", NON_NEGATIVE),
-    "batch_size": Setting("training", None, int, "GLOBAL labeled batch over all processes; the "
-                          "unlabeled batch is equal", at_least(1)),
+    "warmup_epochs": Setting("training", 1, int, "supervised-only epochs before the semi-supervised phase "
+                             "(at most half the run)", NON_NEGATIVE),
+    "warmup_iters": Setting("training", None, int, "supervised-only iterations (auto: from --warmup-epochs)",
+                            NON_NEGATIVE),
+    "batch_size": Setting("training", None, int, "GLOBAL labeled batch over all processes; the unlabeled "
+                          "batch is equal", at_least(1)),
     "crop_size": Setting("training", None, int, "training crop (square)", at_least(16)),
     "lr": Setting("optimizer", None, float, "base learning rate of the backbone", POSITIVE),
-    "head_lr_mult": Setting("optimizer", None, float, "learning-rate multiplier of decoder and heads",
-                            POSITIVE),
+    "head_lr_mult": Setting("optimizer", None, float, "learning-rate multiplier of decoder and heads", POSITIVE),
     "weight_decay": Setting("optimizer", None, float, "SGD weight decay", NON_NEGATIVE),
     "momentum": Setting("optimizer", 0.9, float, "SGD momentum", UNIT),
     "poly_power": Setting("optimizer", 0.9, float, "power of the poly learning-rate decay", NON_NEGATIVE),
-    "ohem_thresh": Setting("losses", 0.7, float, "OHEM keeps pixels whose probability of the true "
-                           "class is at most this", UNIT),
-    "ohem_min_kept_per_image": Setting("losses", 50000, int, "OHEM keeps at least this many pixels "
-                                       "per labeled image of a process (the reference's 100000 for "
-                                       "its 2 images per GPU)", at_least(1)),
-    "unsup_weight": Setting("unlabeled", 1.0, float, "weight of the unsupervised loss L_u",
-                            NON_NEGATIVE),
-    "drop_start": Setting("unlabeled", 0.2, float, "share of highest-entropy pixels dropped from L_u "
-                          "at the start (falls linearly to 0)", UNIT),
-    "cutmix_prob": Setting("unlabeled", 0.5, float, "probability that an iteration's unlabeled batch "
-                           "is CutMixed", UNIT),
+    "ohem_thresh": Setting("losses", 0.7, float, "OHEM keeps pixels whose probability of the true class is "
+                           "at most this", UNIT),
+    "ohem_min_kept_per_image": Setting("losses", 50000, int, "OHEM keeps at least this many pixels per "
+                                       "labeled image of a process (the reference's 100000 for its 2 images "
+                                       "per GPU)", at_least(1)),
+    "unsup_weight": Setting("unlabeled", 1.0, float, "weight of the unsupervised loss L_u", NON_NEGATIVE),
+    "drop_start": Setting("unlabeled", 0.2, float, "share of highest-entropy pixels dropped from L_u at the "
+                          "start (falls linearly to 0)", UNIT),
+    "cutmix_prob": Setting("unlabeled", 0.5, float, "probability that an iteration's unlabeled batch is "
+                           "CutMixed", UNIT),
     "ema_decay": Setting("unlabeled", 0.99, float, "upper bound of the teacher's EMA momentum", UNIT),
-    "proto_weight": Setting("prototypes", 1.0, float, "weight of the prototype consistency loss",
-                            NON_NEGATIVE),
+    "proto_weight": Setting("prototypes", 1.0, float, "weight of the prototype consistency loss", NON_NEGATIVE),
     "num_prototypes": Setting("prototypes", None, int, "micro-prototypes per class (M)", at_least(1)),
-    "conf_threshold": Setting("prototypes", None, float, "teacher confidence needed for an unlabeled "
-                              "pixel to train the prototype head (gamma)", UNIT),
+    "conf_threshold": Setting("prototypes", None, float, "teacher confidence needed for an unlabeled pixel "
+                              "to train the prototype head (gamma)", UNIT),
     "temperature": Setting("prototypes", 0.1, float, "temperature of the prototype logits", POSITIVE),
     "proto_momentum": Setting("prototypes", 0.99, float, "momentum of the prototype update", UNIT),
     "grid": Setting("prototypes", 32, int, "the prototype loss reads one pixel per GRID x GRID cell",
@@ -166,45 +156,41 @@ SETTINGS = {
     "eval_mode": Setting("evaluation", None, ("whole", "sliding", "center"), "evaluation protocol"),
     "eval_every": Setting("evaluation", None, int, "evaluate every N iterations (auto: once per epoch)",
                           at_least(1), live=True),
-    "save_every": Setting("evaluation", 0, int, "write last.pt every N iterations (0: at every "
-                          "evaluation)", NON_NEGATIVE, live=True),
+    "save_every": Setting("evaluation", 0, int, "write last.pt every N iterations (0: at every evaluation)",
+                          NON_NEGATIVE, live=True),
     "amp": Setting("process", "none", ("bf16", "fp16", "none"), "mixed precision (CUDA; bf16 also on CPU)"),
     "device": Setting("process", "auto", str, "'auto', 'cpu', 'cuda' or 'cuda:N' (torchrun picks "
                       "cuda:LOCAL_RANK)", live=True),
-    "channels_last": Setting("process", "auto", ("auto", "on", "off"), "channels_last memory format "
-                             "(auto: on for CPU, where it takes a fifth off the toy's step; off for CUDA, "
-                             "where it pays with --amp)", live=True),
-    "checkpoint_activations": Setting("process", False, bool, "recompute the student's backbone "
-                                      "(stem and residual blocks) in the backward pass: same "
-                                      "numbers, less memory, more time (bench.py "
-                                      "--compare-checkpointing)", live=True),
-    "workers": Setting("process", min(4, os.cpu_count() or 1), int, "data-loading processes per "
-                       "training process", NON_NEGATIVE, live=True),
+    "channels_last": Setting("process", "auto", ("auto", "on", "off"), "channels_last memory format (auto: "
+                             "on for CPU, where it takes a fifth off the toy's step; off for CUDA, where it "
+                             "pays with --amp)", live=True),
+    "checkpoint_activations": Setting("process", False, bool, "recompute the student's backbone (stem and "
+                                      "residual blocks) in the backward pass: same numbers, less memory, "
+                                      "more time (bench.py --compare-checkpointing)", live=True),
+    "workers": Setting("process", min(4, os.cpu_count() or 1), int, "data-loading processes per training "
+                       "process", NON_NEGATIVE, live=True),
     "log_every": Setting("process", 20, int, "print a progress line every N iterations", at_least(1),
                          live=True),
     "out": Setting("process", None, str, "run directory: config, log, metrics, checkpoints (auto: "
                    "runs/DATASET_LABELED_METHOD_sSEED, e.g. runs/toy_16_pcr_s0)", live=True),
-    "resume": Setting("process", None, str, "'auto' (OUT/last.pt if present) or a checkpoint path; the "
-                      "run's settings come from the checkpoint", live=True),
-    "skip_data_check": Setting("process", False, bool, "do not decode every listed image and mask "
-                               "before training (about half a minute of one core for VOC; a passed "
-                               "check is recorded in OUT/data_check.json and not repeated on resume)",
-                               live=True),
+    "resume": Setting("process", None, str, "'auto' (OUT/last.pt if present) or a checkpoint path; the run's "
+                      "settings come from the checkpoint", live=True),
+    "skip_data_check": Setting("process", False, bool, "do not decode every listed image and mask before "
+                               "training (about half a minute of one core for VOC; a passed check is "
+                               "recorded in OUT/data_check.json and not repeated on resume)", live=True),
     "print_config": Setting("process", False, bool, "print the resolved settings and exit", live=True),
 }
 
 
 # ========================================================================================
 # THE METHOD: docs/METHOD.md sections 3 and 4, in the order of the steps. Losses, schedules,
-# one training iteration (steps 2-10) and the prototype initialisation that opens the
-# semi-supervised phase. `main` below runs it; the plumbing after it makes it run, resume
-# and report.
+# one training iteration (steps 2-10) and the prototype initialisation that opens the semi-
+# supervised phase. `main` below runs it; the plumbing after it makes it run, resume and report.
 # ========================================================================================
 
 # ----------------------------------------------------------------------------------------
 # Losses (steps 5-7; the prototype loss is prototypes.prototype_loss). Each returns a scalar
-# float32 tensor and never syncs with the host: counts stay tensors, empty selections
-# give 0, not NaN.
+# float32 tensor and never syncs with the host: counts stay tensors, empty selections give 0.
 
 def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000):
     """Online hard example mining CE (step 5).
@@ -457,11 +443,9 @@ def train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, step_rng, se
 
 @torch.no_grad()
 def labeled_features(model, dataset, cfg, ctx, max_per_class=3000):
-    """Student features (D-dim) and labels at grid-sampled pixels of the labeled images.
-
-    Every process reads its share of the images; the result is gathered on all processes,
-    then at most max_per_class pixels per class are kept at random.
-    """
+    """Student features (D-dim) and labels at grid-sampled pixels of the labeled images: every
+    process reads its share of the images, the result is gathered on all processes, then at
+    most max_per_class pixels per class are kept at random."""
     crop = cfg["crop_size"]
     grid = int(np.clip(math.sqrt(100_000 / max(len(dataset), 1)), 4, cfg["grid"]))
     gen = torch.Generator().manual_seed(cfg["seed"])
@@ -528,7 +512,6 @@ def start_semi_supervised(student, teacher, bank, labeled_set, cfg, ctx):
     teacher.load_state_dict(student.state_dict())
 
 
-
 # ========================================================================================
 # THE RUN: from the flags to final.json. Every function it calls after the method's is
 # plumbing, below.
@@ -546,7 +529,7 @@ def main(argv=None):
     # 2. the run directory (before joining the other processes: a failure stops the job at
     #    once), data, models, the schedule, the checkpoint's state, the data check
     try:
-        open_run_directory(cfg, ctx)
+        ctx.open_log(cfg["out"])
         ctx.connect()
         data, student, teacher, bank, optimizer, scaler = build_everything(cfg, ctx, ckpt is not None)
         check_batches(cfg, ctx, data)
@@ -559,24 +542,26 @@ def main(argv=None):
     except (SetupError, CheckpointError, data_lib.DataError, ValueError) as e:
         return report_errors([last_line(e)], ctx, cfg["out"])
     except Exception as e:  # a bug or a system error: its traceback follows, the log says why
-        ctx.log_error(f"{type(e).__name__}: {last_line(e)}")
+        ctx.write(f"error: {type(e).__name__}: {last_line(e)}")
         raise
-    save_config(cfg, ctx)
+    config_path = os.path.join(cfg["out"], "config.json")  # (a resumed run keeps its own)
+    if ctx.main and not (cfg["resume"] and os.path.exists(config_path)):
+        with open(config_path, "w") as f:
+            json.dump(cfg, f, indent=2)
+    for line in describe_config(cfg, ctx):
+        ctx.log(line)
     total = cfg["total_iters"]
     if start_iter >= total:
         ctx.log(f"resume: the run already finished ({start_iter}/{total} iterations); nothing to do")
         return 0
-    model = student
-    if ctx.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    model = student if ctx.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        student, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     model.train()
     received = []  # SIGTERM / SIGINT: save and stop, all processes together
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: received.append(signum))
     stop_vote = StopVote(received, ctx.world)
-    loaders = {"labeled": make_loader(data.labeled, cfg, ctx, stream=0, start_iter=start_iter)}
-    progress, metrics = Progress(cfg, start_iter, ctx.device), None
+    loaders, progress, metrics = {}, Progress(cfg, start_iter, ctx.device), None
 
     # 3. the loop: steps 2-10 per iteration, progress lines, evaluations, checkpoints
     for it in range(start_iter, total):
@@ -618,9 +603,8 @@ def main(argv=None):
 
     # 4. the end: final.json with the last and the best evaluation
     stop_vote.close()
-    summary = {"method": cfg["method"], "dataset": cfg["dataset"], "iters": total,
-               "miou": metrics["miou"], "miou_proto": metrics["miou_proto"],
-               "best_miou": best["miou"], "best_iter": best["iter"]}
+    summary = {"method": cfg["method"], "dataset": cfg["dataset"], "iters": total, "miou": metrics["miou"],
+               "miou_proto": metrics["miou_proto"], "best_miou": best["miou"], "best_iter": best["iter"]}
     if ctx.main:
         with open(os.path.join(cfg["out"], "final.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -657,64 +641,50 @@ def flag_name(key):
 def preset_help(key):
     """' (default: X)', or ' (preset: toy 64; voc 513; ...)' where the presets differ: what a
     flag left out becomes (auto: worked out from the data or the run)."""
-    values = {name: preset.get(key, SETTINGS[key].default) for name, preset in PRESETS.items()}
-    groups = {}  # value -> datasets, in PRESETS order
-    for name, value in values.items():
+    groups = {}  # repr(value) -> (value, datasets), in PRESETS order
+    for name, preset in PRESETS.items():
+        value = preset.get(key, SETTINGS[key].default)
         groups.setdefault(repr(value), (value, []))[1].append(name)
     if len(groups) == 1:
-        value = next(iter(values.values()))
         return "" if value is None or value is False else f" (default: {value})"
-    shown = "; ".join(f"{', '.join(names)} {'auto' if value is None else value}"
-                      for value, names in groups.values())
-    return f" (preset: {shown})"
+    return " (preset: " + "; ".join(f"{', '.join(names)} {'auto' if value is None else value}"
+                                    for value, names in groups.values()) + ")"
 
 
 def parse_args(argv=None):
-    """Every flag parses to None when left out, so that the flags the user gave can be told
-    from the defaults (a resumed run keeps its own); --help shows what they become."""
+    """{setting: value} of the flags the user gave: a flag left out is absent, not its
+    default (a resumed run keeps its own); --help shows what it becomes."""
     parser = argparse.ArgumentParser(description="PCR trainer (launch commands: the module docstring)")
     for key, setting in SETTINGS.items():
-        kind, text = setting.kind, setting.help + preset_help(key)
-        if kind is bool:
-            parser.add_argument(flag_name(key), action="store_const", const=True, help=text)
-        elif isinstance(kind, tuple):
-            parser.add_argument(flag_name(key), choices=kind, type=type(kind[0]), help=text)
-        else:
-            parser.add_argument(flag_name(key), type=kind, help=text)
-    return parser.parse_args(argv)
+        kind = setting.kind
+        parser.add_argument(flag_name(key), help=setting.help + preset_help(key), **(
+            dict(action="store_const", const=True) if kind is bool else
+            dict(choices=kind, type=type(kind[0])) if isinstance(kind, tuple) else dict(type=kind)))
+    return {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
 
 
-def explicit_flags(args):
-    """{setting: value} of the flags given on the command line."""
-    return {key: value for key, value in vars(args).items() if value is not None}
-
-
-def default_out(cfg):
-    """runs/{dataset}_{labeled}_{method}_s{seed}: another dataset, split, method or seed
-    never lands in (or resumes from) the run directory of the quick start. A folder
-    dataset is named after its root; without --labeled its labeled.txt is the split."""
-    name = cfg["dataset"]
-    if name == "folder" and cfg.get("data_root"):
-        name = "folder-" + (os.path.basename(os.path.normpath(cfg["data_root"])) or "root")
-    labeled = cfg["labeled"] if cfg["labeled"] is not None else "lists"
-    return os.path.join("runs", f"{name}_{labeled}_{cfg['method']}_s{cfg['seed']}")
-
-
-def resolve_config(args):
-    """The declared defaults, then the dataset's preset, then every flag the user gave."""
-    given = explicit_flags(args)
+def resolve_config(given):
+    """The declared defaults, then the dataset's preset, then every flag the user gave.
+    --out defaults to runs/{dataset}_{labeled}_{method}_s{seed}: another dataset, split,
+    method or seed never lands in (or resumes from) the run directory of the quick start. A
+    folder dataset is named after its root; without --labeled its labeled.txt is the split."""
     cfg = {key: setting.default for key, setting in SETTINGS.items()}
     cfg.update(PRESETS[given.get("dataset", cfg["dataset"])])
     cfg.update(given)
-    cfg["out"] = cfg["out"] or default_out(cfg)
+    if not cfg["out"]:
+        name = cfg["dataset"]
+        if name == "folder" and cfg["data_root"]:
+            name = "folder-" + (os.path.basename(os.path.normpath(cfg["data_root"])) or "root")
+        labeled = "lists" if cfg["labeled"] is None else cfg["labeled"]
+        cfg["out"] = os.path.join("runs", f"{name}_{labeled}_{cfg['method']}_s{cfg['seed']}")
     return cfg
 
 
 def read_settings(argv):
     """The run's settings and every problem found without writing a file, all at once.
     Returns (cfg, ctx, the checkpoint to resume or None, its path, errors)."""
-    args = parse_args(argv)
-    given, cfg = explicit_flags(args), resolve_config(args)
+    given = parse_args(argv)
+    cfg = resolve_config(given)
     errors, ckpt, path = [], None, None
     try:
         ctx = Context(cfg["device"])
@@ -726,17 +696,15 @@ def read_settings(argv):
             ckpt, path = find_resume_checkpoint(cfg, ctx)
         except (SetupError, CheckpointError) as e:
             errors.append(str(e))
-        stored, origin = (ckpt["config"], path) if ckpt is not None else (None, None)
-        if ckpt is None and cfg["resume"] == "auto":
-            # a run that stopped before its first checkpoint starts again, with its settings
-            stored, origin = stored_config(cfg["out"], "config.json"), os.path.join(cfg["out"], "config.json")
+        # without a checkpoint, --resume auto restarts a run that stopped before its first one
+        origin = path if ckpt is not None else os.path.join(cfg["out"], "config.json")
+        stored = ckpt["config"] if ckpt is not None else cfg["resume"] == "auto" and stored_config(origin)
         if stored:
             cfg, conflicts = resumed_config(cfg, given, stored, origin, ctx.log)
             errors += conflicts
     elif not cfg["print_config"]:  # (printing writes nothing)
         errors += occupied_out_error(cfg)
-    errors += flag_errors(cfg, ctx)
-    errors += file_errors(cfg, resuming=ckpt is not None)
+    errors += setup_errors(cfg, ctx, resuming=ckpt is not None)
     return cfg, ctx, ckpt, path, errors
 
 
@@ -747,9 +715,11 @@ def warmup_errors(cfg, total, source):
     return []
 
 
-def flag_errors(cfg, ctx):
-    """Every number out of its declared range, and a global batch that does not split over
-    the processes (torchrun's processes all find the same problem; rank 0 reports it)."""
+def setup_errors(cfg, ctx, resuming):
+    """Every number out of its declared range, a global batch that does not split over the
+    processes (torchrun's processes all find the same problem; rank 0 reports it), an --out
+    that cannot be written, a missing data root, split folder or ImageNet weights (data.py
+    checks the contents once the run directory exists)."""
     errors = []
     for key, setting in SETTINGS.items():
         value = cfg[key]
@@ -761,23 +731,14 @@ def flag_errors(cfg, ctx):
             errors.append(f"{flag_name(key)} {value}: must be {bound}")
     if cfg["iters"]:
         errors += warmup_errors(cfg, cfg["iters"], f"--iters {cfg['iters']}")
-    batch, world = cfg["batch_size"], ctx.world
-    if batch is None or batch < 1:
-        return errors  # (named above)
-    if batch % world:
+    batch, world = cfg["batch_size"] or 0, ctx.world  # (a batch below 1 is named above)
+    if batch >= 1 and batch % world:
         errors.append(f"--batch-size {batch} (global) does not split over {world} processes; pass a "
                       f"multiple of {world}, e.g. --batch-size {world * max(1, round(batch / world))}")
-    elif batch // world < 2 and not (ctx.device.type == "cuda" and world > 1):
+    elif batch >= 1 and batch // world < 2 and not (ctx.device.type == "cuda" and world > 1):
         # plain BatchNorm (ASPP's image pooling) needs two images; SyncBN pools processes
         errors.append(f"--batch-size {batch} leaves {batch // world} image per process; BatchNorm "
                       f"needs at least 2: pass --batch-size {2 * world}")
-    return errors
-
-
-def file_errors(cfg, resuming):
-    """An --out that cannot be written, a missing data root, split folder or ImageNet
-    weights, all at once (data.py checks the contents once the run directory exists)."""
-    errors = []
     existing = os.path.abspath(cfg["out"])
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -794,62 +755,56 @@ def file_errors(cfg, resuming):
     pretrained = cfg["pretrained"]
     named = pretrained in ("none", "torchvision") or pretrained.startswith("hub:")
     if not resuming and not named and not os.path.exists(pretrained):  # (a resumed run has them)
-        errors.append(
-            f"--pretrained: ImageNet weights not found at {pretrained}. The paper starts from the "
-            "deep-stem resnet101.pth / resnet50.pth that U2PL, UniMatch and CPS publish: put it "
-            "there or pass --pretrained PATH. Else --pretrained hub:resnet101s (same layout, timm's "
-            "weights, downloaded once; results may differ a little), --pretrained torchvision (7x7 "
-            "stem; results differ) or --pretrained none (from scratch; far below the paper).")
+        errors.append(f"--pretrained: ImageNet weights not found at {pretrained}. The paper starts from "
+                      "the deep-stem resnet101.pth / resnet50.pth that U2PL, UniMatch and CPS publish: put "
+                      "it there or pass --pretrained PATH. Else --pretrained hub:resnet101s (same layout, "
+                      "timm's weights, downloaded once; results may differ a little), --pretrained torchvision "
+                      "(7x7 stem; results differ) or --pretrained none (from scratch; far below the paper).")
     return errors
 
 
 def check_batches(cfg, ctx, data):
     """The schedule from the data's size and the number of processes: the local batch,
     iterations per epoch, total, warm-up, intervals."""
-    pool = len(data.unlabeled) if cfg["method"] != "supervised" else 0
-    if cfg["method"] != "supervised" and pool < cfg["batch_size"]:
+    if cfg["method"] != "supervised" and len(data.unlabeled) < cfg["batch_size"]:
         raise SetupError(f"--method {cfg['method']} needs at least --batch-size "
-                         f"({cfg['batch_size']}) unlabeled images, the split has {pool}")
+                         f"({cfg['batch_size']}) unlabeled images, the split has {len(data.unlabeled)}")
     cfg["local_batch"] = cfg["batch_size"] // ctx.world
     # an epoch is a pass over the unlabeled set (the labeled set for the supervised-only
     # baseline when there are no unlabeled images, so that it still has epochs)
     cfg["iters_per_epoch"] = max(1, (len(data.unlabeled) or len(data.labeled)) // cfg["batch_size"])
     cfg["total_iters"] = cfg["iters"] or cfg["epochs"] * cfg["iters_per_epoch"]
     cfg["total_epochs"] = math.ceil(cfg["total_iters"] / cfg["iters_per_epoch"])
-    errors = warmup_errors(cfg, cfg["total_iters"], f"--epochs {cfg['total_epochs']} x "
-                           f"{cfg['iters_per_epoch']} per epoch")
-    if errors:
-        raise SetupError(errors[0])
+    for error in warmup_errors(cfg, cfg["total_iters"], f"--epochs {cfg['total_epochs']} x "
+                               f"{cfg['iters_per_epoch']} per epoch"):
+        raise SetupError(error)
     if cfg["warmup_iters"] is None:
         cfg["warmup_iters"] = min(cfg["warmup_epochs"] * cfg["iters_per_epoch"], cfg["total_iters"] // 2)
     cfg["eval_every"] = cfg["eval_every"] or cfg["iters_per_epoch"]
     cfg["save_every"] = cfg["save_every"] or cfg["eval_every"]
 
 
-def same_setting(key, a, b):
-    if key in ("data_root", "split_dir", "pretrained") and a is not None and b is not None:
-        return os.path.abspath(str(a)) == os.path.abspath(str(b))
-    return a == b
-
-
 def differs(key, value, stored):
     """A setting that changes training, set here (not left to the run), that the stored
-    run has with another value."""
-    return (key in SETTINGS and not SETTINGS[key].live and value is not None and key in stored
-            and not same_setting(key, value, stored[key]))
+    run has with another value (paths compared as absolute paths)."""
+    if key not in SETTINGS or SETTINGS[key].live or value is None or key not in stored:
+        return False
+    if key in ("data_root", "split_dir", "pretrained") and stored[key] is not None:
+        return os.path.abspath(str(value)) != os.path.abspath(str(stored[key]))
+    return value != stored[key]
 
 
 def resumed_config(cfg, given, stored, origin, log):
     """The stored run's settings with the harmless flags the user gave (logged); a flag
     that would change training is an error naming both values."""
-    resumed = dict(cfg)  # keys a run of an older version did not store keep today's values
-    resumed.update({key: value for key, value in stored.items() if key not in DERIVED})
+    # keys a run of an older version did not store keep today's values
+    resumed = {**cfg, **{key: value for key, value in stored.items() if key not in DERIVED}}
     errors = []
     for key, value in given.items():
         if differs(key, value, stored):
-            errors.append(f"{flag_name(key)} {value} differs from the run's {flag_name(key)} "
-                          f"{stored[key]} ({origin}); a resumed run keeps its settings: drop the "
-                          f"flag, or start a new run with another --out")
+            errors.append(f"{flag_name(key)} {value} differs from the run's {flag_name(key)} {stored[key]} "
+                          f"({origin}); a resumed run keeps its settings: drop the flag, or start a new "
+                          "run with another --out")
             continue
         if key in stored and stored[key] != value and key not in ("out", "resume", "print_config"):
             log(f"resume: {flag_name(key)} {stored[key]} -> {value} (does not change training)")
@@ -860,11 +815,10 @@ def resumed_config(cfg, given, stored, origin, log):
     return resumed, errors
 
 
-def stored_config(out, name):
-    """The settings of the run in directory out (config.json, or a checkpoint's), or None."""
-    path = os.path.join(out, name)
+def stored_config(path):
+    """The settings stored at path (a run's config.json, or a checkpoint's), or None."""
     try:
-        if name.endswith(".json"):
+        if path.endswith(".json"):
             with open(path) as f:
                 return json.load(f)
         return torch.load(path, map_location="cpu", weights_only=True)["config"]
@@ -878,13 +832,13 @@ def occupied_out_error(cfg):
     out = cfg["out"]
     if not os.path.exists(os.path.join(out, "last.pt")):
         return []
-    stored = stored_config(out, "config.json") or stored_config(out, "last.pt") or {}
+    stored = (stored_config(os.path.join(out, "config.json"))
+              or stored_config(os.path.join(out, "last.pt")) or {})
     differences = [f"{flag_name(key)} {'unset' if stored[key] is None else stored[key]} there, "
                    f"{value} here" for key, value in cfg.items() if differs(key, value, stored)]
     if differences:
-        return [f"--out {out} already holds a run with other settings ({'; '.join(differences)}); "
-                "choose another --out, or continue that run with --resume auto (it keeps its "
-                "own settings)"]
+        return [f"--out {out} already holds a run with other settings ({'; '.join(differences)}); choose "
+                "another --out, or continue that run with --resume auto (it keeps its own settings)"]
     return [f"--out {out} already holds this run (last.pt); continue it with --resume auto, or "
             "choose another --out"]
 
@@ -906,16 +860,6 @@ def describe_config(cfg, ctx):
         f"{cfg['local_batch']}" + (f" + {cfg['local_batch']}" if semi else "") + " images each | OHEM "
         f"min kept {cfg['ohem_min_kept_per_image']} x {cfg['local_batch']} = "
         f"{ohem_min_kept(cfg, cfg['local_batch'])} per process"]
-
-
-def save_config(cfg, ctx):
-    """config.json (a resumed run keeps its own) and the config summary in the log."""
-    path = os.path.join(cfg["out"], "config.json")
-    if ctx.main and not (cfg["resume"] and os.path.exists(path)):
-        with open(path, "w") as f:
-            json.dump(cfg, f, indent=2)
-    for line in describe_config(cfg, ctx):
-        ctx.log(line)
 
 
 # ----------------------------------------------------------------------------------------
@@ -944,10 +888,8 @@ class Context:
     the setup checks have passed, so that a bad flag stops every process at once."""
 
     def __init__(self, device_flag):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.main = self.rank == 0
-        self.log_file, self.unwritten = None, []
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        self.main, self.log_file, self.unwritten = self.rank == 0, None, []
         self.device = pick_device(device_flag, int(os.environ.get("LOCAL_RANK", "0")))
 
     def connect(self):
@@ -955,29 +897,28 @@ class Context:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=30))
 
-    def open_log(self, path):
-        """Append to path from now on, starting with the lines logged before it was open."""
+    def open_log(self, out):
+        """Make the run directory OUT (a failure is a SetupError) and append to OUT/log.txt from
+        now on, starting with the lines logged before it was open."""
         if self.main:
-            self.log_file = open(path, "a")
-            self.write(self.unwritten)
+            try:
+                os.makedirs(out, exist_ok=True)
+                self.log_file = open(os.path.join(out, "log.txt"), "a")
+            except OSError as e:
+                raise SetupError(f"--out {out}: cannot write the run directory: {e}")
+            self.write(*self.unwritten)
 
-    def write(self, lines):
-        self.log_file.write("".join(line + "\n" for line in lines))
-        self.log_file.flush()
+    def write(self, *lines):
+        """Lines for log.txt alone (once it is open), such as errors printed to stderr."""
+        if self.log_file is not None:
+            self.log_file.write("".join(line + "\n" for line in lines))
+            self.log_file.flush()
 
     def log(self, *parts):
         if self.main:
             line = " ".join(str(p) for p in parts)
             print(line, flush=True)
-            if self.log_file:
-                self.write([line])
-            else:
-                self.unwritten.append(line)
-
-    def log_error(self, error):
-        """An error line in log.txt (its text went to stderr)."""
-        if self.log_file is not None:
-            self.write([f"error: {error}"])
+            self.write(line) if self.log_file else self.unwritten.append(line)
 
 
 def last_line(error):
@@ -993,19 +934,9 @@ def report_errors(errors, ctx, out):
         for error in errors:
             print(f"error: {error}", file=sys.stderr, flush=True)
         if ctx.log_file is None and os.path.exists(os.path.join(out, "log.txt")):
-            ctx.open_log(os.path.join(out, "log.txt"))
-        for error in errors:
-            ctx.log_error(error)
+            ctx.open_log(out)
+        ctx.write(*(f"error: {error}" for error in errors))
     return 2
-
-
-def open_run_directory(cfg, ctx):
-    if ctx.main:
-        try:
-            os.makedirs(cfg["out"], exist_ok=True)
-            ctx.open_log(os.path.join(cfg["out"], "log.txt"))
-        except OSError as e:
-            raise SetupError(f"--out {cfg['out']}: cannot write the run directory: {e}")
 
 
 def stop_on_bad_file(error, it, parts, best, step_rng, cfg, ctx):
@@ -1050,30 +981,28 @@ class StopVote:
     def __call__(self):
         if self.world == 1:
             return bool(self.received)
-        stop = False
-        if self.pending is not None:
-            work, flag = self.pending
-            work.wait()
-            stop = bool(flag.item())  # a CPU tensor: no device sync
+        stop = self.close()
         flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
         self.pending = dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.group, async_op=True), flag
         return stop
 
     def close(self):
-        if self.pending is not None:
-            self.pending[0].wait()
-            self.pending = None
+        """Waits for the vote in flight; returns whether it says stop."""
+        if self.pending is None:
+            return False
+        (work, flag), self.pending = self.pending, None
+        work.wait()
+        return bool(flag.item())  # a CPU tensor: no device sync
 
 
 # ----------------------------------------------------------------------------------------
 # Building: data, models, optimizer; the data check
 
 def build_everything(cfg, ctx, resuming=False):
-    """Data, student, teacher, prototype bank, optimizer, scaler. (file_errors has checked
+    """Data, student, teacher, prototype bank, optimizer, scaler. (setup_errors has checked
     the ImageNet weights; a resumed run does not need them.)"""
-    pretrained = cfg["pretrained"]
-    if resuming and pretrained != "torchvision":
-        pretrained = "none"  # the same deep-stem network; every weight comes from the checkpoint
+    # resumed: the same deep-stem network, every weight from the checkpoint
+    pretrained = "none" if resuming and cfg["pretrained"] != "torchvision" else cfg["pretrained"]
     data = data_lib.build_data(cfg["dataset"], cfg["data_root"], cfg["num_classes"], cfg["labeled"],
                                cfg["split_dir"], cfg["seed"], cfg["crop_size"],
                                out_dir=cfg["out"] if ctx.main else None, log=ctx.log)
@@ -1087,17 +1016,12 @@ def build_everything(cfg, ctx, resuming=False):
     on = cfg["channels_last"] in ("on", True) or (cfg["channels_last"] == "auto" and ctx.device.type == "cpu")
     ctx.memory_format = torch.channels_last if on else torch.contiguous_format
     student = student.to(memory_format=ctx.memory_format)
-    teacher = None
-    if cfg["method"] != "supervised":
-        teacher = copy.deepcopy(student).eval().requires_grad_(False)
-        teacher.checkpoint_activations = False  # no backward pass to recompute for
-    student.checkpoint_activations = cfg["checkpoint_activations"]
-    bank = None
-    if cfg["method"] == "pcr":
-        # own random stream, so that pcr, meanteacher and supervised share the warm-up exactly
-        bank = PrototypeBank(data.num_classes, cfg["num_prototypes"], student.feature_dim,
-                             cfg["proto_momentum"], cfg["temperature"],
-                             generator=torch.Generator().manual_seed(cfg["seed"] + 1)).to(ctx.device)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False) if cfg["method"] != "supervised" else None
+    student.checkpoint_activations = cfg["checkpoint_activations"]  # not the teacher's: no backward
+    # own random stream, so that pcr, meanteacher and supervised share the warm-up exactly
+    bank = None if cfg["method"] != "pcr" else PrototypeBank(
+        data.num_classes, cfg["num_prototypes"], student.feature_dim, cfg["proto_momentum"],
+        cfg["temperature"], generator=torch.Generator().manual_seed(cfg["seed"] + 1)).to(ctx.device)
     optimizer, scaler = make_optimizer(student, cfg, ctx.device)
     return data, student, teacher, bank, optimizer, scaler
 
@@ -1105,17 +1029,16 @@ def build_everything(cfg, ctx, resuming=False):
 def make_optimizer(student, cfg, device):
     """SGD over the backbone / head parameter groups (each remembers its base_lr for the
     poly schedule) and the GradScaler that guards every step."""
-    groups = param_groups(student, cfg["lr"], cfg["lr"] * cfg["head_lr_mult"])
-    for g in groups:
-        g["base_lr"] = g["lr"]
     # fused SGD skips a step with non-finite gradients on the device, without a host sync
+    groups = param_groups(student, cfg["lr"], cfg["lr"] * cfg["head_lr_mult"])
     optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"], fused=True)
-    # Zero momentum buffers up front. Fused SGD otherwise allocates them uninitialised on
-    # its first step and fills them in the kernel, which a non-finite first step (the rule
-    # under fp16, whose loss scale starts high) skips: the garbage then enters every later
-    # step. From zero, the first real step gives buf = grad, as a fresh buffer would.
-    for group in groups:
+    # Zero momentum buffers up front: fused SGD otherwise allocates them uninitialised on its
+    # first step and fills them in the kernel, which a non-finite first step (the rule under
+    # fp16's high first loss scale) skips, leaving garbage for every later step. From zero, the
+    # first real step gives buf = grad, as a fresh buffer would.
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
         for param in group["params"]:
             optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
     # fp16 needs loss scaling; for bf16/fp32 a scale of 1 just detects non-finite steps
@@ -1133,20 +1056,16 @@ def check_data_before_training(data, cfg, ctx):
     if cfg["skip_data_check"]:
         ctx.log("data check: skipped (--skip-data-check)")
         return
-    error = None
+    verdict = [None]  # rank 0's error message
     if ctx.main:
         try:
             data_lib.check_data(data, cfg["workers"], ctx.log, os.path.join(cfg["out"], "data_check.json"))
         except data_lib.DataError as e:
-            error = str(e)
+            verdict[0] = str(e)
     if ctx.world > 1:
-        verdict = [error]
         dist.broadcast_object_list(verdict, src=0)
-        error = verdict[0]
-    if error is not None:
-        if not ctx.main:
-            raise SystemExit(2)
-        raise data_lib.DataError(error)
+    if verdict[0] is not None:
+        raise data_lib.DataError(verdict[0]) if ctx.main else SystemExit(2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1155,30 +1074,23 @@ def check_data_before_training(data, cfg, ctx):
 # of workers, and a resumed run continues with exactly the batches it would have seen.
 
 class TrainKeys(torch.utils.data.Sampler):
-    """Endless (index, seed) keys for this process, from iteration start_iter on.
-
-    An epoch has iters_per_epoch iterations of global_batch images. The epoch's order is a
-    random permutation of the dataset (concatenated permutations when the dataset is
-    smaller: the labeled set is repeated to the length of the unlabeled epoch).
-    Process r of w takes every w-th image of each global batch.
-    """
+    """Endless (index, seed) keys for this process, from iteration start_iter on. An epoch
+    has iters_per_epoch iterations of global_batch images. The epoch's order is a random
+    permutation of the dataset (concatenated permutations when the dataset is smaller: the
+    labeled set is repeated to the length of the unlabeled epoch). Process r of w takes
+    every w-th image of each global batch."""
 
     def __init__(self, num_items, global_batch, iters_per_epoch, seed, stream, rank, world, start_iter):
-        self.n, self.batch, self.ipe = num_items, global_batch, iters_per_epoch
+        self.n, self.batch, self.ipe, self.start_iter = num_items, global_batch, iters_per_epoch, start_iter
         self.seed, self.stream, self.rank, self.world = seed, stream, rank, world
-        self.start_iter = start_iter
-
-    def epoch_keys(self, epoch):
-        rng = np.random.default_rng([self.seed, self.stream, epoch])
-        needed = self.ipe * self.batch
-        order = np.concatenate([rng.permutation(self.n) for _ in range(-(-needed // self.n))])
-        return order[:needed], rng.integers(0, 2**31 - 1, needed)
 
     def __iter__(self):
-        it = self.start_iter
+        it, needed = self.start_iter, self.ipe * self.batch
         while True:
             epoch = it // self.ipe
-            order, seeds = self.epoch_keys(epoch)
+            rng = np.random.default_rng([self.seed, self.stream, epoch])
+            order = np.concatenate([rng.permutation(self.n) for _ in range(-(-needed // self.n))])
+            seeds = rng.integers(0, 2**31 - 1, needed)
             for i in range(it - epoch * self.ipe, self.ipe):
                 for j in range(i * self.batch + self.rank, (i + 1) * self.batch, self.world):
                     yield int(order[j]), int(seeds[j])
@@ -1195,26 +1107,23 @@ def detach_worker(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset, cfg, ctx, stream, start_iter):
-    keys = TrainKeys(len(dataset), cfg["batch_size"], cfg["iters_per_epoch"], cfg["seed"], stream,
-                     ctx.rank, ctx.world, start_iter)
-    workers = cfg["workers"]
-    return iter(torch.utils.data.DataLoader(
-        dataset, batch_size=cfg["local_batch"], sampler=keys, num_workers=workers,
-        pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None, drop_last=True, worker_init_fn=detach_worker,
-        # its own generator: creating the iterator draws a seed, which must not come from the
-        # global RNG (dropout's), or a resumed run would diverge from an uninterrupted one
-        generator=torch.Generator().manual_seed(cfg["seed"])))
-
-
 def next_batch(loaders, data, cfg, ctx, it, semi):
-    """The iteration's labeled batch, and in the semi-supervised phase the unlabeled one
-    (its loader starts there), on the device."""
-    if semi and "unlabeled" not in loaders:
-        loaders["unlabeled"] = make_loader(data.unlabeled, cfg, ctx, stream=1, start_iter=it)
-    batch = {name: [x.to(ctx.device, non_blocking=True) for x in next(loaders[name])]
-             for name in (("labeled", "unlabeled") if semi else ("labeled",))}
+    """The iteration's labeled batch, and in the semi-supervised phase the unlabeled one, on
+    the device. A loader (random stream 0: labeled, 1: unlabeled) starts at its first batch."""
+    names = ("labeled", "unlabeled") if semi else ("labeled",)
+    for stream, name in enumerate(names):
+        if name not in loaders:
+            dataset, workers = getattr(data, name), cfg["workers"]
+            keys = TrainKeys(len(dataset), cfg["batch_size"], cfg["iters_per_epoch"], cfg["seed"], stream,
+                             ctx.rank, ctx.world, start_iter=it)
+            loaders[name] = iter(torch.utils.data.DataLoader(
+                dataset, batch_size=cfg["local_batch"], sampler=keys, num_workers=workers,
+                pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None, drop_last=True, worker_init_fn=detach_worker,
+                # its own generator: creating the iterator draws a seed, which must not come from
+                # the global RNG (dropout's), or a resumed run would diverge from an uninterrupted one
+                generator=torch.Generator().manual_seed(cfg["seed"])))
+    batch = {name: [x.to(ctx.device, non_blocking=True) for x in next(loaders[name])] for name in names}
     for x in batch.values():
         x[0] = x[0].contiguous(memory_format=ctx.memory_format)
     return batch
@@ -1222,12 +1131,6 @@ def next_batch(loaders, data, cfg, ctx, it, semi):
 
 # ----------------------------------------------------------------------------------------
 # Checkpoints: written atomically; last.pt keeps its predecessor as last.prev.pt
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
 
 def load_checkpoint(path, flag="--resume"):
     """Read a checkpoint written by this script; a missing file is a SetupError, a damaged
@@ -1259,19 +1162,16 @@ def find_resume_checkpoint(cfg, ctx):
     return None, None
 
 
-def rng_state(step_rng):
+def save_checkpoint(name, it, parts, best, step_rng, cfg, ctx):
+    """Gather every process's RNG state, then rank 0 writes OUT/name atomically (a temporary
+    file, renamed: a crash never leaves half a file). A student holding non-finite values is
+    not written, so that the last good checkpoint stays."""
     state = {"torch": torch.get_rng_state(), "step": step_rng.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def save_checkpoint(name, it, parts, best, step_rng, cfg, ctx):
-    """Gather every process's RNG state, then rank 0 writes OUT/name atomically. A student
-    holding non-finite values is not written, so that the last good checkpoint stays."""
-    states = [rng_state(step_rng)] * ctx.world
+    states = [state] * ctx.world
     if ctx.world > 1:
-        dist.all_gather_object(states, rng_state(step_rng))
+        dist.all_gather_object(states, state)
     if not ctx.main:
         return
     weights = [v for v in parts["student"].state_dict().values() if v.is_floating_point()]
@@ -1284,7 +1184,8 @@ def save_checkpoint(name, it, parts, best, step_rng, cfg, ctx):
     path = os.path.join(cfg["out"], name)
     if name == "last.pt" and os.path.exists(path):
         os.replace(path, os.path.join(cfg["out"], "last.prev.pt"))
-    atomic_save(ckpt, path)
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def resume(ckpt, path, parts, step_rng, ctx):
@@ -1297,10 +1198,10 @@ def resume(ckpt, path, parts, step_rng, ctx):
                 part.load_state_dict(ckpt[key])
     except (RuntimeError, ValueError, KeyError) as e:
         saved = ckpt.get("config", {})
-        raise SetupError(
-            f"--resume {path}: the checkpoint does not fit this run (it was --method "
-            f"{saved.get('method')} --backbone {saved.get('backbone')} --width {saved.get('width')} "
-            f"with {saved.get('num_classes')} classes): {str(e).strip().splitlines()[0]}")
+        raise SetupError(f"--resume {path}: the checkpoint does not fit this run (it was --method "
+                         f"{saved.get('method')} --backbone {saved.get('backbone')} --width "
+                         f"{saved.get('width')} with {saved.get('num_classes')} classes): "
+                         f"{str(e).strip().splitlines()[0]}")
     if len(ckpt["rng"]) == ctx.world:
         state = ckpt["rng"][ctx.rank]
         torch.set_rng_state(state["torch"])
@@ -1320,11 +1221,9 @@ def resume(ckpt, path, parts, step_rng, ctx):
 @torch.no_grad()
 def average_buffers(module, ctx):
     """Replace the floating-point buffers (BN running statistics) by their mean over processes.
-
     Plain BatchNorm (CPU; CUDA uses SyncBatchNorm) updates its statistics from the local
     batch only, so they drift apart between processes, and so would the teacher, their
-    EMA, and its evaluation. Mean of running means = running mean of the global batch.
-    """
+    EMA, and its evaluation. Mean of running means = running mean of the global batch."""
     buffers = [b for b in module.buffers() if b.dtype.is_floating_point]
     flat = torch.cat([b.reshape(-1) for b in buffers])
     dist.all_reduce(flat)  # SUM: gloo has no AVG
@@ -1359,12 +1258,12 @@ def unwrap(model):
 
 class Progress:
     """Loss sums and non-finite streaks, kept on the device by add() (no host sync) and read
-    back by take() once per --log-every; speed and ETA. The clock counts training only:
-    the k-means and evaluations run inside pause(), an evaluation's time is kept for the
-    ETA. The ETA prices the warm-up and semi-supervised iterations left each at its own
-    measured duration, plus the evaluations left. A semi-supervised iteration not yet
-    measured is guessed at SEMI_COST_GUESS warm-up ones (twice the student's images and the
-    teacher's pass; measured 1.8-2.1x at the paper's scale, 2-3x for the toy's small steps)."""
+    back by take() once per --log-every; speed and ETA. The clock counts training only: the
+    k-means and evaluations run inside pause(), an evaluation's time is kept for the ETA, which
+    prices the warm-up and semi-supervised iterations left each at its own measured duration,
+    plus the evaluations left. A semi-supervised iteration not yet measured is guessed at
+    SEMI_COST_GUESS warm-up ones (twice the student's images and the teacher's pass; measured
+    1.8-2.1x at the paper's scale, 2-3x for the toy's small steps)."""
     SEMI_COST_GUESS = 2.5
 
     def __init__(self, cfg, start_iter, device, clock=time.monotonic):
@@ -1463,10 +1362,9 @@ def log_progress(progress, optimizer, cfg, ctx, it, semi):
     means, skipped, longest, bad_iter, bad_terms = progress.take(ctx.world)
     if longest >= 5:
         bad = [n for n, b in zip(LOSS_TERMS, bad_terms) if b]
-        ctx.log(f"error: the loss was non-finite for {longest} iterations in a row, last "
-                f"at iteration {bad_iter} (terms: {', '.join(bad) or 'total'}). Stopping without "
-                f"saving; the last good checkpoint is {cfg['out']}/last.pt. Try a lower --lr "
-                f"or --amp bf16/none.")
+        ctx.log(f"error: the loss was non-finite for {longest} iterations in a row, last at iteration "
+                f"{bad_iter} (terms: {', '.join(bad) or 'total'}). Stopping without saving; the last good "
+                f"checkpoint is {cfg['out']}/last.pt. Try a lower --lr or --amp bf16/none.")
         return False
     speed = progress.speed(done)
     eta, evaluations_left_out = progress.eta(done)
@@ -1481,14 +1379,13 @@ def log_progress(progress, optimizer, cfg, ctx, it, semi):
 
 def run_evaluation(student, teacher, bank, data, cfg, ctx, semi):
     """Teacher (student before the semi-supervised phase), linear and prototype heads."""
-    model = teacher if semi and teacher is not None else student
+    model = teacher if semi else student  # (semi: a method with a teacher)
     was_training = model.training
     model.eval()
     results = evaluate_lib.evaluate(
-        model, data.val, data.num_classes, ctx.device, mode=cfg["eval_mode"],
-        crop_size=cfg["crop_size"], heads=("linear", "proto") if semi and bank is not None else ("linear",),
-        bank=bank, amp=None if cfg["amp"] == "none" else cfg["amp"], rank=ctx.rank,
-        world_size=ctx.world, log=ctx.log)
+        model, data.val, data.num_classes, ctx.device, mode=cfg["eval_mode"], crop_size=cfg["crop_size"],
+        heads=("linear", "proto") if semi and bank is not None else ("linear",), bank=bank,
+        amp=None if cfg["amp"] == "none" else cfg["amp"], rank=ctx.rank, world_size=ctx.world, log=ctx.log)
     model.train(was_training)
     return results
 
@@ -1499,16 +1396,13 @@ def record_evaluation(results, best, data, cfg, ctx, it, semi):
     done, linear = it + 1, results["linear"]
     if linear["miou"] > best["miou"]:
         best.update(miou=linear["miou"], iter=done)
-    metrics = {"iter": done, "epoch": it // cfg["iters_per_epoch"],
-               "model": "teacher" if semi and cfg["method"] != "supervised" else "student",
-               "miou": linear["miou"], "pixel_acc": linear["pixel_acc"],
-               "mean_acc": linear["mean_acc"], "iou": linear["iou"],
-               "miou_proto": results["proto"]["miou"] if "proto" in results else None,
+    metrics = {"iter": done, "epoch": it // cfg["iters_per_epoch"], "model": "teacher" if semi else "student",
+               "miou": linear["miou"], "pixel_acc": linear["pixel_acc"], "mean_acc": linear["mean_acc"],
+               "iou": linear["iou"], "miou_proto": results["proto"]["miou"] if "proto" in results else None,
                "best_miou": best["miou"]}
     ctx.log(evaluate_lib.format_table(linear, data.class_names))
-    ctx.log(f"eval it {done}: mIoU {linear['miou']:.2f}"
-            + (f" | prototype head {metrics['miou_proto']:.2f}" if "proto" in results else "")
-            + f" | best {best['miou']:.2f} (it {best['iter']})")
+    ctx.log(f"eval it {done}: mIoU {linear['miou']:.2f}" + (f" | prototype head {metrics['miou_proto']:.2f}"
+            if "proto" in results else "") + f" | best {best['miou']:.2f} (it {best['iter']})")
     if ctx.main:
         with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
