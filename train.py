@@ -609,7 +609,8 @@ def main(argv=None):
         with open(os.path.join(cfg["out"], "final.json"), "w") as f:
             json.dump(summary, f, indent=2)
     ctx.log("final: " + json.dumps(summary))
-    if ctx.world > 1:
+    if ctx.world > 1:  # the barrier lets gloo's threads free the last collectives' tensors
+        dist.barrier()  # first: on torch 2.4 that free waits for the GIL destroy holds
         dist.destroy_process_group()
     return 0
 
