@@ -73,11 +73,8 @@ def conv1x1(in_channels, out_channels, stride=1):
 
 
 class BasicBlock(nn.Module):
-    """relu(x' + bn2(conv2(relu(bn1(conv1(x)))))), two 3x3 convs; x' = downsample(x) or x.
-
-    Unlike torchvision's BasicBlock, dilation > 1 is allowed (both convs are dilated), so
-    resnet18/34 can run at output stride 8 or 16.
-    """
+    """Two 3x3 convs and the residual. Unlike torchvision's BasicBlock, dilation > 1 is allowed (both
+    convs are dilated), so resnet18/34 can run at output stride 8 or 16."""
 
     expansion = 1
 
@@ -98,10 +95,8 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """relu(x' + bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x))))))))), 1x1 -> 3x3 -> 1x1 (x4).
-
-    The stride sits on the 3x3 conv2 (torchvision / "ResNet v1.5", also the field's layout).
-    """
+    """1x1 -> 3x3 -> 1x1 (x4 channels) and the residual; the stride sits on the 3x3 conv2
+    (torchvision / "ResNet v1.5", also the field's layout)."""
 
     expansion = 4
 
@@ -164,8 +159,7 @@ def layer_dilations(num_blocks, output_stride):
     OS16: layer3 strided as usual; layer4 stride 1, dilations (1, 2, 2, ...), as
           torchvision's replace_stride_with_dilation=[False, False, True].
     Outside multi-grid, the first block of a dilated layer keeps the previous dilation:
-    it replaces the strided conv, whose input still had the previous spacing.
-    """
+    it replaces the strided conv, whose input still had the previous spacing."""
     _, n2, n3, n4 = num_blocks
     if output_stride not in (8, 16):
         raise ValueError(f"output_stride must be 8 or 16 (--output-stride), got {output_stride}")
@@ -182,8 +176,7 @@ class ResNet(nn.Module):
                      conv 64->128), then bn1 + ReLU; 128 channels enter layer1.
     deep_stem=False: conv1 = 7x7 conv 3->64 s2 (torchvision), bn1 + ReLU; 64 channels.
     Both: max-pool 3x3 s2 pad 1 with ceil_mode=True, so an H x W image gives
-    layer1 maps of size ceil(ceil(H/2)/2) for odd sizes too (65 -> 33 -> 17).
-    """
+    layer1 maps of size ceil(ceil(H/2)/2) for odd sizes too (65 -> 33 -> 17)."""
 
     def __init__(self, backbone="resnet101", output_stride=8, deep_stem=True, width=1.0):
         super().__init__()
@@ -259,8 +252,7 @@ class ASPP(nn.Module):
     Branches: 1x1 conv; three 3x3 convs with the given dilations; image pooling
     (global average -> 1x1 conv -> BN -> ReLU, broadcast back to the map size).
     The pooling branch's BN sees one value per image and channel, so in train mode it
-    needs a batch of at least 2 images (eval mode works with batch 1).
-    """
+    needs a batch of at least 2 images (eval mode works with batch 1)."""
 
     def __init__(self, in_channels, dilations, channels=256):
         super().__init__()
@@ -285,16 +277,11 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLabV3+ returning (logits, feature, aux_logits), all at their native stride.
-
-    logits     (B,K,h4,w4): linear predictor on f, stride 4 (layer1's size).
-    feature    (B,512,h4,w4): f = cat(1x1 conv(layer1), up(3x3 conv(ASPP(layer4)))).
-    aux_logits (B,K,h3,w3) on layer3 (stride 8 at OS8, 16 at OS16), or None if aux=False.
-    Upsampling to image size is the caller's job (bilinear, align_corners=True).
+    """DeepLabV3+ of the module docstring's diagram, returning (logits, feature, aux_logits), all at their
+    native stride: logits and feature f at stride 4, aux_logits at layer3's (8 at OS8, 16 at OS16).
     checkpoint_activations (attribute, default False): a forward in train mode with gradients
     recomputes the backbone's stem and residual blocks in the backward pass: less memory,
-    more time, the same numbers (no-grad and eval passes, such as a teacher's, never do).
-    """
+    more time, the same numbers (no-grad and eval passes, such as a teacher's, never do)."""
 
     def __init__(self, num_classes, backbone="resnet101", output_stride=8, aux=False,
                  deep_stem=True, dropout=0.1, width=1.0):
@@ -377,12 +364,10 @@ def _load_checked(backbone, state_dict, source):
 
 
 def load_backbone_weights(backbone, path):
-    """Load a deep-stem (or 7x7-stem) ImageNet checkpoint file into `backbone` in place.
-
-    Accepts a plain state_dict or one stored under "state_dict" / "model"; strips a
-    leading "module." (DataParallel) prefix and ignores fc.* (the classifier).
-    FileNotFoundError if `path` does not exist; ValueError if torch cannot read it or its
-    keys/shapes do not match (the message lists every offending key)."""
+    """Load a deep-stem (or 7x7-stem) ImageNet checkpoint file into `backbone` in place: a plain
+    state_dict or one stored under "state_dict" / "model", a leading "module." (DataParallel) stripped,
+    fc.* (the classifier) ignored. FileNotFoundError if `path` does not exist; ValueError if torch
+    cannot read it or its keys/shapes do not match (the message lists every offending key)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist (--pretrained "
@@ -482,8 +467,7 @@ def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False,
     "hub:NAME"    deep stem, timm's Gluon v1s ImageNet weights from the Hugging Face hub
                   (HUB_WEIGHTS; downloaded once into torch's hub cache);
     a path        deep stem, weights from that checkpoint (load_backbone_weights).
-    width scales every layer's channels; ImageNet weights exist for width 1 only.
-    """
+    width scales every layer's channels; ImageNet weights exist for width 1 only."""
     if pretrained != "none" and width != 1.0:
         raise ValueError(f"--width {width}: pretrained weights (--pretrained {pretrained}) "
                          "exist only for width 1.0; pass --pretrained none")
@@ -503,10 +487,8 @@ def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False,
 
 
 def param_groups(model, lr, head_lr):
-    """Optimizer groups: backbone at `lr`, everything else (ASPP, decoder, heads) at `head_lr`.
-
-    A DistributedDataParallel / DataParallel wrapper is unwrapped first.
-    """
+    """Optimizer groups: backbone at `lr`, everything else (ASPP, decoder, heads) at `head_lr`; a
+    DistributedDataParallel / DataParallel wrapper is unwrapped first."""
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     backbone_params = list(model.backbone.parameters())
