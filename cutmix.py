@@ -36,11 +36,8 @@ def cutmix_mask(batch_size, height, width, p=0.5, *, generator, device=None):
     where that range is empty, w = W), height h = round(H W / (2 w)) with ties to even
     as numpy rounds (so w h ~ H W / 2, and h < H), top-left corner uniform over the
     positions that keep the box inside the image.
-    Returns bool (B, H, W), True inside the box, on `device` (default: the generator's
-    device). Random numbers come from `generator` (required, never the global RNG); the
-    same number of them is drawn whether or not the coin succeeds, so a seeded run stays
-    reproducible.
-    """
+    Returns bool (B, H, W), True inside the box, on `device` (default: the generator's). As many
+    numbers are drawn from `generator` whether or not the coin succeeds: a seeded run stays reproducible."""
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"cutmix_mask: generator must be a torch.Generator (this module never "
                         f"draws from the global RNG), got {type(generator).__name__}")
@@ -80,8 +77,7 @@ def mix(x, mask):
     mask bool (B, H, W) from `cutmix_mask`. Returns
         out[i] = where(mask[i], x[(i + 1) mod B], x[i])
     with the mask broadcast over the dimensions between B and (H, W). Applying the same
-    mask to images, pseudo-labels and confidences keeps them consistent.
-    """
+    mask to images, pseudo-labels and confidences keeps them consistent."""
     if mask.dim() != 3 or x.dim() < 3 or x.shape[0] != mask.shape[0] or x.shape[-2:] != mask.shape[-2:]:
         raise ValueError(f"mix: x must be (B, ..., H, W) matching mask (B, H, W), got "
                          f"x {tuple(x.shape)} and mask {tuple(mask.shape)}")

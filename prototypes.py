@@ -37,8 +37,7 @@ class PrototypeBank(nn.Module):
         logit[k] = max_m cos(f, p[k, m]) / temperature
     The prototypes are stored raw (not normalised) in the buffer `prototypes` (K, M, D),
     which is part of `state_dict()`, and are normalised only when used. They follow the
-    features by a momentum update (`update`), never by gradient.
-    """
+    features by a momentum update (`update`), never by gradient."""
 
     def __init__(self, num_classes, num_prototypes, dim, momentum=0.99, temperature=0.1, *,
                  generator):
@@ -57,8 +56,7 @@ class PrototypeBank(nn.Module):
         self.dim = dim
         self.momentum = momentum
         self.temperature = temperature
-        # Initial prototypes ~ N(0, 1) from `generator`, on its device (a CPU generator
-        # seeded s gives the numbers torch.randn gives after torch.manual_seed(s)).
+        # (a CPU generator seeded s gives the numbers torch.randn gives after torch.manual_seed(s))
         self.register_buffer("prototypes", torch.randn(num_classes, num_prototypes, dim,
                                                        generator=generator, device=generator.device))
 
@@ -76,8 +74,7 @@ class PrototypeBank(nn.Module):
 
         logits[n, k] = max_m <f_n / |f_n|, p_km / |p_km|> / temperature
         nearest[n, k] = argmax_m of the same cosine.
-        Gradient flows to `features` only (the prototypes are a buffer).
-        """
+        Gradient flows to `features` only (the prototypes are a buffer)."""
         self._check_features(features, "forward")
         num_classes, num_prototypes, dim = self.prototypes.shape
         # Cosines in bf16 would have ~3 significant digits, and after dividing by
@@ -100,8 +97,7 @@ class PrototypeBank(nn.Module):
         Prototypes that received no pixel are unchanged. group=None: this process's pixels
         only, no collective. group=a process group (torch.distributed.group.WORLD for all
         processes): s and c are first summed over its ranks by one all_reduce, so the ranks
-        stay identical; every rank of the group must then call update.
-        """
+        stay identical; every rank of the group must then call update."""
         self._check_features(features, "update")
         if targets.shape != features.shape[:1]:
             raise ValueError(f"PrototypeBank.update: targets must have shape ({features.shape[0]},), "
@@ -116,9 +112,8 @@ class PrototypeBank(nn.Module):
         num_points = features.shape[0]
         valid = (targets >= 0) & (targets < num_classes)                           # (N,)
         safe_target = targets.clamp(0, num_classes - 1)
-        # nearest[n, target[n]] as one gather from the flat (N*K,) view: on CPU 1.5-2x faster
-        # than advanced indexing or gather once `nearest` has left the cache (it has, after
-        # the backward pass).
+        # nearest[n, target[n]] as one gather from the flat (N*K,) view: on CPU 1.5-2x faster than advanced
+        # indexing or gather once `nearest` has left the cache (it has, after the backward pass).
         flat_index = torch.arange(0, num_points * num_classes, num_classes,
                                   device=targets.device).add_(safe_target)         # (N,)
         nearest_in_target = nearest.reshape(-1).index_select(0, flat_index)        # (N,)
@@ -147,11 +142,8 @@ class PrototypeBank(nn.Module):
         the l2-normalised features: greedy k-means++ seeding on the cosine distance
         1 - cos, then `iters` Lloyd steps (assign to the most similar centre, centre =
         normalised mean of its members; a centre that loses all members stays put).
-        A class with fewer than M samples repeats its samples; a class absent from
-        `labels` keeps its prototypes.
-        Random draws use `generator` (required, any device). Returns bool (K,): classes
-        initialised.
-        """
+        A class with fewer than M samples repeats its samples; a class absent from `labels` keeps its
+        prototypes. Draws use `generator` (required, any device). Returns bool (K,): classes initialised."""
         _check_generator(generator, "PrototypeBank.init_kmeans")
         self._check_features(features, "init_kmeans")
         if labels.shape != features.shape[:1]:
@@ -180,8 +172,7 @@ def prototype_loss(prototype_logits, target, ignore_index=255):
     valid target, on the logits of PrototypeBank.forward (pre-update prototypes).
 
     prototype_logits (N, K) = max_m cos(f, p_km) / T; target (N,) with 255 = ignore.
-    L = sum_{valid} -log softmax(prototype_logits)[target] / #valid.
-    """
+    L = sum_{valid} -log softmax(prototype_logits)[target] / #valid."""
     valid = target != ignore_index
     # As one (1, K, N) map: the CPU softmax over a last dimension of K classes is 4x slower
     # (fwd + bwd, N = 16384, K = 6) than over K planes of N pixels.
@@ -195,8 +186,7 @@ class _Cosine(torch.autograd.Function):
     f (N, D) and unit vectors u (J, D), with a hand-written gradient (to f only):
         grad f_n = (sum_j g[n, j] u_j - (sum_j g[n, j] cos[n, j]) f_n / |f_n|) / |f_n|
     one matmul and one pass over f, where autograd through the normalisation makes
-    several: 3x faster at N = 16384, D = 128 on a CPU core, a visible part of a small step.
-    """
+    several: 3x faster at N = 16384, D = 128 on a CPU core, a visible part of a small step."""
 
     @staticmethod
     def forward(ctx, features, units):
@@ -225,8 +215,7 @@ def sum_rows_by_index(values, index, num_rows, grouped=None):
     multiples of one plain read of `values` (values.sum(0)), 2 threads / 1 thread:
     grouped 1.3x / 1.2x, index_add_ 1.3-1.5x / 1.5x, sparse (num_rows, N) matmul
     1.6-1.8x / 1.0x (single-threaded). CUDA: index_add_ (atomics) for sums and counts,
-    since the grouped path and bincount both read a number on the host.
-    """
+    since the grouped path and bincount both read a number on the host."""
     if grouped is None:
         grouped = not values.is_cuda
     if not grouped:  # no bincount here: on CUDA it reads the largest index on the host
@@ -243,7 +232,6 @@ def sum_rows_by_index(values, index, num_rows, grouped=None):
 
 
 def _check_generator(generator, where):
-    """This file never draws from the global RNG: every random draw needs a generator."""
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"{where}: generator must be a torch.Generator (this module never "
                         f"draws from the global RNG), got {type(generator).__name__}")
@@ -265,8 +253,7 @@ def _cosine_kmeans(samples, num_centres, iters, generator):
     candidates drawn with probability proportional to their cosine distance
     d = 1 - max cos to the seeds so far (= squared Euclidean distance / 2 on the sphere),
     "best" meaning the smallest sum of d afterwards. Plain k-means++ puts two seeds in
-    one cluster a few percent of the time, and Lloyd steps cannot undo that.
-    """
+    one cluster a few percent of the time, and Lloyd steps cannot undo that."""
     num_samples = samples.shape[0]
     trials = 2 + int(math.log(num_centres))
     first = _draw(torch.ones(num_samples), 1, generator).to(samples.device)
@@ -303,9 +290,7 @@ def sample_points(height, width, grid=32, *, generator, device=None):
 
     G = min(grid, H, W) so that no cell is empty. Cell (i, j) spans rows
     [floor(i H / G), floor((i + 1) H / G)) and columns [floor(j W / G), floor((j + 1) W / G)).
-    Returns ys, xs: int64 (G*G,), cell (i, j) at index i*G + j, on `device` (default:
-    the generator's device). Random numbers come from `generator` (required).
-    """
+    Returns ys, xs: int64 (G*G,), cell (i, j) at index i*G + j, on `device` (default: the generator's)."""
     _check_generator(generator, "sample_points")
     if height < 1 or width < 1 or grid < 1:
         raise ValueError(f"sample_points: height, width and grid must be >= 1, got "
@@ -340,8 +325,7 @@ def sample_features(feature_map, ys, xs, image_size, rows=None):
     a = y' - floor(y'), and likewise for columns.
     Computed and returned in float32 (float64 for float64 input). Differentiable
     w.r.t. feature_map. rows=None picks the faster gather for the device (see below);
-    True / False force the pixel-row or the strided gather (same result).
-    """
+    True / False force the pixel-row or the strided gather (same result)."""
     if feature_map.dim() != 4:
         raise ValueError(f"sample_features: feature_map must be (B, C, h, w), got {tuple(feature_map.shape)}")
     if ys.shape != xs.shape or ys.dim() != 1:
@@ -391,8 +375,7 @@ class _WeightedRowSum(torch.autograd.Function):
     Forward is one embedding_bag (mode "sum" with per-sample weights). Backward is another:
     grad_rows[r] = sum over the (n, k) with index[n, k] = r of weight[n, k] grad[n], the
     (n, k) sorted by r (stably, so the sum's order is fixed). Unlike index_add_, it never
-    builds the (N*K, C) weighted copies of grad. Gradient to rows only.
-    """
+    builds the (N*K, C) weighted copies of grad. Gradient to rows only."""
 
     @staticmethod
     def forward(ctx, rows, index, weight):
