@@ -195,8 +195,7 @@ def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000):
     If #valid < min_kept every valid pixel is kept; otherwise pixels with
     p_i <= max(thresh, p_(min_kept)) are kept, p_(k) being the k-th smallest p.
     L = sum_{kept} -log p_i / #kept.
-    logits (B, K, H, W), target (B, H, W).
-    """
+    logits (B, K, H, W), target (B, H, W)."""
     logits = logits.float()
     valid = target != IGNORE
     safe_target = torch.where(valid, target, 0)
@@ -235,8 +234,7 @@ def entropy_filtered_cross_entropy(logits, pseudo_label, entropy, drop_fraction)
     entropy H = -sum_k q_k log q_k are ignored. As U2PL's compute_unsupervised_loss:
         L = (N / #kept) * mean_{kept} -log p[y_u],   N = B * H * W (all pixels, padding too)
     so L is 1 / (1 - drop) times the plain mean when nothing is padded.
-    logits (B, K, H, W), pseudo_label / entropy (B, H, W).
-    """
+    logits (B, K, H, W), pseudo_label / entropy (B, H, W)."""
     valid = pseudo_label != IGNORE
     num_valid = valid.sum()
     # the threshold is the first dropped value in ascending order, invalid pixels first (as
