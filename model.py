@@ -14,17 +14,13 @@ The backbone's state_dict keys follow the deep-stem ImageNet checkpoints distrib
 prior semi-supervised segmentation work (`resnet101.pth`); with deep_stem=False they
 follow torchvision's resnet so that torchvision's ImageNet weights load.
 
-The interface the trainer, the evaluator and the prototype bank rely on (a new backbone
-or decoder must keep it):
-    model(x) -> (logits, feature, aux_logits), each at its native stride (the callers
-                upsample, bilinear with align_corners=True); aux_logits is None without
-                an aux head
+The interface the trainer, evaluator and prototype bank rely on (a new backbone or decoder must keep it):
+    model(x) -> (logits, feature, aux_logits), each at its native stride (the callers upsample, bilinear
+                with align_corners=True); aux_logits is None without an aux head
     model.feature_dim  channels of `feature`, the dimension of the prototypes (512)
-    model.backbone     the ImageNet-initialised part: param_groups gives it the base lr
-                       and everything else the head lr
+    model.backbone     the ImageNet-initialised part: param_groups gives it the base lr, the rest the head lr
     model.num_classes  K
-A new ResNet depth is one entry in BACKBONES; train.py and bench.py take their
---backbone choices from it.
+A new ResNet depth is one entry in BACKBONES; train.py and bench.py take their --backbone choices from it.
 
 Imports only torch and torchvision, so the file can be copied into another project on its
 own. Usage (tests/test_copyable.py runs it on this file alone; random init, tiny width):
@@ -142,11 +138,10 @@ def applied(x, *modules):
 
 
 def recomputed(x, *modules):
-    """applied(x, *modules), keeping only x for the backward pass, which applies the modules
-    again to recompute their activations (torch.utils.checkpoint, non-reentrant: autocast
-    and dropout's random draws are replayed). BN in train mode normalises with the batch's
-    statistics, so the recomputation gives the same output, but it would update the running
-    statistics a second time: it runs under buffers_untouched."""
+    """applied(x, *modules), keeping only x for the backward pass, which applies the modules again to
+    recompute their activations (torch.utils.checkpoint, non-reentrant: autocast and dropout's random draws
+    are replayed). BN in train mode normalises with the batch's statistics, so the recomputation gives the
+    same output, but it would update the running statistics a second time: it runs under buffers_untouched."""
     return checkpoint(applied, x, *modules, use_reentrant=False,
                       context_fn=lambda: (nullcontext(), buffers_untouched(modules)))
 
@@ -182,8 +177,7 @@ class ResNet(nn.Module):
         super().__init__()
         c = lambda channels: scaled(channels, width)
         if backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {backbone!r} (--backbone); "
-                             f"choose one of {sorted(BACKBONES)}")
+            raise ValueError(f"unknown backbone {backbone!r} (--backbone); choose one of {sorted(BACKBONES)}")
         block_name, num_blocks = BACKBONES[backbone]
         block = BasicBlock if block_name == "basic" else Bottleneck
         layer2, layer3, layer4 = layer_dilations(num_blocks, output_stride)
@@ -240,24 +234,20 @@ def scaled(channels, width):
 
 def conv_bn_relu(in_channels, out_channels, kernel_size=1, dilation=1):
     padding = dilation * (kernel_size // 2)
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation,
-                  bias=False),
-        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling: cat of five 256-channel branches (1280 channels).
 
-    Branches: 1x1 conv; three 3x3 convs with the given dilations; image pooling
-    (global average -> 1x1 conv -> BN -> ReLU, broadcast back to the map size).
-    The pooling branch's BN sees one value per image and channel, so in train mode it
-    needs a batch of at least 2 images (eval mode works with batch 1)."""
+    Branches: 1x1 conv; three 3x3 convs with the given dilations; image pooling (global average -> 1x1 conv ->
+    BN -> ReLU, broadcast back to the map size). The pooling branch's BN sees one value per image and channel,
+    so in train mode it needs a batch of at least 2 images (eval mode works with batch 1)."""
 
     def __init__(self, in_channels, dilations, channels=256):
         super().__init__()
-        self.pool_branch = nn.Sequential(nn.AdaptiveAvgPool2d(1),
-                                         conv_bn_relu(in_channels, channels))
+        self.pool_branch = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, channels))
         self.branches = nn.ModuleList(
             [conv_bn_relu(in_channels, channels)]
             + [conv_bn_relu(in_channels, channels, 3, d) for d in dilations])
@@ -268,9 +258,8 @@ class ASPP(nn.Module):
         # over all processes, where one image per process is fine.
         pool_norm = self.pool_branch[1][1]
         if self.training and x.shape[0] == 1 and isinstance(pool_norm, nn.BatchNorm2d):
-            raise ValueError("ASPP image pooling: BatchNorm in train mode needs a batch of "
-                             "at least 2 images per process; got 1 (use a larger batch "
-                             "or model.eval())")
+            raise ValueError("ASPP image pooling: BatchNorm in train mode needs a batch of at least 2 images "
+                             "per process; got 1 (use a larger batch or model.eval())")
         pooled = F.interpolate(self.pool_branch(x), size=x.shape[-2:], mode="bilinear",
                                align_corners=True)  # (B,256,1,1) -> (B,256,h,w)
         return torch.cat([pooled] + [branch(x) for branch in self.branches], dim=1)
@@ -287,8 +276,7 @@ class DeepLabV3Plus(nn.Module):
                  deep_stem=True, dropout=0.1, width=1.0):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes (--num-classes) must be a positive integer, "
-                             f"got {num_classes!r}")
+            raise ValueError(f"num_classes (--num-classes) must be a positive integer, got {num_classes!r}")
         # width < 1 thins every layer alike: a cheap network for toy runs and tests
         self.backbone = ResNet(backbone, output_stride, deep_stem, width)
         layer1_channels, layer3_channels, layer4_channels = self.backbone.channels
@@ -320,8 +308,7 @@ class DeepLabV3Plus(nn.Module):
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"DeepLabV3Plus expects images of shape (B,3,H,W), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(f"DeepLabV3Plus expects images of shape (B,3,H,W), got {tuple(x.shape)}")
         checkpointed = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         # ASPP and decoder are not recomputed: their activations are the last made and the
         # first freed, so recomputing them barely lowers the peak (resnet101, crop 257, 4
@@ -351,9 +338,8 @@ def _load_checked(backbone, state_dict, source):
         lines = [f"{source}: checkpoint does not match the backbone"]
         deep_stem_model = "conv1.0.weight" in expected
         if deep_stem_model and "conv1.weight" in given:
-            lines.append("  it looks like a torchvision 7x7-stem checkpoint but the model "
-                         "has the deep stem (use --pretrained torchvision, or a deep-stem "
-                         "resnet*.pth)")
+            lines.append("  it looks like a torchvision 7x7-stem checkpoint but the model has the deep stem "
+                         "(use --pretrained torchvision, or a deep-stem resnet*.pth)")
         elif not deep_stem_model and "conv1.0.weight" in given:
             lines.append("  it looks like a deep-stem checkpoint but the model has the "
                          "torchvision 7x7 stem (build it with deep_stem=True)")
@@ -373,8 +359,7 @@ def load_backbone_weights(backbone, path):
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist (--pretrained "
                                 f"takes none, torchvision or a checkpoint path)")
     if os.path.isdir(path):
-        raise ValueError(f"pretrained checkpoint {path} is a directory, expected a file "
-                         f"(--pretrained)")
+        raise ValueError(f"pretrained checkpoint {path} is a directory, expected a file (--pretrained)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file: report which one and why
@@ -452,13 +437,11 @@ def _torchvision_weights(backbone):
         return weights, weights.get_state_dict(progress=True)
     except OSError as error:  # URLError, HTTPError, socket errors, disk full
         url = getattr(weights, "url", "?")
-        path = os.path.join(torch.hub.get_dir(), "checkpoints",
-                            os.path.basename(urlparse(url).path))
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
         raise download_failed("torchvision", url, error, path) from None
 
 
-def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False,
-                pretrained="none", width=1.0):
+def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False, pretrained="none", width=1.0):
     """DeepLabV3Plus with backbone weights chosen by `pretrained` (--pretrained):
 
     "none"        deep stem, random init (kaiming convs, BN weight 1 / bias 0);
@@ -479,8 +462,7 @@ def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False,
         return model
     if pretrained.startswith("hub:"):
         pretrained = fetch_hub_weights(pretrained[len("hub:"):], backbone)
-    model = DeepLabV3Plus(num_classes, backbone, output_stride, aux, deep_stem=True,
-                          width=width)
+    model = DeepLabV3Plus(num_classes, backbone, output_stride, aux, deep_stem=True, width=width)
     if pretrained != "none":
         load_backbone_weights(model.backbone, pretrained)
     return model
