@@ -39,14 +39,12 @@ class PrototypeBank(nn.Module):
     which is part of `state_dict()`, and are normalised only when used. They follow the
     features by a momentum update (`update`), never by gradient."""
 
-    def __init__(self, num_classes, num_prototypes, dim, momentum=0.99, temperature=0.1, *,
-                 generator):
+    def __init__(self, num_classes, num_prototypes, dim, momentum=0.99, temperature=0.1, *, generator):
         super().__init__()
         _check_generator(generator, "PrototypeBank")
         if num_classes < 1 or num_prototypes < 1 or dim < 1:
-            raise ValueError(
-                f"PrototypeBank: num_classes, num_prototypes and dim must be >= 1, got "
-                f"{num_classes}, {num_prototypes}, {dim}")
+            raise ValueError(f"PrototypeBank: num_classes, num_prototypes and dim must be >= 1, got "
+                             f"{num_classes}, {num_prototypes}, {dim}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"PrototypeBank: momentum must be in [0, 1], got {momentum}")
         if temperature <= 0:
@@ -64,10 +62,13 @@ class PrototypeBank(nn.Module):
         return (f"num_classes={self.num_classes}, num_prototypes={self.num_prototypes}, "
                 f"dim={self.dim}, momentum={self.momentum}, temperature={self.temperature}")
 
-    def _check_features(self, features, where):
+    def _check_features(self, features, where, labels=None, labels_name=None):
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(f"PrototypeBank.{where}: features must have shape (N, {self.dim}), "
                              f"got {tuple(features.shape)}")
+        if labels is not None and labels.shape != features.shape[:1]:
+            raise ValueError(f"PrototypeBank.{where}: {labels_name} must have shape ({features.shape[0]},), "
+                             f"got {tuple(labels.shape)}")
 
     def forward(self, features):
         """features (N, D), any float dtype -> (logits (N, K) float32, nearest (N, K) int64).
@@ -98,10 +99,7 @@ class PrototypeBank(nn.Module):
         only, no collective. group=a process group (torch.distributed.group.WORLD for all
         processes): s and c are first summed over its ranks by one all_reduce, so the ranks
         stay identical; every rank of the group must then call update."""
-        self._check_features(features, "update")
-        if targets.shape != features.shape[:1]:
-            raise ValueError(f"PrototypeBank.update: targets must have shape ({features.shape[0]},), "
-                             f"got {tuple(targets.shape)}")
+        self._check_features(features, "update", targets, "targets")
         num_classes, num_prototypes, dim = self.prototypes.shape
         if nearest is None:
             nearest = self.forward(features)[1]
@@ -145,10 +143,7 @@ class PrototypeBank(nn.Module):
         A class with fewer than M samples repeats its samples; a class absent from `labels` keeps its
         prototypes. Draws use `generator` (required, any device). Returns bool (K,): classes initialised."""
         _check_generator(generator, "PrototypeBank.init_kmeans")
-        self._check_features(features, "init_kmeans")
-        if labels.shape != features.shape[:1]:
-            raise ValueError(f"PrototypeBank.init_kmeans: labels must have shape "
-                             f"({features.shape[0]},), got {tuple(labels.shape)}")
+        self._check_features(features, "init_kmeans", labels, "labels")
         num_classes, num_prototypes, _ = self.prototypes.shape
         features = F.normalize(features.float(), dim=1)
         initialised = torch.zeros(num_classes, dtype=torch.bool)
@@ -206,15 +201,13 @@ class _Cosine(torch.autograd.Function):
 def sum_rows_by_index(values, index, num_rows, grouped=None):
     """Per-row sums and counts of a scatter, without a host-device sync.
 
-    values (N, D), index (N,) int64 in [0, num_rows]; index == num_rows drops the row.
-    Returns sums (num_rows, D) with sums[r] = sum of values[n] over the n with
-    index[n] == r, and counts (num_rows,) of those n, in values' dtype.
-    grouped=None picks by device. CPU (grouped): sort the rows by index, then one
-    embedding_bag sums each contiguous group, reading only the kept rows once and in
-    parallel over groups. Measured at N = 16k, D = 512, 85 rows, on a 2-core EPYC, as
-    multiples of one plain read of `values` (values.sum(0)), 2 threads / 1 thread:
-    grouped 1.3x / 1.2x, index_add_ 1.3-1.5x / 1.5x, sparse (num_rows, N) matmul
-    1.6-1.8x / 1.0x (single-threaded). CUDA: index_add_ (atomics) for sums and counts,
+    values (N, D), index (N,) int64 in [0, num_rows]; index == num_rows drops the row. Returns sums
+    (num_rows, D) with sums[r] = sum of values[n] over the n with index[n] == r, and counts (num_rows,) of
+    those n, in values' dtype. grouped=None picks by device. CPU (grouped): sort the rows by index, then one
+    embedding_bag sums each contiguous group, reading only the kept rows once and in parallel over groups.
+    Measured at N = 16k, D = 512, 85 rows, on a 2-core EPYC, as multiples of one plain read of `values`
+    (values.sum(0)), 2 threads / 1 thread: grouped 1.3x / 1.2x, index_add_ 1.3-1.5x / 1.5x, sparse
+    (num_rows, N) matmul 1.6-1.8x / 1.0x (single-threaded). CUDA: index_add_ (atomics) for sums and counts,
     since the grouped path and bincount both read a number on the host."""
     if grouped is None:
         grouped = not values.is_cuda
@@ -249,11 +242,10 @@ def _draw(weights, count, generator):
 def _cosine_kmeans(samples, num_centres, iters, generator):
     """samples (n, D) unit vectors, n >= num_centres -> centres (num_centres, D) unit vectors.
 
-    Seeding is greedy k-means++ (as in scikit-learn): each new seed is the best of a few
-    candidates drawn with probability proportional to their cosine distance
-    d = 1 - max cos to the seeds so far (= squared Euclidean distance / 2 on the sphere),
-    "best" meaning the smallest sum of d afterwards. Plain k-means++ puts two seeds in
-    one cluster a few percent of the time, and Lloyd steps cannot undo that."""
+    Seeding is greedy k-means++ (as in scikit-learn): each new seed is the best of a few candidates drawn with
+    probability proportional to their cosine distance d = 1 - max cos to the seeds so far (= squared Euclidean
+    distance / 2 on the sphere), "best" meaning the smallest sum of d afterwards. Plain k-means++ puts two
+    seeds in one cluster a few percent of the time, and Lloyd steps cannot undo that."""
     num_samples = samples.shape[0]
     trials = 2 + int(math.log(num_centres))
     first = _draw(torch.ones(num_samples), 1, generator).to(samples.device)
@@ -293,8 +285,7 @@ def sample_points(height, width, grid=32, *, generator, device=None):
     Returns ys, xs: int64 (G*G,), cell (i, j) at index i*G + j, on `device` (default: the generator's)."""
     _check_generator(generator, "sample_points")
     if height < 1 or width < 1 or grid < 1:
-        raise ValueError(f"sample_points: height, width and grid must be >= 1, got "
-                         f"{height}, {width}, {grid}")
+        raise ValueError(f"sample_points: height, width and grid must be >= 1, got {height}, {width}, {grid}")
     cells = min(grid, height, width)
     rng_device = generator.device
     index = torch.arange(cells, device=rng_device)
@@ -352,11 +343,10 @@ def sample_features(feature_map, ys, xs, image_size, rows=None):
     if rows is None:
         rows = not feature_map.is_cuda
     if rows:
-        # CPU: pixels as rows (B*h*w, C), gather and weighted sum in one embedding_bag.
-        # Measured at B = 8, C = 512, 33 x 33, P = 1024 on 2 busy cores: forward ~15x,
-        # forward + backward ~3x faster than the strided gather below. Not the default on
-        # CUDA, where it would copy the whole map to float32 (the strided gather reads
-        # only the 4 P pixels per image it needs, in the map's own dtype).
+        # CPU: pixels as rows (B*h*w, C), gather and weighted sum in one embedding_bag. Measured at B = 8,
+        # C = 512, 33 x 33, P = 1024 on 2 busy cores: forward ~15x, forward + backward ~3x faster than the
+        # strided gather below. Not the default on CUDA, where it would copy the whole map to float32 (the
+        # strided gather reads only the 4 P pixels per image it needs, in the map's own dtype).
         pixels = feature_map.permute(0, 2, 3, 1).to(dtype).reshape(batch * h * w, channels)
         image_start = torch.arange(batch, device=index.device)[:, None, None] * (h * w)  # (B, 1, 1)
         bags = (index.t() + image_start).reshape(-1, 4)                     # (B*P, 4)
