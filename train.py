@@ -17,10 +17,9 @@ Two nodes with 4 GPUs each (run on every node; the endpoint is node 0's address)
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
         --rdzv-id=pcr train.py --dataset cityscapes --data-root data/cityscapes --labeled 744
 
-Each run lives in --out (default runs/DATASET_LABELED_METHOD_sSEED, e.g. runs/toy_16_pcr_s0).
-An interrupted run continues with `--resume auto` (same --out, or the same flags that named
-it): every setting comes from the checkpoint, and a flag that would change training stops
-the resume, naming the flag and both values.
+Each run lives in --out (default runs/DATASET_LABELED_METHOD_sSEED, e.g. runs/toy_16_pcr_s0). An interrupted
+run continues with `--resume auto` (same --out, or the same flags that named it): every setting comes from the
+checkpoint, and a flag that would change training stops the resume, naming the flag and both values.
 """
 import argparse
 import copy
@@ -50,9 +49,8 @@ IGNORE = 255
 LOSS_TERMS = ("sup", "unsup", "proto")  # in the order the progress line shows them (L = their sum, step 8)
 
 
-# Paper settings (docs/METHOD.md section 5) plus the toy default; SETTINGS below holds the
-# rest. batch_size is the GLOBAL labeled batch; the unlabeled batch has the same size.
-# None: worked out from the data or the run (see the setting's help).
+# Paper settings (docs/METHOD.md section 5) plus the toy default; SETTINGS below holds the rest. batch_size
+# is the GLOBAL labeled batch (as many unlabeled); None: worked out from the data or the run (see its help).
 PRESETS = {
     "toy": dict(backbone="resnet18", width=0.25, pretrained="none", output_stride=8, crop_size=64,
                 batch_size=8, epochs=30, lr=0.01, head_lr_mult=1.0, weight_decay=1e-4, num_prototypes=4,
@@ -204,8 +202,7 @@ def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000):
     num_valid = valid.sum()
     k = min(min_kept, prob.numel())
     kth_smallest = prob.kthvalue(k).values
-    threshold = torch.where(num_valid < min_kept, math.inf,
-                            torch.clamp(kth_smallest, min=thresh))
+    threshold = torch.where(num_valid < min_kept, math.inf, torch.clamp(kth_smallest, min=thresh))
     kept = valid & (prob.view_as(valid) <= threshold)
     return -(log_prob * kept).sum() / kept.sum().clamp(min=1)
 
@@ -457,10 +454,9 @@ def labeled_features(model, dataset, cfg, ctx, max_per_class=3000):
     feats = torch.cat(feats) if feats else torch.zeros(0, model.feature_dim, device=ctx.device)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=ctx.device)
     if ctx.world > 1:  # pad to equal length with ignored rows, then gather
-        size = torch.tensor([len(labels)], device=ctx.device)
-        sizes = [torch.zeros_like(size) for _ in range(ctx.world)]
-        dist.all_gather(sizes, size)
-        longest = int(max(s.item() for s in sizes))
+        longest = torch.tensor(len(labels), device=ctx.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        longest = int(longest)
         feats = F.pad(feats, (0, 0, 0, longest - len(feats)))
         labels = F.pad(labels, (0, longest - len(labels)), value=IGNORE)
         all_feats = [torch.zeros_like(feats) for _ in range(ctx.world)]
@@ -645,10 +641,9 @@ def parse_args(argv=None):
 
 
 def resolve_config(given):
-    """The declared defaults, then the dataset's preset, then every flag the user gave.
-    --out defaults to runs/{dataset}_{labeled}_{method}_s{seed}: another dataset, split,
-    method or seed never lands in (or resumes from) the run directory of the quick start. A
-    folder dataset is named after its root; without --labeled its labeled.txt is the split."""
+    """The declared defaults, then the dataset's preset, then every flag the user gave. --out defaults to
+    runs/{dataset}_{labeled}_{method}_s{seed}: another dataset, split, method or seed never lands in (or
+    resumes from) the quick start's directory. A folder is named after its root; 'lists': its labeled.txt."""
     cfg = {key: setting.default for key, setting in SETTINGS.items()}
     cfg.update(PRESETS[given.get("dataset", cfg["dataset"])])
     cfg.update(given)
@@ -947,11 +942,10 @@ def report_out_of_memory(cfg, ctx, it, semi):
 
 
 class StopVote:
-    """Whether any process got SIGINT / SIGTERM, agreed by all processes, checked every
-    iteration without a host-device sync: each iteration every process launches an
-    asynchronous all-reduce (MAX) of its own flag, a CPU tensor on a gloo group, and reads
-    the result launched the iteration before, which has long arrived. All processes read
-    the same results at the same iterations: they stop together, within two iterations."""
+    """Whether any process got SIGINT / SIGTERM, agreed by all processes, checked every iteration without a
+    host-device sync: each iteration every process launches an asynchronous all-reduce (MAX) of its own flag,
+    a CPU tensor on a gloo group, and reads the result launched the iteration before, which has long arrived.
+    All processes read the same results at the same iterations: they stop together, within two iterations."""
 
     def __init__(self, received, world):
         self.received, self.world, self.pending = received, world, None
@@ -977,9 +971,8 @@ class StopVote:
 # ---------------- Building: data, models, optimizer; the data check
 
 def build_everything(cfg, ctx, resuming=False):
-    """Data, student, teacher, prototype bank, optimizer, scaler. (setup_errors has checked
-    the ImageNet weights; a resumed run does not need them.)"""
-    # resumed: the same deep-stem network, every weight from the checkpoint
+    """Data, student, teacher, prototype bank, optimizer, scaler (setup_errors has checked the weights)."""
+    # resumed: no ImageNet weights needed, the same deep-stem network takes every weight from the checkpoint
     pretrained = "none" if resuming and cfg["pretrained"] != "torchvision" else cfg["pretrained"]
     data = data_lib.build_data(cfg["dataset"], cfg["data_root"], cfg["num_classes"], cfg["labeled"],
                                cfg["split_dir"], cfg["seed"], cfg["crop_size"],
