@@ -1,8 +1,7 @@
 """CutMix for the unlabeled stream (docs/METHOD.md section 3 step 3).
 
-Imports only torch, so the file can be copied into another project on its own. Random
-numbers come only from the torch.Generator given (never the global RNG). Usage
-(tests/test_copyable.py runs it on this file alone):
+Imports only torch, so the file can be copied into another project on its own. Random numbers come only from
+the torch.Generator given (never the global RNG). Usage (tests/test_copyable.py runs it on this file alone):
 
     >>> import torch
     >>> from cutmix import cutmix_mask, mix
@@ -30,17 +29,13 @@ def _to_device(tensor, device):
 def cutmix_mask(batch_size, height, width, p=0.5, *, generator, device=None):
     """Boxes covering half of each image, for the whole batch with probability p.
 
-    One coin flip per call: with probability 1 - p the mask is all False. Otherwise
-    image i gets its own box, drawn as U2PL's generate_cutout_mask draws it: width w
-    uniform on the integers [floor(W/2) + 1, W - 1] (never the full width; for W < 3,
-    where that range is empty, w = W), height h = round(H W / (2 w)) with ties to even
-    as numpy rounds (so w h ~ H W / 2, and h < H), top-left corner uniform over the
-    positions that keep the box inside the image.
-    Returns bool (B, H, W), True inside the box, on `device` (default: the generator's
-    device). Random numbers come from `generator` (required, never the global RNG); the
-    same number of them is drawn whether or not the coin succeeds, so a seeded run stays
-    reproducible.
-    """
+    One coin flip per call: with probability 1 - p the mask is all False. Otherwise image i gets its own box,
+    drawn as U2PL's generate_cutout_mask draws it: width w uniform on the integers [floor(W/2) + 1, W - 1]
+    (never the full width; for W < 3, where that range is empty, w = W), height h = round(H W / (2 w)) with
+    ties to even as numpy rounds (so w h ~ H W / 2, and h < H), top-left corner uniform over the positions
+    that keep the box inside the image.
+    Returns bool (B, H, W), True inside the box, on `device` (default: the generator's). As many numbers
+    are drawn from `generator` whether or not the coin succeeds: a seeded run stays reproducible."""
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"cutmix_mask: generator must be a torch.Generator (this module never "
                         f"draws from the global RNG), got {type(generator).__name__}")
@@ -69,8 +64,7 @@ def cutmix_mask(batch_size, height, width, p=0.5, *, generator, device=None):
     top, bottom, left, right, apply = box[:, :, None, None]                     # (B, 1, 1) each
     rows = torch.arange(height, device=box.device)[:, None]                     # (H, 1)
     cols = torch.arange(width, device=box.device)[None, :]                      # (1, W)
-    return ((rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
-            & (apply > 0))
+    return (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right) & (apply > 0)
 
 
 def mix(x, mask):
@@ -80,8 +74,7 @@ def mix(x, mask):
     mask bool (B, H, W) from `cutmix_mask`. Returns
         out[i] = where(mask[i], x[(i + 1) mod B], x[i])
     with the mask broadcast over the dimensions between B and (H, W). Applying the same
-    mask to images, pseudo-labels and confidences keeps them consistent.
-    """
+    mask to images, pseudo-labels and confidences keeps them consistent."""
     if mask.dim() != 3 or x.dim() < 3 or x.shape[0] != mask.shape[0] or x.shape[-2:] != mask.shape[-2:]:
         raise ValueError(f"mix: x must be (B, ..., H, W) matching mask (B, H, W), got "
                          f"x {tuple(x.shape)} and mask {tuple(mask.shape)}")

@@ -240,13 +240,12 @@ def weak_augment(image, label, crop_size, rng):
 
 
 # --------------------------------------------------------------------------- the toy dataset
-# Background + 5 shape classes, each in three appearances (colour family, texture): two common
-# ones and a third in a colour family no common one uses; an object may also be elongated and
-# small. Colour families are shared between classes, so the network must use shape, texture
-# and size (fg-coloured specks and thin lines are background). The last object drawn owns its
-# pixels. Labels are the bottleneck by construction, as in the field's low-label splits: the
-# default labeled images (the first TOY_LABELED) show only large, regular objects in common
-# appearances; the rest of the pool, the unlabeled set and val show every variant.
+# Background + 5 shape classes, each in three appearances (colour family, texture): two common ones and a
+# third in a colour family no common one uses; an object may also be elongated and small. Colour families are
+# shared between classes, so the network must use shape, texture and size (fg-coloured specks and thin lines
+# are background). The last object drawn owns its pixels. Labels are the bottleneck by construction, as in the
+# field's low-label splits: the default labeled images (the first TOY_LABELED) show only large, regular
+# objects in common appearances; the rest of the pool, the unlabeled set and val show every variant.
 
 TOY_SIZE = 80  # images are TOY_SIZE x TOY_SIZE
 TOY_CLASSES = ["background", "disc", "square", "triangle", "ring", "cross"]
@@ -454,9 +453,8 @@ class ImageList(Dataset):
         return image, (label if self.labeled else padding)
 
 
-# What build_data returns: name ("toy" | "voc" | "cityscapes" | "folder"), num_classes, class_names,
-# palette ((256, 3) uint8 colours of the class ids), the labeled, unlabeled and val ImageLists, and
-# lists ({"labeled"/"unlabeled"/"val": the lines as written}).
+# What build_data returns: name (a DATASETS key), num_classes, class_names, palette ((256, 3) uint8 colours of
+# the class ids), the labeled, unlabeled and val ImageLists, and lists ({split: the lines as written}).
 Data = namedtuple("Data", "name num_classes class_names palette labeled unlabeled val lists")
 
 

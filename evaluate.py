@@ -30,9 +30,7 @@ from prototypes import PrototypeBank
 
 IGNORE_INDEX = data_lib.IGNORE_INDEX
 MODES = ("whole", "sliding", "center")
-# Budget for one chunk of full-resolution features read by the prototype bank:
-# chunk_pixels x D float32 values <= 64 MB (16 rows of a 2048-wide image at D = 512).
-PROTO_CHUNK_BYTES = 64 * 2 ** 20
+PROTO_CHUNK_BYTES = 64 * 2 ** 20  # float32 features per chunk of _per_pixel: 16 rows of 2048 at D = 512
 VIEW_MIN_SIDE = 256  # pictures with a shorter side are enlarged (nearest neighbour)
 PROGRESS_SECONDS = 10.0  # at most one progress line this often (plus the last one)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -52,8 +50,7 @@ def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE_INDEX):
     valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
     # Invalid pixels go to an extra bin K*K that is dropped. index_add_ instead of
     # torch.bincount: bincount reads max() back to the host on CUDA (a sync per image).
-    cell = torch.where(valid, target * num_classes + pred,
-                       torch.full_like(target, num_classes * num_classes))
+    cell = torch.where(valid, target * num_classes + pred, torch.full_like(target, num_classes * num_classes))
     counts = torch.zeros(num_classes * num_classes + 1, dtype=torch.long, device=pred.device)
     counts.index_add_(0, cell, torch.ones_like(cell))
     return counts[:-1].view(num_classes, num_classes)

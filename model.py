@@ -14,17 +14,13 @@ The backbone's state_dict keys follow the deep-stem ImageNet checkpoints distrib
 prior semi-supervised segmentation work (`resnet101.pth`); with deep_stem=False they
 follow torchvision's resnet so that torchvision's ImageNet weights load.
 
-The interface the trainer, the evaluator and the prototype bank rely on (a new backbone
-or decoder must keep it):
-    model(x) -> (logits, feature, aux_logits), each at its native stride (the callers
-                upsample, bilinear with align_corners=True); aux_logits is None without
-                an aux head
+The interface the trainer, evaluator and prototype bank rely on (a new backbone or decoder must keep it):
+    model(x) -> (logits, feature, aux_logits), each at its native stride (the callers upsample, bilinear
+                with align_corners=True); aux_logits is None without an aux head
     model.feature_dim  channels of `feature`, the dimension of the prototypes (512)
-    model.backbone     the ImageNet-initialised part: param_groups gives it the base lr
-                       and everything else the head lr
+    model.backbone     the ImageNet-initialised part: param_groups gives it the base lr, the rest the head lr
     model.num_classes  K
-A new ResNet depth is one entry in BACKBONES; train.py and bench.py take their
---backbone choices from it.
+A new ResNet depth is one entry in BACKBONES; train.py and bench.py take their --backbone choices from it.
 
 Imports only torch and torchvision, so the file can be copied into another project on its
 own. Usage (tests/test_copyable.py runs it on this file alone; random init, tiny width):
@@ -73,11 +69,8 @@ def conv1x1(in_channels, out_channels, stride=1):
 
 
 class BasicBlock(nn.Module):
-    """relu(x' + bn2(conv2(relu(bn1(conv1(x)))))), two 3x3 convs; x' = downsample(x) or x.
-
-    Unlike torchvision's BasicBlock, dilation > 1 is allowed (both convs are dilated), so
-    resnet18/34 can run at output stride 8 or 16.
-    """
+    """Two 3x3 convs and the residual. Unlike torchvision's BasicBlock, dilation > 1 is allowed (both
+    convs are dilated), so resnet18/34 can run at output stride 8 or 16."""
 
     expansion = 1
 
@@ -98,10 +91,8 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """relu(x' + bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x))))))))), 1x1 -> 3x3 -> 1x1 (x4).
-
-    The stride sits on the 3x3 conv2 (torchvision / "ResNet v1.5", also the field's layout).
-    """
+    """1x1 -> 3x3 -> 1x1 (x4 channels) and the residual; the stride sits on the 3x3 conv2
+    (torchvision / "ResNet v1.5", also the field's layout)."""
 
     expansion = 4
 
@@ -147,11 +138,10 @@ def applied(x, *modules):
 
 
 def recomputed(x, *modules):
-    """applied(x, *modules), keeping only x for the backward pass, which applies the modules
-    again to recompute their activations (torch.utils.checkpoint, non-reentrant: autocast
-    and dropout's random draws are replayed). BN in train mode normalises with the batch's
-    statistics, so the recomputation gives the same output, but it would update the running
-    statistics a second time: it runs under buffers_untouched."""
+    """applied(x, *modules), keeping only x for the backward pass, which applies the modules again to
+    recompute their activations (torch.utils.checkpoint, non-reentrant: autocast and dropout's random draws
+    are replayed). BN in train mode normalises with the batch's statistics, so the recomputation gives the
+    same output, but it would update the running statistics a second time: it runs under buffers_untouched."""
     return checkpoint(applied, x, *modules, use_reentrant=False,
                       context_fn=lambda: (nullcontext(), buffers_untouched(modules)))
 
@@ -164,8 +154,7 @@ def layer_dilations(num_blocks, output_stride):
     OS16: layer3 strided as usual; layer4 stride 1, dilations (1, 2, 2, ...), as
           torchvision's replace_stride_with_dilation=[False, False, True].
     Outside multi-grid, the first block of a dilated layer keeps the previous dilation:
-    it replaces the strided conv, whose input still had the previous spacing.
-    """
+    it replaces the strided conv, whose input still had the previous spacing."""
     _, n2, n3, n4 = num_blocks
     if output_stride not in (8, 16):
         raise ValueError(f"output_stride must be 8 or 16 (--output-stride), got {output_stride}")
@@ -182,15 +171,13 @@ class ResNet(nn.Module):
                      conv 64->128), then bn1 + ReLU; 128 channels enter layer1.
     deep_stem=False: conv1 = 7x7 conv 3->64 s2 (torchvision), bn1 + ReLU; 64 channels.
     Both: max-pool 3x3 s2 pad 1 with ceil_mode=True, so an H x W image gives
-    layer1 maps of size ceil(ceil(H/2)/2) for odd sizes too (65 -> 33 -> 17).
-    """
+    layer1 maps of size ceil(ceil(H/2)/2) for odd sizes too (65 -> 33 -> 17)."""
 
     def __init__(self, backbone="resnet101", output_stride=8, deep_stem=True, width=1.0):
         super().__init__()
         c = lambda channels: scaled(channels, width)
         if backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {backbone!r} (--backbone); "
-                             f"choose one of {sorted(BACKBONES)}")
+            raise ValueError(f"unknown backbone {backbone!r} (--backbone); choose one of {sorted(BACKBONES)}")
         block_name, num_blocks = BACKBONES[backbone]
         block = BasicBlock if block_name == "basic" else Bottleneck
         layer2, layer3, layer4 = layer_dilations(num_blocks, output_stride)
@@ -247,25 +234,20 @@ def scaled(channels, width):
 
 def conv_bn_relu(in_channels, out_channels, kernel_size=1, dilation=1):
     padding = dilation * (kernel_size // 2)
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation,
-                  bias=False),
-        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling: cat of five 256-channel branches (1280 channels).
 
-    Branches: 1x1 conv; three 3x3 convs with the given dilations; image pooling
-    (global average -> 1x1 conv -> BN -> ReLU, broadcast back to the map size).
-    The pooling branch's BN sees one value per image and channel, so in train mode it
-    needs a batch of at least 2 images (eval mode works with batch 1).
-    """
+    Branches: 1x1 conv; three 3x3 convs with the given dilations; image pooling (global average -> 1x1 conv ->
+    BN -> ReLU, broadcast back to the map size). The pooling branch's BN sees one value per image and channel,
+    so in train mode it needs a batch of at least 2 images (eval mode works with batch 1)."""
 
     def __init__(self, in_channels, dilations, channels=256):
         super().__init__()
-        self.pool_branch = nn.Sequential(nn.AdaptiveAvgPool2d(1),
-                                         conv_bn_relu(in_channels, channels))
+        self.pool_branch = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, channels))
         self.branches = nn.ModuleList(
             [conv_bn_relu(in_channels, channels)]
             + [conv_bn_relu(in_channels, channels, 3, d) for d in dilations])
@@ -276,32 +258,25 @@ class ASPP(nn.Module):
         # over all processes, where one image per process is fine.
         pool_norm = self.pool_branch[1][1]
         if self.training and x.shape[0] == 1 and isinstance(pool_norm, nn.BatchNorm2d):
-            raise ValueError("ASPP image pooling: BatchNorm in train mode needs a batch of "
-                             "at least 2 images per process; got 1 (use a larger batch "
-                             "or model.eval())")
+            raise ValueError("ASPP image pooling: BatchNorm in train mode needs a batch of at least 2 images "
+                             "per process; got 1 (use a larger batch or model.eval())")
         pooled = F.interpolate(self.pool_branch(x), size=x.shape[-2:], mode="bilinear",
                                align_corners=True)  # (B,256,1,1) -> (B,256,h,w)
         return torch.cat([pooled] + [branch(x) for branch in self.branches], dim=1)
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLabV3+ returning (logits, feature, aux_logits), all at their native stride.
-
-    logits     (B,K,h4,w4): linear predictor on f, stride 4 (layer1's size).
-    feature    (B,512,h4,w4): f = cat(1x1 conv(layer1), up(3x3 conv(ASPP(layer4)))).
-    aux_logits (B,K,h3,w3) on layer3 (stride 8 at OS8, 16 at OS16), or None if aux=False.
-    Upsampling to image size is the caller's job (bilinear, align_corners=True).
+    """DeepLabV3+ of the module docstring's diagram, returning (logits, feature, aux_logits), all at their
+    native stride: logits and feature f at stride 4, aux_logits at layer3's (8 at OS8, 16 at OS16).
     checkpoint_activations (attribute, default False): a forward in train mode with gradients
     recomputes the backbone's stem and residual blocks in the backward pass: less memory,
-    more time, the same numbers (no-grad and eval passes, such as a teacher's, never do).
-    """
+    more time, the same numbers (no-grad and eval passes, such as a teacher's, never do)."""
 
     def __init__(self, num_classes, backbone="resnet101", output_stride=8, aux=False,
                  deep_stem=True, dropout=0.1, width=1.0):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes (--num-classes) must be a positive integer, "
-                             f"got {num_classes!r}")
+            raise ValueError(f"num_classes (--num-classes) must be a positive integer, got {num_classes!r}")
         # width < 1 thins every layer alike: a cheap network for toy runs and tests
         self.backbone = ResNet(backbone, output_stride, deep_stem, width)
         layer1_channels, layer3_channels, layer4_channels = self.backbone.channels
@@ -333,8 +308,7 @@ class DeepLabV3Plus(nn.Module):
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"DeepLabV3Plus expects images of shape (B,3,H,W), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(f"DeepLabV3Plus expects images of shape (B,3,H,W), got {tuple(x.shape)}")
         checkpointed = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         # ASPP and decoder are not recomputed: their activations are the last made and the
         # first freed, so recomputing them barely lowers the peak (resnet101, crop 257, 4
@@ -364,9 +338,8 @@ def _load_checked(backbone, state_dict, source):
         lines = [f"{source}: checkpoint does not match the backbone"]
         deep_stem_model = "conv1.0.weight" in expected
         if deep_stem_model and "conv1.weight" in given:
-            lines.append("  it looks like a torchvision 7x7-stem checkpoint but the model "
-                         "has the deep stem (use --pretrained torchvision, or a deep-stem "
-                         "resnet*.pth)")
+            lines.append("  it looks like a torchvision 7x7-stem checkpoint but the model has the deep stem "
+                         "(use --pretrained torchvision, or a deep-stem resnet*.pth)")
         elif not deep_stem_model and "conv1.0.weight" in given:
             lines.append("  it looks like a deep-stem checkpoint but the model has the "
                          "torchvision 7x7 stem (build it with deep_stem=True)")
@@ -377,19 +350,16 @@ def _load_checked(backbone, state_dict, source):
 
 
 def load_backbone_weights(backbone, path):
-    """Load a deep-stem (or 7x7-stem) ImageNet checkpoint file into `backbone` in place.
-
-    Accepts a plain state_dict or one stored under "state_dict" / "model"; strips a
-    leading "module." (DataParallel) prefix and ignores fc.* (the classifier).
-    FileNotFoundError if `path` does not exist; ValueError if torch cannot read it or its
-    keys/shapes do not match (the message lists every offending key)."""
+    """Load a deep-stem (or 7x7-stem) ImageNet checkpoint file into `backbone` in place: a plain
+    state_dict or one stored under "state_dict" / "model", a leading "module." (DataParallel) stripped,
+    fc.* (the classifier) ignored. FileNotFoundError if `path` does not exist; ValueError if torch
+    cannot read it or its keys/shapes do not match (the message lists every offending key)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist (--pretrained "
                                 f"takes none, torchvision or a checkpoint path)")
     if os.path.isdir(path):
-        raise ValueError(f"pretrained checkpoint {path} is a directory, expected a file "
-                         f"(--pretrained)")
+        raise ValueError(f"pretrained checkpoint {path} is a directory, expected a file (--pretrained)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file: report which one and why
@@ -467,13 +437,11 @@ def _torchvision_weights(backbone):
         return weights, weights.get_state_dict(progress=True)
     except OSError as error:  # URLError, HTTPError, socket errors, disk full
         url = getattr(weights, "url", "?")
-        path = os.path.join(torch.hub.get_dir(), "checkpoints",
-                            os.path.basename(urlparse(url).path))
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
         raise download_failed("torchvision", url, error, path) from None
 
 
-def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False,
-                pretrained="none", width=1.0):
+def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False, pretrained="none", width=1.0):
     """DeepLabV3Plus with backbone weights chosen by `pretrained` (--pretrained):
 
     "none"        deep stem, random init (kaiming convs, BN weight 1 / bias 0);
@@ -482,8 +450,7 @@ def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False,
     "hub:NAME"    deep stem, timm's Gluon v1s ImageNet weights from the Hugging Face hub
                   (HUB_WEIGHTS; downloaded once into torch's hub cache);
     a path        deep stem, weights from that checkpoint (load_backbone_weights).
-    width scales every layer's channels; ImageNet weights exist for width 1 only.
-    """
+    width scales every layer's channels; ImageNet weights exist for width 1 only."""
     if pretrained != "none" and width != 1.0:
         raise ValueError(f"--width {width}: pretrained weights (--pretrained {pretrained}) "
                          "exist only for width 1.0; pass --pretrained none")
@@ -495,18 +462,15 @@ def build_model(num_classes, backbone="resnet101", output_stride=8, aux=False,
         return model
     if pretrained.startswith("hub:"):
         pretrained = fetch_hub_weights(pretrained[len("hub:"):], backbone)
-    model = DeepLabV3Plus(num_classes, backbone, output_stride, aux, deep_stem=True,
-                          width=width)
+    model = DeepLabV3Plus(num_classes, backbone, output_stride, aux, deep_stem=True, width=width)
     if pretrained != "none":
         load_backbone_weights(model.backbone, pretrained)
     return model
 
 
 def param_groups(model, lr, head_lr):
-    """Optimizer groups: backbone at `lr`, everything else (ASPP, decoder, heads) at `head_lr`.
-
-    A DistributedDataParallel / DataParallel wrapper is unwrapped first.
-    """
+    """Optimizer groups: backbone at `lr`, everything else (ASPP, decoder, heads) at `head_lr`; a
+    DistributedDataParallel / DataParallel wrapper is unwrapped first."""
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     backbone_params = list(model.backbone.parameters())

@@ -37,17 +37,14 @@ class PrototypeBank(nn.Module):
         logit[k] = max_m cos(f, p[k, m]) / temperature
     The prototypes are stored raw (not normalised) in the buffer `prototypes` (K, M, D),
     which is part of `state_dict()`, and are normalised only when used. They follow the
-    features by a momentum update (`update`), never by gradient.
-    """
+    features by a momentum update (`update`), never by gradient."""
 
-    def __init__(self, num_classes, num_prototypes, dim, momentum=0.99, temperature=0.1, *,
-                 generator):
+    def __init__(self, num_classes, num_prototypes, dim, momentum=0.99, temperature=0.1, *, generator):
         super().__init__()
         _check_generator(generator, "PrototypeBank")
         if num_classes < 1 or num_prototypes < 1 or dim < 1:
-            raise ValueError(
-                f"PrototypeBank: num_classes, num_prototypes and dim must be >= 1, got "
-                f"{num_classes}, {num_prototypes}, {dim}")
+            raise ValueError(f"PrototypeBank: num_classes, num_prototypes and dim must be >= 1, got "
+                             f"{num_classes}, {num_prototypes}, {dim}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"PrototypeBank: momentum must be in [0, 1], got {momentum}")
         if temperature <= 0:
@@ -57,8 +54,7 @@ class PrototypeBank(nn.Module):
         self.dim = dim
         self.momentum = momentum
         self.temperature = temperature
-        # Initial prototypes ~ N(0, 1) from `generator`, on its device (a CPU generator
-        # seeded s gives the numbers torch.randn gives after torch.manual_seed(s)).
+        # (a CPU generator seeded s gives the numbers torch.randn gives after torch.manual_seed(s))
         self.register_buffer("prototypes", torch.randn(num_classes, num_prototypes, dim,
                                                        generator=generator, device=generator.device))
 
@@ -66,18 +62,20 @@ class PrototypeBank(nn.Module):
         return (f"num_classes={self.num_classes}, num_prototypes={self.num_prototypes}, "
                 f"dim={self.dim}, momentum={self.momentum}, temperature={self.temperature}")
 
-    def _check_features(self, features, where):
+    def _check_features(self, features, where, labels=None, labels_name=None):
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(f"PrototypeBank.{where}: features must have shape (N, {self.dim}), "
                              f"got {tuple(features.shape)}")
+        if labels is not None and labels.shape != features.shape[:1]:
+            raise ValueError(f"PrototypeBank.{where}: {labels_name} must have shape ({features.shape[0]},), "
+                             f"got {tuple(labels.shape)}")
 
     def forward(self, features):
         """features (N, D), any float dtype -> (logits (N, K) float32, nearest (N, K) int64).
 
         logits[n, k] = max_m <f_n / |f_n|, p_km / |p_km|> / temperature
         nearest[n, k] = argmax_m of the same cosine.
-        Gradient flows to `features` only (the prototypes are a buffer).
-        """
+        Gradient flows to `features` only (the prototypes are a buffer)."""
         self._check_features(features, "forward")
         num_classes, num_prototypes, dim = self.prototypes.shape
         # Cosines in bf16 would have ~3 significant digits, and after dividing by
@@ -100,12 +98,8 @@ class PrototypeBank(nn.Module):
         Prototypes that received no pixel are unchanged. group=None: this process's pixels
         only, no collective. group=a process group (torch.distributed.group.WORLD for all
         processes): s and c are first summed over its ranks by one all_reduce, so the ranks
-        stay identical; every rank of the group must then call update.
-        """
-        self._check_features(features, "update")
-        if targets.shape != features.shape[:1]:
-            raise ValueError(f"PrototypeBank.update: targets must have shape ({features.shape[0]},), "
-                             f"got {tuple(targets.shape)}")
+        stay identical; every rank of the group must then call update."""
+        self._check_features(features, "update", targets, "targets")
         num_classes, num_prototypes, dim = self.prototypes.shape
         if nearest is None:
             nearest = self.forward(features)[1]
@@ -116,9 +110,8 @@ class PrototypeBank(nn.Module):
         num_points = features.shape[0]
         valid = (targets >= 0) & (targets < num_classes)                           # (N,)
         safe_target = targets.clamp(0, num_classes - 1)
-        # nearest[n, target[n]] as one gather from the flat (N*K,) view: on CPU 1.5-2x faster
-        # than advanced indexing or gather once `nearest` has left the cache (it has, after
-        # the backward pass).
+        # nearest[n, target[n]] as one gather from the flat (N*K,) view: on CPU 1.5-2x faster than advanced
+        # indexing or gather once `nearest` has left the cache (it has, after the backward pass).
         flat_index = torch.arange(0, num_points * num_classes, num_classes,
                                   device=targets.device).add_(safe_target)         # (N,)
         nearest_in_target = nearest.reshape(-1).index_select(0, flat_index)        # (N,)
@@ -147,16 +140,10 @@ class PrototypeBank(nn.Module):
         the l2-normalised features: greedy k-means++ seeding on the cosine distance
         1 - cos, then `iters` Lloyd steps (assign to the most similar centre, centre =
         normalised mean of its members; a centre that loses all members stays put).
-        A class with fewer than M samples repeats its samples; a class absent from
-        `labels` keeps its prototypes.
-        Random draws use `generator` (required, any device). Returns bool (K,): classes
-        initialised.
-        """
+        A class with fewer than M samples repeats its samples; a class absent from `labels` keeps its
+        prototypes. Draws use `generator` (required, any device). Returns bool (K,): classes initialised."""
         _check_generator(generator, "PrototypeBank.init_kmeans")
-        self._check_features(features, "init_kmeans")
-        if labels.shape != features.shape[:1]:
-            raise ValueError(f"PrototypeBank.init_kmeans: labels must have shape "
-                             f"({features.shape[0]},), got {tuple(labels.shape)}")
+        self._check_features(features, "init_kmeans", labels, "labels")
         num_classes, num_prototypes, _ = self.prototypes.shape
         features = F.normalize(features.float(), dim=1)
         initialised = torch.zeros(num_classes, dtype=torch.bool)
@@ -180,8 +167,7 @@ def prototype_loss(prototype_logits, target, ignore_index=255):
     valid target, on the logits of PrototypeBank.forward (pre-update prototypes).
 
     prototype_logits (N, K) = max_m cos(f, p_km) / T; target (N,) with 255 = ignore.
-    L = sum_{valid} -log softmax(prototype_logits)[target] / #valid.
-    """
+    L = sum_{valid} -log softmax(prototype_logits)[target] / #valid."""
     valid = target != ignore_index
     # As one (1, K, N) map: the CPU softmax over a last dimension of K classes is 4x slower
     # (fwd + bwd, N = 16384, K = 6) than over K planes of N pixels.
@@ -195,8 +181,7 @@ class _Cosine(torch.autograd.Function):
     f (N, D) and unit vectors u (J, D), with a hand-written gradient (to f only):
         grad f_n = (sum_j g[n, j] u_j - (sum_j g[n, j] cos[n, j]) f_n / |f_n|) / |f_n|
     one matmul and one pass over f, where autograd through the normalisation makes
-    several: 3x faster at N = 16384, D = 128 on a CPU core, a visible part of a small step.
-    """
+    several: 3x faster at N = 16384, D = 128 on a CPU core, a visible part of a small step."""
 
     @staticmethod
     def forward(ctx, features, units):
@@ -216,17 +201,14 @@ class _Cosine(torch.autograd.Function):
 def sum_rows_by_index(values, index, num_rows, grouped=None):
     """Per-row sums and counts of a scatter, without a host-device sync.
 
-    values (N, D), index (N,) int64 in [0, num_rows]; index == num_rows drops the row.
-    Returns sums (num_rows, D) with sums[r] = sum of values[n] over the n with
-    index[n] == r, and counts (num_rows,) of those n, in values' dtype.
-    grouped=None picks by device. CPU (grouped): sort the rows by index, then one
-    embedding_bag sums each contiguous group, reading only the kept rows once and in
-    parallel over groups. Measured at N = 16k, D = 512, 85 rows, on a 2-core EPYC, as
-    multiples of one plain read of `values` (values.sum(0)), 2 threads / 1 thread:
-    grouped 1.3x / 1.2x, index_add_ 1.3-1.5x / 1.5x, sparse (num_rows, N) matmul
-    1.6-1.8x / 1.0x (single-threaded). CUDA: index_add_ (atomics) for sums and counts,
-    since the grouped path and bincount both read a number on the host.
-    """
+    values (N, D), index (N,) int64 in [0, num_rows]; index == num_rows drops the row. Returns sums
+    (num_rows, D) with sums[r] = sum of values[n] over the n with index[n] == r, and counts (num_rows,) of
+    those n, in values' dtype. grouped=None picks by device. CPU (grouped): sort the rows by index, then one
+    embedding_bag sums each contiguous group, reading only the kept rows once and in parallel over groups.
+    Measured at N = 16k, D = 512, 85 rows, on a 2-core EPYC, as multiples of one plain read of `values`
+    (values.sum(0)), 2 threads / 1 thread: grouped 1.3x / 1.2x, index_add_ 1.3-1.5x / 1.5x, sparse
+    (num_rows, N) matmul 1.6-1.8x / 1.0x (single-threaded). CUDA: index_add_ (atomics) for sums and counts,
+    since the grouped path and bincount both read a number on the host."""
     if grouped is None:
         grouped = not values.is_cuda
     if not grouped:  # no bincount here: on CUDA it reads the largest index on the host
@@ -243,7 +225,6 @@ def sum_rows_by_index(values, index, num_rows, grouped=None):
 
 
 def _check_generator(generator, where):
-    """This file never draws from the global RNG: every random draw needs a generator."""
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"{where}: generator must be a torch.Generator (this module never "
                         f"draws from the global RNG), got {type(generator).__name__}")
@@ -261,12 +242,10 @@ def _draw(weights, count, generator):
 def _cosine_kmeans(samples, num_centres, iters, generator):
     """samples (n, D) unit vectors, n >= num_centres -> centres (num_centres, D) unit vectors.
 
-    Seeding is greedy k-means++ (as in scikit-learn): each new seed is the best of a few
-    candidates drawn with probability proportional to their cosine distance
-    d = 1 - max cos to the seeds so far (= squared Euclidean distance / 2 on the sphere),
-    "best" meaning the smallest sum of d afterwards. Plain k-means++ puts two seeds in
-    one cluster a few percent of the time, and Lloyd steps cannot undo that.
-    """
+    Seeding is greedy k-means++ (as in scikit-learn): each new seed is the best of a few candidates drawn with
+    probability proportional to their cosine distance d = 1 - max cos to the seeds so far (= squared Euclidean
+    distance / 2 on the sphere), "best" meaning the smallest sum of d afterwards. Plain k-means++ puts two
+    seeds in one cluster a few percent of the time, and Lloyd steps cannot undo that."""
     num_samples = samples.shape[0]
     trials = 2 + int(math.log(num_centres))
     first = _draw(torch.ones(num_samples), 1, generator).to(samples.device)
@@ -303,13 +282,10 @@ def sample_points(height, width, grid=32, *, generator, device=None):
 
     G = min(grid, H, W) so that no cell is empty. Cell (i, j) spans rows
     [floor(i H / G), floor((i + 1) H / G)) and columns [floor(j W / G), floor((j + 1) W / G)).
-    Returns ys, xs: int64 (G*G,), cell (i, j) at index i*G + j, on `device` (default:
-    the generator's device). Random numbers come from `generator` (required).
-    """
+    Returns ys, xs: int64 (G*G,), cell (i, j) at index i*G + j, on `device` (default: the generator's)."""
     _check_generator(generator, "sample_points")
     if height < 1 or width < 1 or grid < 1:
-        raise ValueError(f"sample_points: height, width and grid must be >= 1, got "
-                         f"{height}, {width}, {grid}")
+        raise ValueError(f"sample_points: height, width and grid must be >= 1, got {height}, {width}, {grid}")
     cells = min(grid, height, width)
     rng_device = generator.device
     index = torch.arange(cells, device=rng_device)
@@ -340,8 +316,7 @@ def sample_features(feature_map, ys, xs, image_size, rows=None):
     a = y' - floor(y'), and likewise for columns.
     Computed and returned in float32 (float64 for float64 input). Differentiable
     w.r.t. feature_map. rows=None picks the faster gather for the device (see below);
-    True / False force the pixel-row or the strided gather (same result).
-    """
+    True / False force the pixel-row or the strided gather (same result)."""
     if feature_map.dim() != 4:
         raise ValueError(f"sample_features: feature_map must be (B, C, h, w), got {tuple(feature_map.shape)}")
     if ys.shape != xs.shape or ys.dim() != 1:
@@ -368,11 +343,10 @@ def sample_features(feature_map, ys, xs, image_size, rows=None):
     if rows is None:
         rows = not feature_map.is_cuda
     if rows:
-        # CPU: pixels as rows (B*h*w, C), gather and weighted sum in one embedding_bag.
-        # Measured at B = 8, C = 512, 33 x 33, P = 1024 on 2 busy cores: forward ~15x,
-        # forward + backward ~3x faster than the strided gather below. Not the default on
-        # CUDA, where it would copy the whole map to float32 (the strided gather reads
-        # only the 4 P pixels per image it needs, in the map's own dtype).
+        # CPU: pixels as rows (B*h*w, C), gather and weighted sum in one embedding_bag. Measured at B = 8,
+        # C = 512, 33 x 33, P = 1024 on 2 busy cores: forward ~15x, forward + backward ~3x faster than the
+        # strided gather below. Not the default on CUDA, where it would copy the whole map to float32 (the
+        # strided gather reads only the 4 P pixels per image it needs, in the map's own dtype).
         pixels = feature_map.permute(0, 2, 3, 1).to(dtype).reshape(batch * h * w, channels)
         image_start = torch.arange(batch, device=index.device)[:, None, None] * (h * w)  # (B, 1, 1)
         bags = (index.t() + image_start).reshape(-1, 4)                     # (B*P, 4)
@@ -391,8 +365,7 @@ class _WeightedRowSum(torch.autograd.Function):
     Forward is one embedding_bag (mode "sum" with per-sample weights). Backward is another:
     grad_rows[r] = sum over the (n, k) with index[n, k] = r of weight[n, k] grad[n], the
     (n, k) sorted by r (stably, so the sum's order is fixed). Unlike index_add_, it never
-    builds the (N*K, C) weighted copies of grad. Gradient to rows only.
-    """
+    builds the (N*K, C) weighted copies of grad. Gradient to rows only."""
 
     @staticmethod
     def forward(ctx, rows, index, weight):

@@ -17,10 +17,9 @@ Two nodes with 4 GPUs each (run on every node; the endpoint is node 0's address)
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
         --rdzv-id=pcr train.py --dataset cityscapes --data-root data/cityscapes --labeled 744
 
-Each run lives in --out (default runs/DATASET_LABELED_METHOD_sSEED, e.g. runs/toy_16_pcr_s0).
-An interrupted run continues with `--resume auto` (same --out, or the same flags that named
-it): every setting comes from the checkpoint, and a flag that would change training stops
-the resume, naming the flag and both values.
+Each run lives in --out (default runs/DATASET_LABELED_METHOD_sSEED, e.g. runs/toy_16_pcr_s0). An interrupted
+run continues with `--resume auto` (same --out, or the same flags that named it): every setting comes from the
+checkpoint, and a flag that would change training stops the resume, naming the flag and both values.
 """
 import argparse
 import copy
@@ -50,9 +49,8 @@ IGNORE = 255
 LOSS_TERMS = ("sup", "unsup", "proto")  # in the order the progress line shows them (L = their sum, step 8)
 
 
-# Paper settings (docs/METHOD.md section 5) plus the toy default; SETTINGS below holds the
-# rest. batch_size is the GLOBAL labeled batch; the unlabeled batch has the same size.
-# None: worked out from the data or the run (see the setting's help).
+# Paper settings (docs/METHOD.md section 5) plus the toy default; SETTINGS below holds the rest. batch_size
+# is the GLOBAL labeled batch (as many unlabeled); None: worked out from the data or the run (see its help).
 PRESETS = {
     "toy": dict(backbone="resnet18", width=0.25, pretrained="none", output_stride=8, crop_size=64,
                 batch_size=8, epochs=30, lr=0.01, head_lr_mult=1.0, weight_decay=1e-4, num_prototypes=4,
@@ -66,10 +64,9 @@ PRESETS = {
                        crop_size=769, batch_size=16, epochs=200, lr=0.01, head_lr_mult=1.0, weight_decay=5e-4,
                        num_prototypes=3, conf_threshold=0.65, aux_weight=0.4, labeled=744, num_classes=19,
                        eval_mode="sliding", eval_every=None),
-    # users' own data in VOC layout (tens to thousands of images): VOC's optimiser recipe on a lighter
-    # network whose ImageNet weights torchvision downloads itself (resnet50, 7x7 stem, OS16, crop 321,
-    # batch 8 + 8). The paper's network: --backbone resnet101 --pretrained pretrained/resnet101.pth
-    # --output-stride 8 --crop-size 513 --batch-size 16, as VOC.
+    # users' own data in VOC layout (tens to thousands of images): VOC's optimiser recipe on a lighter network
+    # whose ImageNet weights torchvision downloads itself. The paper's network, as VOC: --backbone resnet101
+    # --pretrained pretrained/resnet101.pth --output-stride 8 --crop-size 513 --batch-size 16.
     "folder": dict(backbone="resnet50", pretrained="torchvision", output_stride=16, crop_size=321,
                    batch_size=8, epochs=80, lr=0.001, head_lr_mult=10.0, weight_decay=1e-4, num_prototypes=4,
                    conf_threshold=0.8, aux_weight=0.0, labeled=None, num_classes=None, eval_mode="whole",
@@ -182,15 +179,12 @@ SETTINGS = {
 }
 
 
-# ========================================================================================
-# THE METHOD: docs/METHOD.md sections 3 and 4, in the order of the steps. Losses, schedules,
-# one training iteration (steps 2-10) and the prototype initialisation that opens the semi-
-# supervised phase. `main` below runs it; the plumbing after it makes it run, resume and report.
-# ========================================================================================
+# ================ THE METHOD: docs/METHOD.md sections 3 and 4, in the order of the steps
+# Losses, schedules, one training iteration (steps 2-10) and the prototype initialisation that opens the
+# semi-supervised phase.
 
-# ----------------------------------------------------------------------------------------
-# Losses (steps 5-7; the prototype loss is prototypes.prototype_loss). Each returns a scalar
-# float32 tensor and never syncs with the host: counts stay tensors, empty selections give 0.
+# ---------------- Losses (steps 5-7; the prototype loss is prototypes.prototype_loss). Each returns a
+# scalar float32 tensor and never syncs with the host: counts stay tensors, empty selections give 0.
 
 def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000):
     """Online hard example mining CE (step 5).
@@ -199,8 +193,7 @@ def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000):
     If #valid < min_kept every valid pixel is kept; otherwise pixels with
     p_i <= max(thresh, p_(min_kept)) are kept, p_(k) being the k-th smallest p.
     L = sum_{kept} -log p_i / #kept.
-    logits (B, K, H, W), target (B, H, W).
-    """
+    logits (B, K, H, W), target (B, H, W)."""
     logits = logits.float()
     valid = target != IGNORE
     safe_target = torch.where(valid, target, 0)
@@ -209,16 +202,14 @@ def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000):
     num_valid = valid.sum()
     k = min(min_kept, prob.numel())
     kth_smallest = prob.kthvalue(k).values
-    threshold = torch.where(num_valid < min_kept, math.inf,
-                            torch.clamp(kth_smallest, min=thresh))
+    threshold = torch.where(num_valid < min_kept, math.inf, torch.clamp(kth_smallest, min=thresh))
     kept = valid & (prob.view_as(valid) <= threshold)
     return -(log_prob * kept).sum() / kept.sum().clamp(min=1)
 
 
 def ohem_min_kept(cfg, num_labeled):
-    """OHEM's min_kept for a process holding num_labeled labeled images: 50000 per image.
-    The reference ran min_kept = 100000 per process with 2 labeled images per GPU; scaling
-    with the images keeps its kept share (~19% at crop 513) on any number of processes."""
+    """OHEM's min_kept for a process holding num_labeled labeled images: ohem_min_kept_per_image each.
+    Scaling the reference's 100000 for 2 images per GPU keeps its kept share (~19% at crop 513)."""
     return cfg["ohem_min_kept_per_image"] * num_labeled
 
 
@@ -240,8 +231,7 @@ def entropy_filtered_cross_entropy(logits, pseudo_label, entropy, drop_fraction)
     entropy H = -sum_k q_k log q_k are ignored. As U2PL's compute_unsupervised_loss:
         L = (N / #kept) * mean_{kept} -log p[y_u],   N = B * H * W (all pixels, padding too)
     so L is 1 / (1 - drop) times the plain mean when nothing is padded.
-    logits (B, K, H, W), pseudo_label / entropy (B, H, W).
-    """
+    logits (B, K, H, W), pseudo_label / entropy (B, H, W)."""
     valid = pseudo_label != IGNORE
     num_valid = valid.sum()
     # the threshold is the first dropped value in ascending order, invalid pixels first (as
@@ -266,8 +256,7 @@ def sorted_value_at(values, index, host_read=None):
     return values.sort().values.gather(0, index.reshape(1)).squeeze(0)
 
 
-# ----------------------------------------------------------------------------------------
-# Schedules: the entropy drop (step 6), the learning rate (step 8), the teacher (step 10)
+# ---------------- Schedules: the entropy drop (step 6), the learning rate (step 8), the teacher (step 10)
 
 def drop_fraction_at(epoch, epochs, start=0.2):
     """Share of highest-entropy pixels dropped from L_u: start * (1 - epoch / epochs)."""
@@ -308,18 +297,16 @@ def model_tensors(model):
 
 @torch.no_grad()
 def teacher_update(teacher, student, t, cfg):
-    """Step 10 after t semi-supervised iterations (0 = the first one). During the first
-    semi-supervised epoch (t < iters_per_epoch) the teacher IS the student: its state is
-    copied, as the reference copies the student's parameters into the teacher at every
-    iteration of that epoch. Afterwards: EMA with alpha = min(1 - 1/(t + 1), ema_decay)."""
+    """Step 10 after t semi-supervised iterations (0 = the first one). During the first semi-supervised
+    epoch (t < iters_per_epoch) the teacher IS the student: its state is copied, as the reference copies
+    the student's parameters at every iteration of that epoch. Then EMA at alpha = ema_alpha(t)."""
     if t < cfg["iters_per_epoch"]:
         torch._foreach_copy_(model_tensors(teacher), model_tensors(student))
     else:
         ema_update(teacher, student, ema_alpha(t, cfg["ema_decay"]))
 
 
-# ----------------------------------------------------------------------------------------
-# One iteration (steps 2-10)
+# ---------------- One iteration (steps 2-10)
 
 def autocast(amp, device):
     """Mixed precision for --amp 'bf16' / 'fp16' on `device`; 'none' (or None): full precision."""
@@ -402,10 +389,9 @@ def train_step(batch, models, cfg, ctx, it, step_rng):
 
 
 def train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, step_rng, semi):
-    """Steps 2-10: train_step (2-7), then step 8's learning rate, backward and SGD step,
-    the prototype update (9) and the teacher update (10).
-    Returns the loss terms and `finite` (0-dim bool on the device). A non-finite loss
-    leaves no trace: the scaler skips the step, the BN statistics that the forward pass
+    """Steps 2-10: train_step (2-7), then the learning rate, backward and SGD step (8), the prototype
+    update (9) and the teacher update (10). Returns the loss terms and `finite` (0-dim bool on the device).
+    A non-finite loss leaves no trace: the scaler skips the step, the BN statistics that the forward pass
     updated are restored, and no pixel reaches the prototypes. No host sync."""
     model, teacher, bank = models
     student = unwrap(model)
@@ -438,8 +424,7 @@ def train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, step_rng, se
     return terms, finite
 
 
-# ----------------------------------------------------------------------------------------
-# Prototype initialisation and the start of the semi-supervised phase (section 4)
+# ---------------- Prototype initialisation and the start of the semi-supervised phase (section 4)
 
 @torch.no_grad()
 def labeled_features(model, dataset, cfg, ctx, max_per_class=3000):
@@ -459,22 +444,19 @@ def labeled_features(model, dataset, cfg, ctx, max_per_class=3000):
         if not chunk:  # keep every process in step for the gather below
             break
         images, masks = zip(*(dataset[(i, cfg["seed"] + i)] for i in chunk))
-        images = torch.stack(images).to(ctx.device)
-        masks = torch.stack(masks).to(ctx.device)
+        images, masks = torch.stack(images).to(ctx.device), torch.stack(masks).to(ctx.device)
         with autocast(cfg["amp"], ctx.device):
             _, feature, _ = model(images)
         ys, xs = sample_points(crop, crop, grid, generator=gen, device=ctx.device)
         feats.append(sample_features(feature.float(), ys, xs, (crop, crop)).flatten(0, 1))
         labels.append(masks[:, ys, xs].flatten())
     model.train(was_training)
-    dim = model.feature_dim
-    feats = torch.cat(feats) if feats else torch.zeros(0, dim, device=ctx.device)
+    feats = torch.cat(feats) if feats else torch.zeros(0, model.feature_dim, device=ctx.device)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=ctx.device)
     if ctx.world > 1:  # pad to equal length with ignored rows, then gather
-        size = torch.tensor([len(labels)], device=ctx.device)
-        sizes = [torch.zeros_like(size) for _ in range(ctx.world)]
-        dist.all_gather(sizes, size)
-        longest = int(max(s.item() for s in sizes))
+        longest = torch.tensor(len(labels), device=ctx.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        longest = int(longest)
         feats = F.pad(feats, (0, 0, 0, longest - len(feats)))
         labels = F.pad(labels, (0, longest - len(labels)), value=IGNORE)
         all_feats = [torch.zeros_like(feats) for _ in range(ctx.world)]
@@ -512,10 +494,7 @@ def start_semi_supervised(student, teacher, bank, labeled_set, cfg, ctx):
     teacher.load_state_dict(student.state_dict())
 
 
-# ========================================================================================
-# THE RUN: from the flags to final.json. Every function it calls after the method's is
-# plumbing, below.
-# ========================================================================================
+# ================ THE RUN: from the flags to final.json
 
 def main(argv=None):
     # 1. settings: flags over the dataset's preset, or the stored ones of a resumed run;
@@ -615,13 +594,10 @@ def main(argv=None):
     return 0
 
 
-# ========================================================================================
-# PLUMBING: settings, processes, data order, checkpoints, progress, evaluation records.
+# ================ PLUMBING: settings, processes, data order, checkpoints, progress, evaluation records
 # None of it is needed to understand PCR; it makes the method run, resume and report.
-# ========================================================================================
 
-# ----------------------------------------------------------------------------------------
-# Settings: parsed and checked from SETTINGS; a resumed run keeps its own
+# ---------------- Settings: parsed and checked from SETTINGS; a resumed run keeps its own
 
 # Worked out from the data and the number of processes at every start, never compared.
 DERIVED = {"local_batch", "iters_per_epoch", "total_iters", "total_epochs"}
@@ -665,10 +641,9 @@ def parse_args(argv=None):
 
 
 def resolve_config(given):
-    """The declared defaults, then the dataset's preset, then every flag the user gave.
-    --out defaults to runs/{dataset}_{labeled}_{method}_s{seed}: another dataset, split,
-    method or seed never lands in (or resumes from) the run directory of the quick start. A
-    folder dataset is named after its root; without --labeled its labeled.txt is the split."""
+    """The declared defaults, then the dataset's preset, then every flag the user gave. --out defaults to
+    runs/{dataset}_{labeled}_{method}_s{seed}: another dataset, split, method or seed never lands in (or
+    resumes from) the quick start's directory. A folder is named after its root; 'lists': its labeled.txt."""
     cfg = {key: setting.default for key, setting in SETTINGS.items()}
     cfg.update(PRESETS[given.get("dataset", cfg["dataset"])])
     cfg.update(given)
@@ -863,8 +838,7 @@ def describe_config(cfg, ctx):
         f"{ohem_min_kept(cfg, cfg['local_batch'])} per process"]
 
 
-# ----------------------------------------------------------------------------------------
-# The process: who am I, logging, errors
+# ---------------- The process: who am I, logging, errors
 
 def pick_device(flag, local_rank=0):
     """--device 'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device (plain 'cuda' and 'auto'
@@ -928,9 +902,8 @@ def last_line(error):
 
 
 def report_errors(errors, ctx, out):
-    """Every setup problem found, one 'error:' line each, printed by rank 0 only, and
-    appended to the run's log.txt if the run directory already has one. A start that
-    fails before its run directory exists writes nothing. Exit code 2."""
+    """Every setup problem found, one 'error:' line each, printed by rank 0 only and appended to the
+    run's log.txt if the run directory already has one (else nothing is written). Exit code 2."""
     if ctx.main:
         for error in errors:
             print(f"error: {error}", file=sys.stderr, flush=True)
@@ -969,11 +942,10 @@ def report_out_of_memory(cfg, ctx, it, semi):
 
 
 class StopVote:
-    """Whether any process got SIGINT / SIGTERM, agreed by all processes, checked every
-    iteration without a host-device sync: each iteration every process launches an
-    asynchronous all-reduce (MAX) of its own flag, a CPU tensor on a gloo group, and reads
-    the result launched the iteration before, which has long arrived. All processes read
-    the same results at the same iterations: they stop together, within two iterations."""
+    """Whether any process got SIGINT / SIGTERM, agreed by all processes, checked every iteration without a
+    host-device sync: each iteration every process launches an asynchronous all-reduce (MAX) of its own flag,
+    a CPU tensor on a gloo group, and reads the result launched the iteration before, which has long arrived.
+    All processes read the same results at the same iterations: they stop together, within two iterations."""
 
     def __init__(self, received, world):
         self.received, self.world, self.pending = received, world, None
@@ -996,13 +968,11 @@ class StopVote:
         return bool(flag.item())  # a CPU tensor: no device sync
 
 
-# ----------------------------------------------------------------------------------------
-# Building: data, models, optimizer; the data check
+# ---------------- Building: data, models, optimizer; the data check
 
 def build_everything(cfg, ctx, resuming=False):
-    """Data, student, teacher, prototype bank, optimizer, scaler. (setup_errors has checked
-    the ImageNet weights; a resumed run does not need them.)"""
-    # resumed: the same deep-stem network, every weight from the checkpoint
+    """Data, student, teacher, prototype bank, optimizer, scaler (setup_errors has checked the weights)."""
+    # resumed: no ImageNet weights needed, the same deep-stem network takes every weight from the checkpoint
     pretrained = "none" if resuming and cfg["pretrained"] != "torchvision" else cfg["pretrained"]
     data = data_lib.build_data(cfg["dataset"], cfg["data_root"], cfg["num_classes"], cfg["labeled"],
                                cfg["split_dir"], cfg["seed"], cfg["crop_size"],
@@ -1034,10 +1004,9 @@ def make_optimizer(student, cfg, device):
     groups = param_groups(student, cfg["lr"], cfg["lr"] * cfg["head_lr_mult"])
     optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"], fused=True)
-    # Zero momentum buffers up front: fused SGD otherwise allocates them uninitialised on its
-    # first step and fills them in the kernel, which a non-finite first step (the rule under
-    # fp16's high first loss scale) skips, leaving garbage for every later step. From zero, the
-    # first real step gives buf = grad, as a fresh buffer would.
+    # Zero momentum buffers up front: fused SGD otherwise allocates them uninitialised on its first step and
+    # fills them in the kernel, which a non-finite first step (the rule under fp16's high first loss scale)
+    # skips, leaving garbage for every later step. From zero, the first real step gives buf = grad.
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
         for param in group["params"]:
@@ -1069,17 +1038,15 @@ def check_data_before_training(data, cfg, ctx):
         raise data_lib.DataError(verdict[0]) if ctx.main else SystemExit(2)
 
 
-# ----------------------------------------------------------------------------------------
-# Data order. A sample is a pure function of its key (index, seed), and the keys of every
-# iteration are a pure function of (seed, iteration): runs are repeatable with any number
-# of workers, and a resumed run continues with exactly the batches it would have seen.
+# ---------------- Data order: the keys (index, seed) of every iteration are a pure function of (seed,
+# iteration), and a sample of its key: any number of workers gives the same run, and a resumed run
+# continues with exactly the batches it would have seen.
 
 class TrainKeys(torch.utils.data.Sampler):
-    """Endless (index, seed) keys for this process, from iteration start_iter on. An epoch
-    has iters_per_epoch iterations of global_batch images. The epoch's order is a random
-    permutation of the dataset (concatenated permutations when the dataset is smaller: the
-    labeled set is repeated to the length of the unlabeled epoch). Process r of w takes
-    every w-th image of each global batch."""
+    """Endless (index, seed) keys for this process, from iteration start_iter on. An epoch has
+    iters_per_epoch iterations of global_batch images, in a random permutation of the dataset
+    (concatenated permutations when the dataset is smaller: the labeled set is repeated to the length of
+    the unlabeled epoch). Process r of w takes every w-th image of each global batch."""
 
     def __init__(self, num_items, global_batch, iters_per_epoch, seed, stream, rank, world, start_iter):
         self.n, self.batch, self.ipe, self.start_iter = num_items, global_batch, iters_per_epoch, start_iter
@@ -1099,10 +1066,9 @@ class TrainKeys(torch.utils.data.Sampler):
 
 
 def detach_worker(worker_id):
-    """Ctrl-C and torchrun's SIGTERM (killpg) reach the whole process group: the workers
-    leave it, so that they keep loading while the trainer finishes the iteration and
-    saves (a killed worker would crash the trainer). (SIGTERM keeps its default: Python's
-    exit handler stops daemon workers with it.)"""
+    """Ctrl-C and torchrun's SIGTERM (killpg) reach the whole process group: the workers leave it, so that
+    they keep loading while the trainer finishes the iteration and saves (a killed worker would crash the
+    trainer). (SIGTERM keeps its default: Python's exit handler stops daemon workers with it.)"""
     if hasattr(os, "setpgrp"):
         os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -1130,8 +1096,7 @@ def next_batch(loaders, data, cfg, ctx, it, semi):
     return batch
 
 
-# ----------------------------------------------------------------------------------------
-# Checkpoints: written atomically; last.pt keeps its predecessor as last.prev.pt
+# ---------------- Checkpoints: written atomically; last.pt keeps its predecessor as last.prev.pt
 
 def load_checkpoint(path, flag="--resume"):
     """Read a checkpoint written by this script; a missing file is a SetupError, a damaged
@@ -1164,9 +1129,8 @@ def find_resume_checkpoint(cfg, ctx):
 
 
 def save_checkpoint(name, it, parts, best, step_rng, cfg, ctx):
-    """Gather every process's RNG state, then rank 0 writes OUT/name atomically (a temporary
-    file, renamed: a crash never leaves half a file). A student holding non-finite values is
-    not written, so that the last good checkpoint stays."""
+    """Gather every process's RNG state, then rank 0 writes OUT/name through a temporary file, renamed (a
+    crash never leaves half a file), unless the student holds non-finite values."""
     state = {"torch": torch.get_rng_state(), "step": step_rng.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -1216,8 +1180,7 @@ def resume(ckpt, path, parts, step_rng, ctx):
     return ckpt["iter"], ckpt["best"]
 
 
-# ----------------------------------------------------------------------------------------
-# Across processes and the health of a step
+# ---------------- Across processes and the health of a step
 
 @torch.no_grad()
 def average_buffers(module, ctx):
@@ -1235,10 +1198,8 @@ def average_buffers(module, ctx):
 
 @torch.no_grad()
 def restore_buffers_if(bad, buffers, saved):
-    """buffers <- saved (their flat copy from before the step) where the 0-dim bool `bad`,
-    on the device, without a host sync. The forward pass updates the BN statistics before
-    the loss is known (with NaN when the activations were), and a skipped step must leave
-    no trace in the student, nor in the teacher that averages it."""
+    """buffers <- saved (their flat copy from before the step) where the 0-dim bool `bad`, without a
+    host sync: the forward pass updated the BN statistics before the loss was known, with NaN if any."""
     current = torch.cat([b.reshape(-1) for b in buffers])
     kept = torch.where(bad, saved, current)
     torch._foreach_copy_(buffers, [v.view_as(b) for v, b in
@@ -1254,17 +1215,15 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-# ----------------------------------------------------------------------------------------
-# Progress: loss means, speed, ETA; evaluation records
+# ---------------- Progress: loss means, speed, ETA; evaluation records
 
 class Progress:
-    """Loss sums and non-finite streaks, kept on the device by add() (no host sync) and read
-    back by take() once per --log-every; speed and ETA. The clock counts training only: the
-    k-means and evaluations run inside pause(), an evaluation's time is kept for the ETA, which
-    prices the warm-up and semi-supervised iterations left each at its own measured duration,
-    plus the evaluations left. A semi-supervised iteration not yet measured is guessed at
-    SEMI_COST_GUESS warm-up ones (twice the student's images and the teacher's pass; measured
-    1.8-2.1x at the paper's scale, 2-3x for the toy's small steps)."""
+    """Loss sums and non-finite streaks, kept on the device by add() (no host sync) and read back by take()
+    once per --log-every; speed and ETA. The clock counts training only: the k-means and evaluations run
+    inside pause(), an evaluation's time is kept for the ETA, which prices the warm-up and semi-supervised
+    iterations left each at its own measured duration, plus the evaluations left. A semi-supervised
+    iteration not yet measured is guessed at SEMI_COST_GUESS warm-up ones (twice the student's images and
+    the teacher's pass; measured 1.8-2.1x at the paper's scale, 2-3x for the toy's small steps)."""
     SEMI_COST_GUESS = 2.5
 
     def __init__(self, cfg, start_iter, device, clock=time.monotonic):
