@@ -45,7 +45,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.models import get_model_weights
 
 BACKBONES = {
     # name: (block type, blocks per layer)
@@ -432,6 +431,7 @@ def fetch_hub_weights(name, backbone):
 def _torchvision_weights(backbone):
     """(weights enum, state_dict) of torchvision's default ImageNet weights for `backbone`
     (downloaded on first use into torch's hub cache; download_failed if that fails)."""
+    from torchvision.models import get_model_weights  # here: importing torchvision takes seconds
     weights = get_model_weights(backbone).DEFAULT
     try:
         return weights, weights.get_state_dict(progress=True)

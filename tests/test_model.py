@@ -324,7 +324,7 @@ def test_build_model_torchvision_uses_weights_api(monkeypatch):
     class FakeEnum:
         DEFAULT = FakeWeights()
 
-    monkeypatch.setattr(model_module, "get_model_weights",
+    monkeypatch.setattr(torchvision.models, "get_model_weights",
                         lambda name: requested.append(name) or FakeEnum)
     net = build_model(5, "resnet18", output_stride=16, pretrained="torchvision")
     assert requested == ["resnet18"]
@@ -571,7 +571,7 @@ def test_torchvision_weights_offline_give_one_line_error(tmp_path, monkeypatch):
     class FakeEnum:
         DEFAULT = OfflineWeights()
 
-    monkeypatch.setattr(model_module, "get_model_weights", lambda name: FakeEnum)
+    monkeypatch.setattr(torchvision.models, "get_model_weights", lambda name: FakeEnum)
     with pytest.raises(ValueError) as error:
         build_model(5, "resnet18", pretrained="torchvision")
     message = str(error.value)
