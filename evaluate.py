@@ -688,10 +688,7 @@ def main(argv=None):
     except (train.SetupError, train.CheckpointError, data_lib.DataError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    train.exit_process(main())

@@ -588,9 +588,6 @@ def main(argv=None):
         with open(os.path.join(cfg["out"], "final.json"), "w") as f:
             json.dump(summary, f, indent=2)
     ctx.log("final: " + json.dumps(summary))
-    if ctx.world > 1:  # the barrier lets gloo's threads free the last collectives' tensors
-        dist.barrier()  # first: on torch 2.4 that free waits for the GIL destroy holds
-        dist.destroy_process_group()
     return 0
 
 
@@ -894,6 +891,21 @@ class Context:
             line = " ".join(str(p) for p in parts)
             print(line, flush=True)
             self.write(line) if self.log_file else self.unwritten.append(line)
+
+
+def exit_process(code):
+    """sys.exit(code) after leaving the process groups (the last call of train.py and evaluate.py).
+    Before torch 2.8, destroying a gloo group joins its threads while holding the GIL that one
+    of them may need to free a tensor of a recent collective: a deadlock at the end of some runs
+    (pytorch/pytorch#154976; seen with gdb on 2.4). There the process leaves with os._exit instead,
+    its output flushed (log.txt is flushed line by line, the other files are closed)."""
+    if dist.is_available() and dist.is_initialized():
+        if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 8):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        dist.destroy_process_group()
+    sys.exit(code)
 
 
 def last_line(error):
@@ -1370,4 +1382,4 @@ def record_evaluation(results, best, data, cfg, ctx, it, semi):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -56,4 +56,4 @@ def checked_evaluation(student, teacher, bank, data, cfg, ctx, semi):
 
 if __name__ == "__main__":
     evaluate, train.run_evaluation = train.run_evaluation, checked_evaluation
-    sys.exit(train.main(sys.argv[1:]))
+    train.exit_process(train.main(sys.argv[1:]))

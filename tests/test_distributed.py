@@ -312,3 +312,22 @@ def test_a_single_process_stops_at_once():
     assert not vote()
     received.append(signal.SIGINT)
     assert vote()
+
+
+@pytest.mark.parametrize("version, leaves_by", [("2.4.0+cu121", "os._exit"), ("2.7.1", "os._exit"),
+                                                 ("2.8.0", "destroy"), ("2.14.1", "destroy")])
+def test_exit_process_skips_the_process_group_teardown_before_torch_2_8(monkeypatch, version, leaves_by):
+    """Before torch 2.8 destroying a gloo group can deadlock (train.exit_process): the process
+    leaves by os._exit, with its exit code; from 2.8 on it destroys its groups, then sys.exit."""
+    calls = []
+
+    def fake_exit(code):
+        calls.append("os._exit")
+        raise SystemExit(code)
+    monkeypatch.setattr(train.torch, "__version__", version)
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(train.os, "_exit", fake_exit)
+    with pytest.raises(SystemExit) as leaving:
+        train.exit_process(3)
+    assert leaving.value.code == 3 and calls == [leaves_by]
