@@ -682,9 +682,8 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        return run(args)
+        return run(parse_args(argv))
     except (train.SetupError, train.CheckpointError, data_lib.DataError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2

@@ -894,11 +894,9 @@ class Context:
 
 
 def exit_process(code):
-    """sys.exit(code) after leaving the process groups (the last call of train.py and evaluate.py).
-    Before torch 2.8, destroying a gloo group joins its threads while holding the GIL that one
-    of them may need to free a tensor of a recent collective: a deadlock at the end of some runs
-    (pytorch/pytorch#154976; seen with gdb on 2.4). There the process leaves with os._exit instead,
-    its output flushed (log.txt is flushed line by line, the other files are closed)."""
+    """sys.exit(code) after leaving the process groups. Before torch 2.8, destroying a gloo group
+    can deadlock (one of its threads needs the GIL it holds: pytorch/pytorch#154976, seen on 2.4),
+    so there the process leaves by os._exit, its output flushed (log.txt is, line by line)."""
     if dist.is_available() and dist.is_initialized():
         if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 8):
             sys.stdout.flush()
