@@ -378,7 +378,7 @@ class _WeightedRowSum(torch.autograd.Function):
     def backward(ctx, grad):
         index, weight = ctx.saved_tensors
         flat = index.flatten()                                                   # (N*K,)
-        # int32 keys sort 1.6x faster on CPU; (N*K,) int32 indices of rows cannot overflow
+        # int32 keys (row indices below 2**31 fit) sort 1.6x faster than int64 on CPU
         order = torch.sort(flat.int() if ctx.num_rows < 2**31 else flat, stable=True).indices
         ends = torch.bincount(flat, minlength=ctx.num_rows).cumsum(0)           # (R,)
         offsets = torch.cat([ends.new_zeros(1), ends])                          # (R + 1,)
