@@ -234,8 +234,7 @@ def entropy_filtered_cross_entropy(logits, pseudo_label, entropy, drop_fraction)
     logits (B, K, H, W), pseudo_label / entropy (B, H, W)."""
     valid = pseudo_label != IGNORE
     num_valid = valid.sum()
-    # the threshold is the first dropped value in ascending order, invalid pixels first (as
-    # -inf): its position comes from index arithmetic, not from a host-side count
+    # threshold: the first dropped value in ascending order (invalid first, as -inf), found by index math
     flat = torch.where(valid, entropy, -math.inf).flatten()
     num_keep = torch.floor(num_valid * (1.0 - drop_fraction)).long()
     first_dropped = (flat.numel() - num_valid + num_keep).clamp(max=flat.numel() - 1)
@@ -248,10 +247,11 @@ def entropy_filtered_cross_entropy(logits, pseudo_label, entropy, drop_fraction)
 
 
 def sorted_value_at(values, index, host_read=None):
-    """values.sort().values[index] for 1-D values and a 0-dim int64 tensor index. CPU (or
-    host_read=True): kthvalue, a selection, 5x faster than sorting 32k values, after reading
-    index (free on CPU). CUDA: sort and gather, since a read would wait for the GPU."""
-    if host_read if host_read is not None else not values.is_cuda:
+    """values.sort().values[index] (1-D values, 0-dim int64 index). host_read (default: on CPU): kthvalue
+    after reading index, 5x faster than sorting 32k values; else sort and gather: no wait for a GPU."""
+    if host_read is None:
+        host_read = not values.is_cuda
+    if host_read:
         return values.kthvalue(int(index) + 1).values
     return values.sort().values.gather(0, index.reshape(1)).squeeze(0)
 
