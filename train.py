@@ -286,8 +286,7 @@ def ema_update(teacher, student, alpha):
     for pair in zip(model_tensors(teacher), model_tensors(student)):
         (floats if pair[0].dtype.is_floating_point else counters).append(pair)
     torch._foreach_lerp_([t for t, _ in floats], [s for _, s in floats], 1.0 - alpha)
-    for t, s in counters:
-        t.copy_(s)
+    torch._foreach_copy_([t for t, _ in counters], [s for _, s in counters])
 
 
 def model_tensors(model):
@@ -576,8 +575,7 @@ def main(argv=None):
             save_checkpoint("last.pt", done, parts, best, step_rng, cfg, ctx)
         if stop:
             stop_vote.close()
-            ctx.log(f"interrupted: saved {cfg['out']}/last.pt at iteration {done}; continue with "
-                    f"--resume auto")
+            ctx.log(f"interrupted: saved {cfg['out']}/last.pt at iteration {done}; continue with --resume auto")
             return 128 + (received[0] if received else signal.SIGTERM)
 
     # 4. the end: final.json with the last and the best evaluation
@@ -912,14 +910,16 @@ def last_line(error):
 
 
 def report_errors(errors, ctx, out):
-    """Every setup problem found, one 'error:' line each, printed by rank 0 only and appended to the
-    run's log.txt if the run directory already has one (else nothing is written). Exit code 2."""
-    if ctx.main:
-        for error in errors:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        if ctx.log_file is None and os.path.exists(os.path.join(out, "log.txt")):
-            ctx.open_log(out)
-        ctx.write(*(f"error: {error}" for error in errors))
+    """Every setup problem found, one 'error:' line each, also appended to the run's log.txt if it
+    exists (else nothing is written). Exit code 2. As the processes mostly find the same problems,
+    rank 0 reports first: another process waits 10 s, as its exit would stop rank 0 (torchrun)."""
+    if not ctx.main:
+        time.sleep(10)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    if ctx.log_file is None and os.path.exists(os.path.join(out, "log.txt")):
+        ctx.open_log(out)
+    ctx.write(*(f"error: {error}" for error in errors))
     return 2
 
 
