@@ -1029,8 +1029,8 @@ def make_optimizer(student, cfg, device):
 
 def check_data_before_training(data, cfg, ctx):
     """Rank 0 decodes every listed file (data.check_data, recorded in OUT/data_check.json);
-    the other processes wait for its verdict. A bad file is one DataError, printed by rank 0
-    alone: the others exit quietly with the same code."""
+    the other processes wait for its verdict. A bad file is the same DataError on every process
+    (report_errors lets rank 0 print it first: the others would only repeat it)."""
     if data_lib.DATASETS[data.name].generated:
         return
     if cfg["skip_data_check"]:
@@ -1045,7 +1045,7 @@ def check_data_before_training(data, cfg, ctx):
     if ctx.world > 1:
         dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
-        raise data_lib.DataError(verdict[0]) if ctx.main else SystemExit(2)
+        raise data_lib.DataError(verdict[0])
 
 
 # ---------------- Data order: the keys (index, seed) of every iteration are a pure function of (seed,
