@@ -526,8 +526,7 @@ def main(argv=None):
     if ctx.main and not (cfg["resume"] and os.path.exists(config_path)):
         with open(config_path, "w") as f:
             json.dump(cfg, f, indent=2)
-    for line in describe_config(cfg, ctx):
-        ctx.log(line)
+    ctx.log("\n".join(describe_config(cfg, ctx)))
     total = cfg["total_iters"]
     if start_iter >= total:
         ctx.log(f"resume: the run already finished ({start_iter}/{total} iterations); nothing to do")
@@ -687,9 +686,8 @@ def warmup_errors(cfg, total, source):
 
 
 def setup_errors(cfg, ctx, resuming):
-    """Every number out of its declared range, a global batch that does not split over the
-    processes (torchrun's processes all find the same problem; rank 0 reports it), an --out
-    that cannot be written, a missing data root, split folder or ImageNet weights (data.py
+    """Every number out of its declared range, a global batch that does not split over the processes,
+    an --out that cannot be written, a missing data root, split folder or ImageNet weights (data.py
     checks the contents once the run directory exists)."""
     errors = []
     for key, setting in SETTINGS.items():
@@ -1210,8 +1208,7 @@ def average_buffers(module, ctx):
 def restore_buffers_if(bad, buffers, saved):
     """buffers <- saved (their flat copy from before the step) where the 0-dim bool `bad`, without a
     host sync: the forward pass updated the BN statistics before the loss was known, with NaN if any."""
-    current = torch.cat([b.reshape(-1) for b in buffers])
-    kept = torch.where(bad, saved, current)
+    kept = torch.where(bad, saved, torch.cat([b.reshape(-1) for b in buffers]))
     torch._foreach_copy_(buffers, [v.view_as(b) for v, b in
                                    zip(kept.split([b.numel() for b in buffers]), buffers)])
 
