@@ -286,7 +286,8 @@ def ema_update(teacher, student, alpha):
     for pair in zip(model_tensors(teacher), model_tensors(student)):
         (floats if pair[0].dtype.is_floating_point else counters).append(pair)
     torch._foreach_lerp_([t for t, _ in floats], [s for _, s in floats], 1.0 - alpha)
-    torch._foreach_copy_([t for t, _ in counters], [s for _, s in counters])
+    for t, s in counters:  # (a foreach call refuses an empty list: a model without BatchNorm)
+        t.copy_(s)
 
 
 def model_tensors(model):

@@ -201,6 +201,10 @@ def test_ema_alpha_and_update():
             assert torch.allclose(v, 0.9 * before[k] + 0.1 * s, atol=1e-6), k
         else:
             assert torch.equal(v, s), k
+    plain_teacher, plain_student = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)  # no BN counters
+    expected = 0.5 * plain_teacher.weight.detach() + 0.5 * plain_student.weight.detach()
+    train.ema_update(plain_teacher, plain_student, 0.5)
+    assert torch.allclose(plain_teacher.weight, expected)
 
 
 def take(iterator, n):
