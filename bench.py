@@ -125,26 +125,6 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------
 # Device, clock, memory
 
-def resolve_device(flag, parser_error):
-    """--device -> a torch.device; a CUDA device always carries its index (set_device
-    refuses a bare "cuda")."""
-    if flag == "auto":
-        flag = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(flag)
-    except RuntimeError:
-        parser_error(f"--device {flag!r} is not a device; use auto, cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda"):
-        parser_error(f"--device {flag}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser_error(f"--device {flag}: no CUDA device is visible")
-    if device.type == "cuda":
-        device = torch.device("cuda", device.index or 0)
-        if device.index >= torch.cuda.device_count():
-            parser_error(f"--device {flag}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return device
-
-
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -697,13 +677,14 @@ def main(argv=None):
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
-    device = resolve_device(args.device, parser_error)
+    try:
+        device = train.pick_device(args.device)  # made current: events and memory statistics of it
+    except train.SetupError as e:
+        parser_error(str(e))
     if args.sync_check and device.type != "cuda":
         parser_error("--sync-check needs a CUDA device (--device cuda)")
     if args.amp == "fp16" and device.type != "cuda":
         parser_error("--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # events and memory statistics of this device
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.compare_checkpointing:

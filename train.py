@@ -842,11 +842,15 @@ def pick_device(flag, local_rank=0):
     try:
         device = torch.device(flag)
     except RuntimeError:
-        raise SetupError(f"--device {flag!r}: expected auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SetupError(f"--device {flag!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SetupError(f"--device {flag}, but no CUDA device is visible")
         device = torch.device("cuda", local_rank if device.index is None else device.index)
+        if device.index >= torch.cuda.device_count():
+            raise SetupError(f"--device {flag}: there is no {device} ({torch.cuda.device_count()} visible)")
         torch.cuda.set_device(device)
     return device
 

@@ -245,7 +245,8 @@ def test_loop_prototype_update_by_hand():
     (["--width", "0"], "--width must be > 0"),
     (["--device", "cpu", "--sync-check"], "--sync-check needs a CUDA device"),
     (["--device", "cpu", "--amp", "fp16"], "--amp fp16 needs a CUDA device"),
-    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
+    (["--device", "meta"], "--device 'meta': expected auto, cpu, cuda or cuda:N"),
     (["--prototype-update", "--points", "0"], "--points must be >= 1"),
     (["--checkpoint-activations", "--compile"], "--checkpoint-activations with --compile is not supported"),
     (["--compare-checkpointing", "--checkpoint-activations"], "--compare-checkpointing runs both"),
@@ -257,16 +258,19 @@ def test_bad_flags_are_named(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_a_bare_cuda_device_gets_its_index(monkeypatch):
-    """torch.cuda.set_device refuses torch.device("cuda"); bench must pass cuda:0."""
+def test_a_cuda_device_always_carries_its_index(monkeypatch):
+    """torch.cuda.set_device refuses torch.device("cuda"): pick_device (train.py's, which bench.py
+    and evaluate.py use) names the index, LOCAL_RANK's for a bare 'cuda', and refuses one that
+    does not exist before set_device would fail with a CUDA error."""
+    made_current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-
-    def parser_error(message):
-        raise SystemExit(message)
-
-    assert bench.resolve_device("cuda", parser_error) == torch.device("cuda", 0)
-    assert bench.resolve_device("auto", parser_error) == torch.device("cuda", 0)
-    assert bench.resolve_device("cuda:1", parser_error) == torch.device("cuda", 1)
-    with pytest.raises(SystemExit, match="only 2 CUDA device"):
-        bench.resolve_device("cuda:2", parser_error)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert train.pick_device("cuda") == torch.device("cuda", 0)
+    assert train.pick_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert train.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert made_current == [torch.device("cuda", i) for i in (0, 1, 1)]
+    with pytest.raises(train.SetupError, match=r"--device cuda: there is no cuda:2 \(2 visible\)"):
+        train.pick_device("cuda", local_rank=2)  # torchrun with more processes than GPUs
+    with pytest.raises(train.SetupError, match="--device cuda:5: there is no cuda:5"):
+        train.pick_device("cuda:5")
