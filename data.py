@@ -197,10 +197,8 @@ def augment_params(rng, width, height, crop_size):
     the crop's corner (x0, y0) uniform over the valid positions (0 where the rescaled image is
     smaller than the crop), flip with p = 0.5."""
     scale = rng.uniform(*SCALE_RANGE)
-    scaled_width = max(1, int(round(width * scale)))
-    scaled_height = max(1, int(round(height * scale)))
-    x0 = int(rng.integers(0, max(scaled_width - crop_size, 0) + 1))
-    y0 = int(rng.integers(0, max(scaled_height - crop_size, 0) + 1))
+    scaled_width, scaled_height = (max(1, int(round(side * scale))) for side in (width, height))
+    x0, y0 = (int(rng.integers(0, max(side - crop_size, 0) + 1)) for side in (scaled_width, scaled_height))
     flip = bool(rng.random() < 0.5)
     return scaled_width, scaled_height, x0, y0, flip
 
@@ -686,8 +684,6 @@ def _lists(spec, root, labeled, split_dir, seed, log):
     if split_dir is None and spec.draw is not None:
         return {**spec.draw(root, labeled, seed, log), "val": spec.val(root)}
     list_dir = root if split_dir is None else split_dir
-    if not os.path.isdir(list_dir):
-        raise DataError(f"--split-dir {split_dir} does not exist")
     lists = {which: read_list(os.path.join(list_dir, which + ".txt")) for which in ("labeled", "unlabeled")}
     vals = [os.path.normpath(os.path.join(list_dir, *parts, "val.txt")) for parts in ((), (os.pardir,))]
     vals = [path for path in vals if os.path.isfile(path)]
@@ -815,18 +811,30 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
 
 # --------------------------------------------------------------------------- entry point
 
+def location_errors(dataset, data_root, split_dir=None):
+    """What is wrong with --dataset, --data-root and --split-dir before any file is read, as messages
+    (build_data raises the first; train.py reports them with its other setup errors, all at once)."""
+    spec = DATASETS.get(dataset)
+    if spec is None:
+        return [f"--dataset {dataset!r}: choose one of {', '.join(DATASETS)}"]
+    errors = []
+    if not spec.generated and data_root is None:
+        errors.append(f"--data-root is required for --dataset {dataset} ({spec.layout})")
+    elif not spec.generated and not os.path.isdir(data_root):
+        errors.append(f"--data-root {data_root} does not exist (or is not a folder)")
+    if split_dir is not None and not os.path.isdir(split_dir):
+        errors.append(f"--split-dir {split_dir} does not exist")
+    return errors
+
+
 def build_data(dataset, data_root=None, num_classes=None, labeled=None, split_dir=None,
                seed=0, crop_size=513, out_dir=None, log=print):
     """Data of `dataset` (a DATASETS entry), its lists from split_dir, a folder dataset's root or
     the split drawn for `labeled` from `seed`; the listed files must exist (check_data decodes
     them). The lists go to out_dir/{labeled,unlabeled,val}.txt: `--split-dir out_dir` repeats them."""
-    spec = DATASETS.get(dataset)
-    if spec is None:
-        raise DataError(f"--dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    if not spec.generated and data_root is None:
-        raise DataError(f"--data-root is required for --dataset {dataset} ({spec.layout})")
-    if not spec.generated and not os.path.isdir(data_root):
-        raise DataError(f"--data-root {data_root} does not exist (or is not a folder)")
+    for error in location_errors(dataset, data_root, split_dir):
+        raise DataError(error)
+    spec = DATASETS[dataset]
     if spec.classes and num_classes not in (None, len(spec.classes)):
         raise DataError(f"--num-classes {num_classes}: the {dataset} dataset has {len(spec.classes)} classes")
     class_names = list(spec.classes) or _folder_classes(data_root, num_classes)

@@ -715,13 +715,7 @@ def setup_errors(cfg, ctx, resuming):
     if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
         errors.append(f"--out {cfg['out']}: cannot write there ({existing} is "
                       f"{'not writable' if os.path.isdir(existing) else 'a file'})")
-    if cfg["dataset"] != "toy":
-        if cfg["data_root"] is None:
-            errors.append(f"--data-root is required for --dataset {cfg['dataset']}")
-        elif not os.path.isdir(cfg["data_root"]):
-            errors.append(f"--data-root {cfg['data_root']} does not exist")
-    if cfg["split_dir"] is not None and not os.path.isdir(cfg["split_dir"]):
-        errors.append(f"--split-dir {cfg['split_dir']} does not exist")
+    errors += data_lib.location_errors(cfg["dataset"], cfg["data_root"], cfg["split_dir"])
     pretrained = cfg["pretrained"]
     named = pretrained in ("none", "torchvision") or pretrained.startswith("hub:")
     if not resuming and not named and not os.path.exists(pretrained):  # (a resumed run has them)

@@ -559,7 +559,7 @@ def test_every_setup_error_is_reported_at_once_and_nothing_written(tmp_path, cap
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 3, err
     assert errors[0] == "error: --lr -1.0: must be > 0"
-    assert errors[1] == "error: --data-root /nonexistent does not exist"
+    assert errors[1] == "error: --data-root /nonexistent does not exist (or is not a folder)"
     assert errors[2].startswith("error: --pretrained: ImageNet weights not found at pretrained/resnet101.pth")
     assert not out.exists() and not (tmp_path / "runs").exists()
 
