@@ -394,7 +394,7 @@ def train_iteration(batch, models, optimizer, scaler, cfg, ctx, it, step_rng, se
     A non-finite loss leaves no trace: the scaler skips the step, the BN statistics that the forward pass
     updated are restored, and no pixel reaches the prototypes. No host sync."""
     model, teacher, bank = models
-    student = unwrap(model)
+    student = getattr(model, "module", model)  # DDP's wrapped module
     bn_stats = [b for b in student.buffers() if b.dtype.is_floating_point]
     saved_bn_stats = torch.cat([b.reshape(-1) for b in bn_stats])  # for a skipped step
     terms, update = train_step(batch, models, cfg, ctx, it, step_rng)
@@ -1217,32 +1217,27 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
 # ---------------- Progress: loss means, speed, ETA; evaluation records
 
 class Progress:
-    """Loss sums and non-finite streaks, kept on the device by add() (no host sync) and read back by take()
-    once per --log-every; speed and ETA. The clock counts training only: the k-means and evaluations run
-    inside pause(), an evaluation's time is kept for the ETA, which prices the warm-up and semi-supervised
-    iterations left each at its own measured duration, plus the evaluations left. A semi-supervised
-    iteration not yet measured is guessed at SEMI_COST_GUESS warm-up ones (twice the student's images and
-    the teacher's pass; measured 1.8-2.1x at the paper's scale, 2-3x for the toy's small steps)."""
+    """The progress line's numbers. add() keeps the loss sums and non-finite streaks on the device (no host
+    sync); take() reads them back, once per --log-every. The clock counts training only: the k-means and the
+    evaluations run inside pause(), which times the evaluations for the ETA. The ETA prices the warm-up and
+    semi-supervised iterations left each at its measured duration, plus the evaluations left. A
+    semi-supervised iteration not yet measured is guessed at SEMI_COST_GUESS warm-up ones (twice the
+    student's images and the teacher's pass; measured 1.8-2.1x at the paper's scale, 2-3x at the toy's)."""
     SEMI_COST_GUESS = 2.5
 
     def __init__(self, cfg, start_iter, device, clock=time.monotonic):
-        self.cfg, self.device, self.clock = cfg, device, clock
+        self.cfg, self.device, self.clock, self.count = cfg, device, clock, 0  # count: add()s since take()
         self.sums = torch.zeros(len(LOSS_TERMS) + 1, device=device)  # loss terms, non-finite steps
-        # non-finite steps in a row, the longest such run, the last bad iteration, its terms
+        # non-finite steps in a row, the longest such run, the last bad iteration; which terms were bad there
         self.streak, self.longest, self.bad_iter = torch.zeros(3, dtype=torch.long, device=device)
         self.bad_terms = torch.zeros(len(LOSS_TERMS), device=device)
-        self.count = 0  # iterations summed since the last take()
-        self.seconds, self.iters = [0.0, 0.0], [0, 0]  # training time and iterations: warm-up, semi
-        self.interval = [0.0, 0]  # seconds and images since the last speed()
-        self.eval_seconds, self.evals = 0.0, 0
-        self.mark, self.mark_iter = clock(), start_iter  # training since then is not counted yet
+        # training seconds and iterations of the warm-up and the semi-supervised phase; seconds and images
+        # since the last speed(); seconds and number of the evaluations
+        self.seconds, self.iters, self.interval, self.evals = [0.0, 0.0], [0, 0], [0.0, 0], [0.0, 0]
+        self.mark, self.mark_iter = clock(), start_iter  # the time since then is not counted yet
 
     def add(self, terms, finite, it):
         values = torch.stack([terms[k].detach().float() if k in terms else self.sums.new_zeros(())
@@ -1262,36 +1257,35 @@ class Progress:
             dist.all_reduce(self.longest, op=dist.ReduceOp.MAX)
             dist.all_reduce(self.sums)
             self.sums[:-1] /= world  # losses averaged, non-finite steps summed
-        sums = self.sums.tolist()
-        result = ([s / max(self.count, 1) for s in sums[:-1]], int(sums[-1]), int(self.longest),
-                  int(self.bad_iter), self.bad_terms.tolist())
+        sums, count, self.count = self.sums.tolist(), max(self.count, 1), 0
+        result = ([s / count for s in sums[:-1]], int(sums[-1]), int(self.longest), int(self.bad_iter),
+                  self.bad_terms.tolist())
         self.sums.zero_()
         self.longest.zero_()
-        self.count = 0
         return result
 
-    def lap(self, done):
-        """Iterations mark_iter..done-1, all of one phase, took the time since the mark."""
-        now, semi = self.clock(), int(self.cfg["method"] != "supervised"
-                                      and self.mark_iter >= self.cfg["warmup_iters"])
-        if done > self.mark_iter:
-            self.seconds[semi] += now - self.mark
-            self.iters[semi] += done - self.mark_iter
-            self.interval[0] += now - self.mark
-            self.interval[1] += (done - self.mark_iter) * self.cfg["batch_size"] * (1 + semi)
+    def lap(self, done, evaluation=False):
+        """The time since the mark was an evaluation, or iterations mark_iter..done-1 (of one phase)."""
+        now = self.clock()
+        seconds, iters, semi = now - self.mark, done - self.mark_iter, int(
+            self.cfg["method"] != "supervised" and self.mark_iter >= self.cfg["warmup_iters"])
+        if evaluation:
+            self.evals = [self.evals[0] + seconds, self.evals[1] + 1]
+        elif iters > 0:
+            self.seconds[semi] += seconds
+            self.iters[semi] += iters
+            images = iters * self.cfg["batch_size"] * (1 + semi)
+            self.interval = [self.interval[0] + seconds, self.interval[1] + images]
         self.mark, self.mark_iter = now, done
 
     @contextmanager
     def pause(self, done, evaluation=False):
-        """Time spent inside is not training time; an evaluation's is measured for the ETA."""
+        """The time spent inside is not training time; an evaluation's is measured for the ETA."""
         synchronize(self.device)  # the queued iterations count as training
         self.lap(done)
         yield
         synchronize(self.device)
-        now = self.clock()
-        if evaluation:
-            self.eval_seconds, self.evals = self.eval_seconds + now - self.mark, self.evals + 1
-        self.mark = now
+        self.lap(done, evaluation)
 
     def speed(self, done):
         """Images per second of training since the last call."""
@@ -1301,16 +1295,15 @@ class Progress:
 
     def eta(self, done):
         """(seconds left, evaluations left out because none has been measured yet)."""
-        total, every = self.cfg["total_iters"], self.cfg["eval_every"]
-        warmup_end = total if self.cfg["method"] == "supervised" else self.cfg["warmup_iters"]
-        warmup_left = max(0, warmup_end - done)
+        total, every, (eval_seconds, evals) = self.cfg["total_iters"], self.cfg["eval_every"], self.evals
+        warmup_left = max(0, (total if self.cfg["method"] == "supervised" else self.cfg["warmup_iters"]) - done)
         per = [s / n if n else None for s, n in zip(self.seconds, self.iters)]
         per_warmup = per[0] if per[0] is not None else (per[1] or 0.0) / self.SEMI_COST_GUESS
         per_semi = per[1] if per[1] is not None else per_warmup * self.SEMI_COST_GUESS
         seconds = warmup_left * per_warmup + (total - done - warmup_left) * per_semi
         # evaluations at done..total (the one at done runs after its progress line)
-        evals = total // every - (done - 1) // every + (total % every > 0) if done <= total else 0
-        return (seconds + evals * self.eval_seconds / self.evals, 0) if self.evals else (seconds, evals)
+        left = total // every - (done - 1) // every + (total % every > 0) if done <= total else 0
+        return (seconds + left * eval_seconds / evals, 0) if evals else (seconds, left)
 
 
 def plural(count, word):

@@ -309,7 +309,7 @@ def test_single_nonfinite_step_is_skipped(tmp_path, monkeypatch, capsys):
 
     def spy(batch, models, cfg, ctx, it, step_rng):
         student, _, bank = models
-        before[it] = ({k: v.clone() for k, v in train.unwrap(student).state_dict().items()},
+        before[it] = ({k: v.clone() for k, v in student.state_dict().items()},
                       bank.prototypes.clone() if it >= 3 else None)
         if it == 5:
             batch["labeled"][0][0, :, :2, :2] = math.nan
