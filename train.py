@@ -844,7 +844,9 @@ def pick_device(flag, local_rank=0):
             raise SetupError(f"--device {flag}, but no CUDA device is visible")
         device = torch.device("cuda", local_rank if device.index is None else device.index)
         if device.index >= torch.cuda.device_count():
-            raise SetupError(f"--device {flag}: there is no {device} ({torch.cuda.device_count()} visible)")
+            count = torch.cuda.device_count()  # (torchrun: a process per GPU, LOCAL_RANK's)
+            raise SetupError(f"--device {flag}: there is no {device} ({count} visible)" + (
+                f"; start at most {count} processes per node" if local_rank >= count else ""))
         torch.cuda.set_device(device)
     return device
 
