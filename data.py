@@ -52,7 +52,7 @@ CITYSCAPES_COLOURS = [  # of train ids 0..18
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
+IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # the first is an id's default
 SPLITS = ("labeled", "unlabeled", "val")
 # What PIL raises for a file it cannot decode (missing, truncated, not an image, too large).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -705,8 +705,8 @@ CHECK_PROGRESS_SECONDS = 10.0  # at most one progress line this often
 
 
 def _check_chunk(chunk, num_classes, palette):
-    """(pairs read, [(split, path, message)] for the bad files) for a chunk of (split, Sample) pairs."""
-    problems = []
+    """(pairs read, [(split, path, message)] of bad files, (256,) value counts of the labeled masks) of a chunk."""
+    problems, labeled_pixels = [], np.zeros(256, np.int64)
     for which, sample in chunk:
         size = None
         try:
@@ -715,10 +715,11 @@ def _check_chunk(chunk, num_classes, palette):
             problems.append((which, sample.image, str(error)))
         try:
             if sample.label is not None:
-                _read_mask(sample, num_classes, size, palette)
+                label = _read_mask(sample, num_classes, size, palette)
+                labeled_pixels += np.bincount(label.ravel(), minlength=256) if which == "labeled" else 0
         except DataError as error:
             problems.append((which, sample.label, str(error)))
-    return len(chunk), problems
+    return len(chunk), problems, labeled_pixels
 
 
 def _check_worker_init():
@@ -771,11 +772,12 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
     log(f"data check: reading {len(items)} images and {masks} masks with "
         f"{workers or 'no'} worker process(es) (--skip-data-check skips this)")
     start = last_report = clock()
-    problems, done = [], 0
+    problems, done, labeled_pixels = [], 0, np.zeros(256, np.int64)
     pool = multiprocessing.Pool(workers, initializer=_check_worker_init) if workers > 0 else None
     try:
-        for count, chunk_problems in pool.imap_unordered(check, tasks) if pool else map(check, tasks):
+        for count, chunk_problems, pixels in pool.imap_unordered(check, tasks) if pool else map(check, tasks):
             problems += chunk_problems
+            labeled_pixels += pixels
             done, now = done + count, clock()
             if now - last_report >= CHECK_PROGRESS_SECONDS and done < len(items):
                 last_report = now
@@ -798,6 +800,14 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
     if not problems:
         log(f"data check: {len(items)} images and {masks} masks decode, sizes match, mask values "
             f"are class ids or {IGNORE_INDEX} ({seconds:.1f} s)")
+        shares = 100 * labeled_pixels / max(labeled_pixels.sum(), 1)
+        log("data check: labeled pixels: " + ", ".join(f"{name} {share:.1f}%" for name, share in zip(
+            data.class_names, shares)) + f", ignore ({IGNORE_INDEX}) {shares[IGNORE_INDEX]:.1f}%")
+        missing = [f"{i} {name!r}" for i, name in enumerate(data.class_names) if not labeled_pixels[i]]
+        if missing:  # would train badly and silently: a wrong class count, or 0/255 masks (objects ignored)
+            log(f"warning: no labeled pixel of class {_some(missing)}: only pseudo-labels can teach it. Masks "
+                f"hold class ids, {IGNORE_INDEX} is ignore (in 0/255 masks too): or is --num-classes / "
+                "classes.txt wrong?")
         return record
     shown, where = 20, (f"; all of them in {record_path}" if record_path is not None else "")
     for line in record["problems"][:shown]:

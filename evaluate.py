@@ -33,7 +33,6 @@ MODES = ("whole", "sliding", "center")
 PROTO_CHUNK_BYTES = 64 * 2 ** 20  # float32 features per chunk of _per_pixel: 16 rows of 2048 at D = 512
 VIEW_MIN_SIDE = 256  # pictures with a shorter side are enlarged (nearest neighbour)
 PROGRESS_SECONDS = 10.0  # at most one progress line this often (plus the last one)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -558,12 +557,13 @@ class ImageFiles(data_lib.ImageList):
     def __init__(self, path):
         path = Path(path)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in data_lib.IMAGE_EXTENSIONS
+                           and p.is_file())
         else:
             files = [path] if path.is_file() else []
         if not files:
             raise train.SetupError(f"--images {path}: no such file, or no images in this folder "
-                                   f"({', '.join(IMAGE_SUFFIXES)})")
+                                   f"({', '.join(data_lib.IMAGE_EXTENSIONS)})")
         stems = [p.stem for p in files]
         clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
         if clashes:

@@ -861,7 +861,7 @@ def test_check_data_is_recorded_skipped_when_unchanged_and_shows_progress(tmp_pa
     # 3 chunks of 16 read at 6, 12, 18 s: one line once 10 s have passed, none at the end
     assert len(progress) == 1 and progress[0].startswith("data check: 32/44 images (72%)")
     assert "eta" in progress[0] and "all" not in progress[0]
-    assert "44 images and 4 masks decode" in log[-1]
+    assert "44 images and 4 masks decode" in log[-2] and log[-1].startswith("data check: labeled pixels")
     log = Log()
     assert data.check_data(folder, 0, log, record_path)["fingerprint"] == record["fingerprint"]
     assert len(log) == 1 and "skipped" in log[0] and record_path in log[0]
@@ -873,6 +873,33 @@ def test_check_data_is_recorded_skipped_when_unchanged_and_shows_progress(tmp_pa
     assert not any("skipped" in line for line in log)
     # the toy set is generated: nothing to read
     assert data.check_data(build_data("toy", log=Log()), 0, Log(), record_path) is None
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_check_data_shows_the_labeled_pixels_and_warns_about_0_255_masks(tmp_path, workers):
+    """The share of each class in the labeled masks, counted here mask by mask; a class with no
+    labeled pixel is warned about (0/255 masks: their objects are ignored, silently otherwise)."""
+    root = str(tmp_path / "mine")
+    make_folder_root(root, n_labeled=3, num_classes=3)
+    folder = build_data("folder", root, num_classes=3, crop_size=16, log=Log())
+    counts = np.zeros(256)
+    for sample in folder.labeled.samples:  # the val masks do not count
+        values, numbers = np.unique(np.array(Image.open(sample.label)), return_counts=True)
+        counts[values] += numbers
+    shares = [f"{100 * counts[i] / counts.sum():.1f}%" for i in (0, 1, 2, 255)]
+    log = Log()
+    data.check_data(folder, workers, log)
+    assert log[-1] == ("data check: labeled pixels: class0 {}, class1 {}, class2 {}, ignore (255) {}"
+                       .format(*shares))
+    # binary masks saved as 0 / 255, read against 'background, object': the objects are ignored
+    for sample in folder.labeled.samples:
+        mask = np.zeros((H, W), np.uint8)
+        mask[:, : W // 2 + 4] = 255  # 5/8 of the image
+        Image.fromarray(mask, "L").save(sample.label)
+    log = Log()
+    data.check_data(folder, workers, log)
+    assert log[-2].endswith("class0 37.5%, class1 0.0%, class2 0.0%, ignore (255) 62.5%")
+    assert log[-1].startswith("warning: no labeled pixel of class 1 'class1', 2 'class2': only pseudo-labels")
 
 
 def test_check_data_workers_stop_when_interrupted_under_the_trainers_signal_handlers(tmp_path):
