@@ -86,10 +86,7 @@ class Setting(NamedTuple):
 
 
 POSITIVE, NON_NEGATIVE, UNIT = (0, math.inf, False), (0, math.inf, True), (0, 1, True)
-
-
-def at_least(low):
-    return (low, math.inf, True)
+AT_LEAST_ONE = (1, math.inf, True)
 
 
 SETTINGS = {
@@ -98,14 +95,14 @@ SETTINGS = {
                          "leftImg8bit/ and gtFine/; folder: JPEGImages/, SegmentationClass/, lists)"),
     "labeled": Setting("run", None, int, "labeled images: VOC 92/183/366/732/1464 (classic) or 662/1323/"
                        "2646/5291 (blended), Cityscapes 186/372/744/1488 (auto: all of the folder's "
-                       "labeled.txt)", at_least(1)),
+                       "labeled.txt)", AT_LEAST_ONE),
     "split_dir": Setting("run", None, str, "folder with labeled.txt / unlabeled.txt (and val.txt) of a "
                          "published split (U2PL, UniMatch or CPS format)"),
     "method": Setting("run", "pcr", ("pcr", "meanteacher", "supervised"),
                       "pcr; meanteacher = pcr without prototypes; supervised = labeled images only"),
     "seed": Setting("run", 0, int, "random seed (data order, splits, initialisation)"),
     "num_classes": Setting("model", None, int, "number of classes (auto: the folder's classes.txt, one "
-                           "name per line)", at_least(1)),
+                           "name per line)", AT_LEAST_ONE),
     "backbone": Setting("model", None, tuple(sorted(BACKBONES)), "ResNet depth (model.BACKBONES)"),
     "width": Setting("model", 1.0, float, "channel multiplier of the whole network (1.0 = the paper's; "
                      "the toy uses a thin network to train in minutes on a CPU)", POSITIVE),
@@ -117,15 +114,15 @@ SETTINGS = {
     "aux_weight": Setting("model", None, float, "weight of the auxiliary layer3 loss (0: no aux head)",
                           NON_NEGATIVE),
     "epochs": Setting("training", None, int, "epochs; one epoch = one pass over the unlabeled set",
-                      at_least(1)),
-    "iters": Setting("training", None, int, "total iterations (auto: from --epochs)", at_least(1)),
+                      AT_LEAST_ONE),
+    "iters": Setting("training", None, int, "total iterations (auto: from --epochs)", AT_LEAST_ONE),
     "warmup_epochs": Setting("training", 1, int, "supervised-only epochs before the semi-supervised phase "
                              "(at most half the run)", NON_NEGATIVE),
     "warmup_iters": Setting("training", None, int, "supervised-only iterations (auto: from --warmup-epochs)",
                             NON_NEGATIVE),
     "batch_size": Setting("training", None, int, "GLOBAL labeled batch over all processes; the unlabeled "
-                          "batch is equal", at_least(1)),
-    "crop_size": Setting("training", None, int, "training crop (square)", at_least(16)),
+                          "batch is equal", AT_LEAST_ONE),
+    "crop_size": Setting("training", None, int, "training crop (square)", (16, math.inf, True)),
     "lr": Setting("optimizer", None, float, "base learning rate of the backbone", POSITIVE),
     "head_lr_mult": Setting("optimizer", None, float, "learning-rate multiplier of decoder and heads", POSITIVE),
     "weight_decay": Setting("optimizer", None, float, "SGD weight decay", NON_NEGATIVE),
@@ -135,7 +132,7 @@ SETTINGS = {
                            "at most this", UNIT),
     "ohem_min_kept_per_image": Setting("losses", 50000, int, "OHEM keeps at least this many pixels per "
                                        "labeled image of a process (the reference's 100000 for its 2 images "
-                                       "per GPU)", at_least(1)),
+                                       "per GPU)", AT_LEAST_ONE),
     "unsup_weight": Setting("unlabeled", 1.0, float, "weight of the unsupervised loss L_u", NON_NEGATIVE),
     "drop_start": Setting("unlabeled", 0.2, float, "share of highest-entropy pixels dropped from L_u at the "
                           "start (falls linearly to 0)", UNIT),
@@ -143,16 +140,16 @@ SETTINGS = {
                            "CutMixed", UNIT),
     "ema_decay": Setting("unlabeled", 0.99, float, "upper bound of the teacher's EMA momentum", UNIT),
     "proto_weight": Setting("prototypes", 1.0, float, "weight of the prototype consistency loss", NON_NEGATIVE),
-    "num_prototypes": Setting("prototypes", None, int, "micro-prototypes per class (M)", at_least(1)),
+    "num_prototypes": Setting("prototypes", None, int, "micro-prototypes per class (M)", AT_LEAST_ONE),
     "conf_threshold": Setting("prototypes", None, float, "teacher confidence needed for an unlabeled pixel "
                               "to train the prototype head (gamma)", UNIT),
     "temperature": Setting("prototypes", 0.1, float, "temperature of the prototype logits", POSITIVE),
     "proto_momentum": Setting("prototypes", 0.99, float, "momentum of the prototype update", UNIT),
     "grid": Setting("prototypes", 32, int, "the prototype loss reads one pixel per GRID x GRID cell",
-                    at_least(1)),
+                    AT_LEAST_ONE),
     "eval_mode": Setting("evaluation", None, ("whole", "sliding", "center"), "evaluation protocol"),
     "eval_every": Setting("evaluation", None, int, "evaluate every N iterations (auto: once per epoch)",
-                          at_least(1), live=True),
+                          AT_LEAST_ONE, live=True),
     "save_every": Setting("evaluation", 0, int, "write last.pt every N iterations (0: at every evaluation)",
                           NON_NEGATIVE, live=True),
     "amp": Setting("process", "none", ("bf16", "fp16", "none"), "mixed precision (CUDA; bf16 also on CPU)"),
@@ -166,7 +163,7 @@ SETTINGS = {
                                       "more time (bench.py --compare-checkpointing)", live=True),
     "workers": Setting("process", min(4, os.cpu_count() or 1), int, "data-loading processes per training "
                        "process", NON_NEGATIVE, live=True),
-    "log_every": Setting("process", 20, int, "print a progress line every N iterations", at_least(1),
+    "log_every": Setting("process", 20, int, "print a progress line every N iterations", AT_LEAST_ONE,
                          live=True),
     "out": Setting("process", None, str, "run directory: config, log, metrics, checkpoints (auto: "
                    "runs/DATASET_LABELED_METHOD_sSEED, e.g. runs/toy_16_pcr_s0)", live=True),
@@ -1214,11 +1211,6 @@ def restore_buffers_if(bad, buffers, saved):
                                    zip(kept.split([b.numel() for b in buffers]), buffers)])
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------- Progress: loss means, speed, ETA; evaluation records
 
 class Progress:
@@ -1283,6 +1275,7 @@ class Progress:
     @contextmanager
     def pause(self, done, evaluation=False):
         """The time spent inside is not training time; an evaluation's is measured for the ETA."""
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
         synchronize(self.device)  # the queued iterations count as training
         self.lap(done)
         yield
