@@ -95,7 +95,7 @@ def read_image(path):
                     gray = gray / 257.0  # 0..65535 -> 0..255
                 elif mode == "F" and gray.max() <= 1.0:
                     gray = gray * 255.0  # float images in [0, 1]
-                return Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L").convert("RGB")
+                return Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8)).convert("RGB")
             if mode in ("P", "PA"):
                 image = image.convert("RGBA")  # palette transparency is only defined through RGBA
             return image.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr, ...
@@ -350,7 +350,7 @@ def toy_sample(split, index):
 
     # Background: a smooth blend of two muted colours, then muted lines and blobs.
     first, second = rng.choice(len(TOY_BACKGROUND_COLOURS), 2, replace=False)
-    coarse = Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8), "L")
+    coarse = Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8))
     blend = (np.asarray(coarse.resize((size, size), Image.BICUBIC), np.float64) / 255.0)[..., None]
     image = ((1 - blend) * jitter(TOY_BACKGROUND_COLOURS[first], 15)
              + blend * jitter(TOY_BACKGROUND_COLOURS[second], 15))  # (S, S, 3) float
@@ -439,7 +439,7 @@ class ImageList(Dataset):
         if self.generated:
             split, number = sample.name.rsplit("_", 1)
             image, label = _toy_sample_cached(split, int(number))
-            image = Image.fromarray(image, "RGB")
+            image = Image.fromarray(image)
         else:
             image = read_image(sample.image)
             label = None if sample.label is None else _read_mask(sample, self.num_classes, image.size)

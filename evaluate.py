@@ -352,7 +352,7 @@ def evaluate(model, dataset, num_classes, device, mode="whole", crop_size=513,
 def palette_mask(ids, palette):
     """Class ids (H, W) -> PIL image of mode "P" (VOC's mask format), pixel value = class id,
     colours from `palette` (256, 3) uint8: data.read_label (--dataset folder) reads the ids back."""
-    mask = Image.fromarray(np.asarray(ids).astype(np.uint8), "P")
+    mask = Image.fromarray(np.asarray(ids).astype(np.uint8))  # "L"; putpalette makes it "P"
     mask.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
     return mask
 

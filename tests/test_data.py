@@ -34,7 +34,7 @@ def write_image(path, array, mode=None, **save_args):
 def write_palette_mask(path, label):
     """A VOC-style palette PNG whose pixel values are the class ids."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    mask = Image.fromarray(label.astype(np.uint8), "P")
+    mask = Image.fromarray(label.astype(np.uint8))  # "L"; putpalette makes it "P"
     mask.putpalette(data.voc_palette().ravel().tolist())
     mask.save(path)
     return path
@@ -895,7 +895,7 @@ def test_check_data_shows_the_labeled_pixels_and_warns_about_0_255_masks(tmp_pat
     for sample in folder.labeled.samples:
         mask = np.zeros((H, W), np.uint8)
         mask[:, : W // 2 + 4] = 255  # 5/8 of the image
-        Image.fromarray(mask, "L").save(sample.label)
+        Image.fromarray(mask).save(sample.label)
     log = Log()
     data.check_data(folder, workers, log)
     assert log[-2].endswith("class0 37.5%, class1 0.0%, class2 0.0%, ignore (255) 62.5%")
