@@ -843,7 +843,7 @@ def pick_device(flag, local_rank=0):
         if device.index >= torch.cuda.device_count():
             count = torch.cuda.device_count()  # (torchrun: a process per GPU, LOCAL_RANK's)
             raise SetupError(f"--device {flag}: there is no {device} ({count} visible)" + (
-                f"; start at most {count} processes per node" if local_rank >= count else ""))
+                f"; start at most {plural(count, 'process')} per node" if local_rank >= count else ""))
         torch.cuda.set_device(device)
     return device
 

@@ -274,3 +274,6 @@ def test_a_cuda_device_always_carries_its_index(monkeypatch):
         train.pick_device("cuda", local_rank=2)  # torchrun with more processes than GPUs
     with pytest.raises(train.SetupError, match="--device cuda:5: there is no cuda:5"):
         train.pick_device("cuda:5")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(train.SetupError, match=r"no cuda:1 \(1 visible\); start at most 1 process per"):
+        train.pick_device("auto", local_rank=1)
