@@ -270,7 +270,8 @@ def test_a_cuda_device_always_carries_its_index(monkeypatch):
     assert train.pick_device("auto", local_rank=1) == torch.device("cuda", 1)
     assert train.pick_device("cuda:1") == torch.device("cuda", 1)
     assert made_current == [torch.device("cuda", i) for i in (0, 1, 1)]
-    with pytest.raises(train.SetupError, match=r"--device cuda: there is no cuda:2 \(2 visible\); start at most 2 processes per node"):
+    with pytest.raises(train.SetupError,
+                       match=r"--device cuda: there is no cuda:2 \(2 visible\); start at most 2 processes per node"):
         train.pick_device("cuda", local_rank=2)  # torchrun with more processes than GPUs
     with pytest.raises(train.SetupError, match="--device cuda:5: there is no cuda:5"):
         train.pick_device("cuda:5")
