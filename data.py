@@ -801,8 +801,8 @@ def check_data(data, workers=0, log=print, record_path=None, clock=time.monotoni
         log(f"data check: {len(items)} images and {masks} masks decode, sizes match, mask values "
             f"are class ids or {IGNORE_INDEX} ({seconds:.1f} s)")
         shares = 100 * labeled_pixels / max(labeled_pixels.sum(), 1)
-        log("data check: labeled pixels: " + ", ".join(f"{name} {share:.1f}%" for name, share in zip(
-            data.class_names, shares)) + f", ignore ({IGNORE_INDEX}) {shares[IGNORE_INDEX]:.1f}%")
+        log(f"data check: labeled pixels: ignore ({IGNORE_INDEX}) {shares[IGNORE_INDEX]:.1f}%, " + _some(
+            [f"{name} {share:.1f}%" for name, share in zip(data.class_names, shares)], shown=30))
         missing = [f"{i} {name!r}" for i, name in enumerate(data.class_names) if not labeled_pixels[i]]
         if missing:  # would train badly and silently: a wrong class count, or 0/255 masks (objects ignored)
             log(f"warning: no labeled pixel of class {_some(missing)}: only pseudo-labels can teach it. Masks "

@@ -889,7 +889,7 @@ def test_check_data_shows_the_labeled_pixels_and_warns_about_0_255_masks(tmp_pat
     shares = [f"{100 * counts[i] / counts.sum():.1f}%" for i in (0, 1, 2, 255)]
     log = Log()
     data.check_data(folder, workers, log)
-    assert log[-1] == ("data check: labeled pixels: class0 {}, class1 {}, class2 {}, ignore (255) {}"
+    assert log[-1] == ("data check: labeled pixels: ignore (255) {3}, class0 {0}, class1 {1}, class2 {2}"
                        .format(*shares))
     # binary masks saved as 0 / 255, read against 'background, object': the objects are ignored
     for sample in folder.labeled.samples:
@@ -898,8 +898,13 @@ def test_check_data_shows_the_labeled_pixels_and_warns_about_0_255_masks(tmp_pat
         Image.fromarray(mask).save(sample.label)
     log = Log()
     data.check_data(folder, workers, log)
-    assert log[-2].endswith("class0 37.5%, class1 0.0%, class2 0.0%, ignore (255) 62.5%")
+    assert log[-2].endswith("ignore (255) 62.5%, class0 37.5%, class1 0.0%, class2 0.0%")
     assert log[-1].startswith("warning: no labeled pixel of class 1 'class1', 2 'class2': only pseudo-labels")
+    many = str(tmp_path / "many")  # 40 classes: the line shows 30 of them
+    make_folder_root(many, n_labeled=3, num_classes=40)
+    log = Log()
+    data.check_data(build_data("folder", many, num_classes=40, crop_size=16, log=Log()), workers, log)
+    assert log[-1].count("%") == 31 and log[-1].endswith("... (40 in all)")
 
 
 def test_check_data_workers_stop_when_interrupted_under_the_trainers_signal_handlers(tmp_path):
