@@ -24,10 +24,17 @@ H, W = 24, 32  # tiny image size used for fake roots
 
 # --------------------------------------------------------------------------- helpers
 
+def from_array(array, mode=None):
+    """Image.fromarray, checked to give `mode` (Pillow 11 deprecates passing it; the modes used here are
+    the arrays' own: (H, W) L, (H, W, 2) LA, (H, W, 3) RGB, (H, W, 4) RGBA)."""
+    image = Image.fromarray(array)
+    assert mode is None or image.mode == mode, (image.mode, mode)
+    return image
+
+
 def write_image(path, array, mode=None, **save_args):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    image = Image.fromarray(array, mode) if mode else Image.fromarray(array)
-    image.save(path, **save_args)
+    from_array(array, mode).save(path, **save_args)
     return path
 
 
@@ -55,7 +62,7 @@ class Log(list):
 
 def encoded(array, fmt, mode=None):
     buffer = io.BytesIO()
-    (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(buffer, format=fmt)
+    from_array(array, mode).save(buffer, format=fmt)
     return buffer.getvalue()
 
 
