@@ -216,7 +216,7 @@ def weak_augment(image, label, crop_size, rng):
     sx, sy = width / scaled_width, height / scaled_height  # source pixels per rescaled pixel
     box = (x0 * sx, y0 * sy, (x0 + crop_width) * sx, (y0 + crop_height) * sy)
 
-    crop = image.resize((crop_width, crop_height), Image.BILINEAR, box=box)
+    crop = image.resize((crop_width, crop_height), Image.Resampling.BILINEAR, box=box)
     if flip:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     left = crop_size - crop_width if flip else 0  # a flipped crop has its padding on the left
@@ -351,7 +351,7 @@ def toy_sample(split, index):
     # Background: a smooth blend of two muted colours, then muted lines and blobs.
     first, second = rng.choice(len(TOY_BACKGROUND_COLOURS), 2, replace=False)
     coarse = Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8))
-    blend = (np.asarray(coarse.resize((size, size), Image.BICUBIC), np.float64) / 255.0)[..., None]
+    blend = (np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), np.float64) / 255.0)[..., None]
     image = ((1 - blend) * jitter(TOY_BACKGROUND_COLOURS[first], 15)
              + blend * jitter(TOY_BACKGROUND_COLOURS[second], 15))  # (S, S, 3) float
     for _ in range(rng.integers(TOY_CLUTTER[0], TOY_CLUTTER[1] + 1)):

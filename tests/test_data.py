@@ -265,7 +265,7 @@ def test_augment_matches_full_rescale_then_crop():
         assert padding.shape == (crop, crop) and padding.dtype == torch.bool
         if flip:
             out_image, out_label, padding = out_image.flip(-1), out_label.flip(-1), padding.flip(-1)
-        reference = np.array(image.resize((sw, sh), Image.BILINEAR))[y0:y0 + crop, x0:x0 + crop]
+        reference = np.array(image.resize((sw, sh), Image.Resampling.BILINEAR))[y0:y0 + crop, x0:x0 + crop]
         ch, cw = reference.shape[:2]
         assert np.abs(denormalize(out_image[:, :ch, :cw]) - reference).max() <= 2.0 + 1e-4
         for i in range(crop):
