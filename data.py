@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 IGNORE_INDEX = 255
@@ -81,24 +81,30 @@ def cityscapes_palette():
 
 # --------------------------------------------------------------------------- reading files
 
+def _decode(path):
+    """The loaded PIL image of a file, turned upright as its EXIF Orientation says (camera photos): as viewers,
+    annotation tools (labelme, CVAT, browsers), detectron2 and mmcv show it, so a mask drawn on it fits."""
+    with Image.open(path) as image:
+        image.load()
+        return ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+
+
 def read_image(path):
-    """Decode an image file to an RGB PIL image (L/LA/P/RGBA/CMYK/16-bit/float are converted)."""
+    """Decode an image file to an upright (_decode) RGB PIL image (L/LA/P/RGBA/CMYK/16-bit/float converted)."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            if mode == "RGB":
-                return image
-            if mode.startswith("I;16") or mode in ("I", "F"):
-                gray = np.asarray(image, dtype=np.float64)
-                if mode.startswith("I;16") or (mode == "I" and gray.max() > 255):
-                    gray = gray / 257.0  # 0..65535 -> 0..255
-                elif mode == "F" and gray.max() <= 1.0:
-                    gray = gray * 255.0  # float images in [0, 1]
-                return Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8)).convert("RGB")
-            if mode in ("P", "PA"):
-                image = image.convert("RGBA")  # palette transparency is only defined through RGBA
-            return image.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr, ...
+        image = _decode(path)
+        mode = image.mode
+        if mode == "RGB":
+            return image
+        if mode.startswith("I;16") or mode in ("I", "F"):
+            gray = np.asarray(image, dtype=np.float64)
+            if mode.startswith("I;16") or (mode == "I" and gray.max() > 255):
+                gray = gray / 257.0  # 0..65535 -> 0..255
+            elif mode == "F" and gray.max() <= 1.0:
+                gray = gray * 255.0  # float images in [0, 1]
+            return Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8)).convert("RGB")
+        # L, LA, RGBA (alpha dropped), CMYK, YCbCr, ...; palette transparency is only defined through RGBA
+        return (image.convert("RGBA") if mode in ("P", "PA") else image).convert("RGB")
     except DECODE_ERRORS as error:
         raise DataError(f"cannot decode image {path}: {error}") from None
 
@@ -109,9 +115,8 @@ def read_label(path, num_classes, raw_to_train=None, palette=None):
     raw ids (Cityscapes labelIds) to train ids. Other values and colour-coded masks (named by their
     classes when the dataset's (256, 3) palette is given) are DataErrors."""
     try:
-        with Image.open(path) as mask:
-            mask.load()
-            mode, values = mask.mode, np.array(mask)
+        mask = _decode(path)
+        mode, values = mask.mode, np.array(mask)
     except DECODE_ERRORS as error:
         raise DataError(f"cannot decode mask {path}: {error}") from None
     if values.ndim == 3:
@@ -383,8 +388,7 @@ def toy_sample(split, index):
         aspect = TOY_ELONGATED[1] if obj.elongated else 1.0
         radius = rng.uniform(*TOY_RADIUS["small" if obj.small else "large"]) / np.sqrt(aspect)  # same area
         cx, cy = rng.uniform(0.2 * radius, size - 0.2 * radius, 2)  # may leave the frame a little
-        mask = _shape_mask(TOY_CLASSES[obj.class_id], xx, yy, cx, cy, radius,
-                           rng.uniform(0, 2 * np.pi), aspect)
+        mask = _shape_mask(TOY_CLASSES[obj.class_id], xx, yy, cx, cy, radius, rng.uniform(0, 2 * np.pi), aspect)
         colour = jitter(TOY_COLOURS[family], TOY_COLOUR_JITTER)
         shade = _texture(texture, xx, yy, rng)
         image[mask & ~shade] = colour
@@ -414,8 +418,8 @@ def _read_mask(sample, num_classes, image_size=None, palette=None):
     """read_label of a Sample's mask (raw Cityscapes ids mapped), checked to have image_size (w, h)."""
     label = read_label(sample.label, num_classes, CITYSCAPES_ID_TO_TRAIN if sample.map_ids else None, palette)
     if image_size is not None and label.shape != (image_size[1], image_size[0]):
-        raise DataError(f"mask {sample.label} is {label.shape[1]}x{label.shape[0]} but its image "
-                        f"{sample.image} is {image_size[0]}x{image_size[1]}")
+        raise DataError(f"mask {sample.label} is {label.shape[1]}x{label.shape[0]} but its image {sample.image}"
+                        f" is {image_size[0]}x{image_size[1]} (read upright, as its EXIF orientation says)")
     return label
 
 
@@ -576,14 +580,12 @@ def _draw(labeled, counts, pool, seed, name, where, labeled_pool=None):
 
 
 def _toy_list(which, count=None):
-    count = TOY_SPLITS[which][0] if count is None else count
-    return _drawn([f"{which}_{i:04d}" for i in range(count)], f"the toy {which} split")
+    return _drawn([f"{which}_{i:04d}" for i in range(count or TOY_SPLITS[which][0])], f"the toy {which} split")
 
 
 def _toy_draw(root, labeled, seed, log):
     """The first --labeled images of the toy's labeled pool (see its section), all unlabeled ones."""
-    labeled = TOY_LABELED if labeled is None else labeled
-    total = TOY_SPLITS["labeled"][0]
+    labeled, total = TOY_LABELED if labeled is None else labeled, TOY_SPLITS["labeled"][0]
     if not 1 <= labeled <= total:
         raise DataError(f"--labeled {labeled}: the toy dataset has {total} labeled images; choose 1..{total}")
     return {"labeled": _toy_list("labeled", labeled), "unlabeled": _toy_list("unlabeled")}

@@ -617,8 +617,7 @@ def run(args):
         mode = "whole"  # every pixel of a new image gets a prediction
     crop_size = args.crop_size or config["crop_size"]
     amp = args.amp or config.get("amp", "none")
-    settings = dict(mode=mode, crop_size=crop_size, stride=args.stride, scales=scales,
-                    flip=args.flip, amp=amp)
+    settings = dict(mode=mode, crop_size=crop_size, stride=args.stride, scales=scales, flip=args.flip, amp=amp)
     try:
         _check(**settings)
     except ValueError as error:

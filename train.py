@@ -375,8 +375,7 @@ def train_step(batch, models, cfg, ctx, it, step_rng):
         ys, xs = sample_points(height, width, cfg["grid"], generator=step_rng, device=ctx.device)
         point_feature = sample_features(feature, ys, xs, (height, width)).flatten(0, 1)  # (B*P, D)
         target_l = label_l[:, ys, xs]
-        target_u = torch.where(confidence[:, ys, xs] >= cfg["conf_threshold"],
-                               pseudo_label[:, ys, xs], IGNORE)
+        target_u = torch.where(confidence[:, ys, xs] >= cfg["conf_threshold"], pseudo_label[:, ys, xs], IGNORE)
         target = torch.cat([target_l, target_u]).flatten()  # (B*P,)
     with record_function("prototype logits"):
         prototype_logits, nearest = bank(point_feature)  # pre-update prototypes

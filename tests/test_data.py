@@ -371,6 +371,48 @@ def test_read_image_undecodable_names_file(tmp_path):
         data.read_image(str(tmp_path / "truncated.png"))
 
 
+# What a camera stores for an upright picture under each EXIF Orientation (the standard's table, written out in
+# numpy): 2 mirrored, 3 turned 180 degrees, 4 flipped, 5 transposed, 6 turned a quarter anticlockwise (shown
+# turned clockwise), 7 transposed across the other diagonal, 8 turned a quarter clockwise.
+EXIF_STORED = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+               5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, 1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+               8: lambda a: np.rot90(a, -1)}
+
+
+def write_turned(path, upright, orientation, **save_args):
+    """Save `upright` as a camera would with EXIF Orientation `orientation`: the pixels stored turned."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return write_image(path, np.ascontiguousarray(EXIF_STORED[orientation](upright)), exif=exif, **save_args)
+
+
+def test_images_and_masks_are_read_upright_as_their_exif_orientation_says(tmp_path):
+    upright = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)  # H != W: turns show
+    label = (np.arange(H * W).reshape(H, W) % 5).astype(np.uint8)
+    for orientation in EXIF_STORED:
+        path = write_turned(str(tmp_path / f"photo{orientation}.png"), upright, orientation)
+        assert np.array_equal(np.array(data.read_image(path)), upright), orientation
+        path = write_turned(str(tmp_path / f"mask{orientation}.png"), label, orientation)
+        assert np.array_equal(data.read_label(path, 5), label), orientation  # a mask saved with its photo's EXIF
+    # A phone photo stored sideways (JPEG, orientation 6) and its mask drawn on the upright photo, as labelme
+    # and CVAT show it: the data check passes and the val item's image and label are upright, W x H.
+    root = str(tmp_path / "mine")
+    make_folder_root(root, n_labeled=1, n_unlabeled=1, n_val=1)
+    write_turned(os.path.join(root, "JPEGImages", "v0.jpg"), upright, 6, quality=100, subsampling=0)
+    write_palette_mask(os.path.join(root, "SegmentationClass", "v0.png"), label % 3)
+    assert Image.open(os.path.join(root, "JPEGImages", "v0.jpg")).size == (H, W)  # stored sideways
+    folder = build_data("folder", root, num_classes=3, log=Log())
+    assert data.check_data(folder, log=Log())["ok"]
+    image, val_label, _ = folder.val[0]
+    assert image.shape == (3, H, W) and np.array_equal(val_label.numpy(), label % 3)
+    assert np.abs(denormalize(image) - upright).mean() < 3  # JPEG's loss, not a turn (that would be ~85)
+    # The same photo's mask drawn on the stored, sideways pixels: the check names both sizes and the EXIF turn.
+    write_palette_mask(os.path.join(root, "SegmentationClass", "v0.png"), np.rot90(label % 3))
+    with pytest.raises(DataError, match=rf"v0\.png is {H}x{W} but its image \S*v0\.jpg is {W}x{H} \(read upright, as"
+                                        " its EXIF orientation says"):
+        data.check_data(folder, log=Log())
+
+
 def test_read_label_palette_gray_and_bad_values(tmp_path):
     label = (np.arange(H * W).reshape(H, W) % 21).astype(np.uint8)
     label[0, :5] = 255
