@@ -81,18 +81,23 @@ def cityscapes_palette():
 
 # --------------------------------------------------------------------------- reading files
 
-def _decode(path):
-    """The loaded PIL image of a file, turned upright as its EXIF Orientation says (camera photos): as viewers,
-    annotation tools (labelme, CVAT, browsers), detectron2 and mmcv show it, so a mask drawn on it fits."""
+def _decode(path, fit=None):
+    """A file's loaded image, upright as its EXIF Orientation says (camera photos), as viewers, labelme, CVAT,
+    browsers, detectron2 and mmcv show it; as stored if only that fits `fit`, its mask's (H, W) (EXIF ignored)."""
     with Image.open(path) as image:
         image.load()
-        return ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+        upright = ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+        return image if fit == image.size[::-1] != upright.size[::-1] else upright  # only the stored one fits
 
 
-def read_image(path):
-    """Decode an image file to an upright (_decode) RGB PIL image (L/LA/P/RGBA/CMYK/16-bit/float converted)."""
+def read_image(path, mask=None, mask_path=None):
+    """An image file as an RGB PIL image (L/LA/P/RGBA/CMYK/16-bit/float converted) turned as _decode says,
+    of the size of its mask (H, W) if given: a DataError otherwise."""
     try:
-        image = _decode(path)
+        image = _decode(path, None if mask is None else mask.shape)
+        if mask is not None and image.size[::-1] != mask.shape:
+            raise DataError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {path} is "
+                            f"{image.size[0]}x{image.size[1]}")
         mode = image.mode
         if mode == "RGB":
             return image
@@ -414,13 +419,10 @@ def _toy_sample_cached(split, index):
 Sample = namedtuple("Sample", "image label name map_ids")
 
 
-def _read_mask(sample, num_classes, image_size=None, palette=None):
-    """read_label of a Sample's mask (raw Cityscapes ids mapped), checked to have image_size (w, h)."""
-    label = read_label(sample.label, num_classes, CITYSCAPES_ID_TO_TRAIN if sample.map_ids else None, palette)
-    if image_size is not None and label.shape != (image_size[1], image_size[0]):
-        raise DataError(f"mask {sample.label} is {label.shape[1]}x{label.shape[0]} but its image {sample.image}"
-                        f" is {image_size[0]}x{image_size[1]} (read upright, as its EXIF orientation says)")
-    return label
+def _read_mask(sample, num_classes, palette=None):
+    """read_label of a Sample's mask (raw Cityscapes ids mapped), None for a Sample without one."""
+    raw_to_train = CITYSCAPES_ID_TO_TRAIN if sample.map_ids else None
+    return None if sample.label is None else read_label(sample.label, num_classes, raw_to_train, palette)
 
 
 class ImageList(Dataset):
@@ -445,8 +447,8 @@ class ImageList(Dataset):
             image, label = _toy_sample_cached(split, int(number))
             image = Image.fromarray(image)
         else:
-            image = read_image(sample.image)
-            label = None if sample.label is None else _read_mask(sample, self.num_classes, image.size)
+            label = _read_mask(sample, self.num_classes)
+            image = read_image(sample.image, label, sample.label)
         if self.crop_size is None:
             label = label if label is None else torch.from_numpy(label.astype(np.int64))
             return normalize(image), label, sample.name
@@ -710,17 +712,16 @@ def _check_chunk(chunk, num_classes, palette):
     """(pairs read, [(split, path, message)] of bad files, (256,) value counts of the labeled masks) of a chunk."""
     problems, labeled_pixels = [], np.zeros(256, np.int64)
     for which, sample in chunk:
-        size = None
+        label = None
         try:
-            size = read_image(sample.image).size
-        except DataError as error:
-            problems.append((which, sample.image, str(error)))
-        try:
-            if sample.label is not None:
-                label = _read_mask(sample, num_classes, size, palette)
-                labeled_pixels += np.bincount(label.ravel(), minlength=256) if which == "labeled" else 0
+            label = _read_mask(sample, num_classes, palette)
+            labeled_pixels += np.bincount(label.ravel(), minlength=256) if which == "labeled" else 0
         except DataError as error:
             problems.append((which, sample.label, str(error)))
+        try:
+            read_image(sample.image, label, sample.label)
+        except DataError as error:
+            problems.append((which, sample.image, str(error)))
     return len(chunk), problems, labeled_pixels
 
 

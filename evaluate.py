@@ -451,8 +451,7 @@ def save_pictures(save_dir, name, image, predictions, palette, class_names=None,
     path = Path(save_dir) / Path(name).name  # a name with folders stays inside save_dir
     path.parent.mkdir(parents=True, exist_ok=True)
     mean, std = (torch.tensor(values).view(3, 1, 1) for values in (data_lib.MEAN, data_lib.STD))
-    image_rgb = ((image.float().cpu() * std + mean).clamp(0, 1) * 255).round().byte()
-    image_rgb = image_rgb.permute(1, 2, 0).numpy()  # the image as read, (H, W, 3) uint8
+    image_rgb = ((image.float().cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
     def name_of(k):
         names = () if class_names is None else class_names

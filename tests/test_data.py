@@ -386,12 +386,17 @@ def write_turned(path, upright, orientation, **save_args):
     return write_image(path, np.ascontiguousarray(EXIF_STORED[orientation](upright)), exif=exif, **save_args)
 
 
-def test_images_and_masks_are_read_upright_as_their_exif_orientation_says(tmp_path):
+def test_images_and_masks_are_read_upright_as_their_exif_orientation_says_unless_only_stored_fits(tmp_path):
     upright = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)  # H != W: turns show
     label = (np.arange(H * W).reshape(H, W) % 5).astype(np.uint8)
     for orientation in EXIF_STORED:
         path = write_turned(str(tmp_path / f"photo{orientation}.png"), upright, orientation)
         assert np.array_equal(np.array(data.read_image(path)), upright), orientation
+        # Fitted to a mask drawn on the stored pixels: kept as stored where only that fits (a quarter turn);
+        # where both fit, upright (a half turn or a mirror: the sizes cannot tell).
+        stored = EXIF_STORED[orientation](upright)
+        kept = np.array(data.read_image(path, mask=stored[..., 0]))
+        assert np.array_equal(kept, stored if stored.shape != upright.shape else upright), orientation
         path = write_turned(str(tmp_path / f"mask{orientation}.png"), label, orientation)
         assert np.array_equal(data.read_label(path, 5), label), orientation  # a mask saved with its photo's EXIF
     # A phone photo stored sideways (JPEG, orientation 6) and its mask drawn on the upright photo, as labelme
@@ -406,10 +411,15 @@ def test_images_and_masks_are_read_upright_as_their_exif_orientation_says(tmp_pa
     image, val_label, _ = folder.val[0]
     assert image.shape == (3, H, W) and np.array_equal(val_label.numpy(), label % 3)
     assert np.abs(denormalize(image) - upright).mean() < 3  # JPEG's loss, not a turn (that would be ~85)
-    # The same photo's mask drawn on the stored, sideways pixels: the check names both sizes and the EXIF turn.
+    # Its mask drawn on the stored, sideways pixels (a tool that ignored the EXIF): the photo is kept as stored.
     write_palette_mask(os.path.join(root, "SegmentationClass", "v0.png"), np.rot90(label % 3))
-    with pytest.raises(DataError, match=rf"v0\.png is {H}x{W} but its image \S*v0\.jpg is {W}x{H} \(read upright, as"
-                                        " its EXIF orientation says"):
+    assert data.check_data(folder, log=Log())["ok"]
+    image, val_label, _ = folder.val[0]
+    assert image.shape == (3, W, H) and np.array_equal(val_label.numpy(), np.rot90(label % 3))
+    assert np.abs(denormalize(image) - np.rot90(upright)).mean() < 3
+    # A mask that fits neither way: the check names both files and sizes.
+    write_palette_mask(os.path.join(root, "SegmentationClass", "v0.png"), np.zeros((H, W + 2)))
+    with pytest.raises(DataError, match=rf"v0\.png is {W + 2}x{H} but its image \S*v0\.jpg is {W}x{H}"):
         data.check_data(folder, log=Log())
 
 
