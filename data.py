@@ -505,8 +505,9 @@ def _resolve_voc(root, fields, need_label, masks=("SegmentationClassAug", "Segme
         image = _relative(root, token)
     elif token.lower().endswith(IMAGE_EXTENSIONS):  # a file name in JPEGImages: <id>.jpg
         image = os.path.join(root, "JPEGImages", token)
-    else:  # an id: the first image file of that name
-        image = _first_file([os.path.join(root, "JPEGImages", token + e) for e in IMAGE_EXTENSIONS], 0)
+    else:  # an id: the first image file of that name, its extension in lower or upper case (cameras: .JPG)
+        image = _first_file([os.path.join(root, "JPEGImages", token + case(e)) for e in IMAGE_EXTENSIONS
+                             for case in (str.lower, str.upper)], 0)
     image_id, label = _stem(image), None
     if need_label:
         label = (_relative(root, fields[1]) if len(fields) == 2 else

@@ -365,8 +365,7 @@ def load_backbone_weights(backbone, path):
         raise ValueError(f"{path}: torch.load could not read it as a weights-only "
                          f"checkpoint ({type(error).__name__}: {error})") from error
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a state_dict (dict of tensors), "
-                         f"found {type(checkpoint).__name__}")
+        raise ValueError(f"{path}: expected a state_dict (dict of tensors), found {type(checkpoint).__name__}")
     for wrapper_key in ("state_dict", "model"):
         if isinstance(checkpoint.get(wrapper_key), dict):
             checkpoint = checkpoint[wrapper_key]

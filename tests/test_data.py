@@ -527,6 +527,14 @@ def test_folder_ids_with_or_without_extension(tmp_path):
         os.path.join("JPEGImages", n) for n in ("l0.jpg", "l1.png", "l2.jpg", "l3.png")]
     assert [os.path.relpath(s.label, root) for s in samples] == [
         os.path.join("SegmentationClass", f"l{i}.png") for i in range(4)]
+    # Ids whose files have upper-case extensions, as cameras write them (IMG_0001.JPG)
+    for name in ("l2.jpg", "l3.png"):
+        stem, ext = os.path.splitext(name)
+        os.rename(os.path.join(root, "JPEGImages", name), os.path.join(root, "JPEGImages", stem + ext.upper()))
+    write_lines(os.path.join(root, "labeled.txt"), ["l2", "l3"])
+    folder = build_data("folder", root, num_classes=3, crop_size=16, log=Log())
+    assert [s.name for s in folder.labeled.samples] == ["l2", "l3"]
+    assert all(os.path.isfile(s.image) for s in folder.labeled.samples) and data.check_data(folder, log=Log())["ok"]
     write_lines(os.path.join(root, "labeled.txt"), ["l1.jpg"])  # the file is l1.png: named as listed
     with pytest.raises(DataError, match=r"JPEGImages/l1\.jpg"):
         build_data("folder", root, num_classes=3, log=Log())
