@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 IGNORE_INDEX = 255
@@ -52,6 +52,9 @@ CITYSCAPES_COLOURS = [  # of train ids 0..18
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 ]
 
+# EXIF Orientation 2..8 -> the transpose that turns stored pixels upright (exif_transpose fails on a broken EXIF)
+EXIF_UPRIGHT = dict(zip(range(2, 9), (Image.Transpose[name] for name in (
+    "FLIP_LEFT_RIGHT", "ROTATE_180", "FLIP_TOP_BOTTOM", "TRANSPOSE", "ROTATE_270", "TRANSVERSE", "ROTATE_90"))))
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # the first is an id's default
 SPLITS = ("labeled", "unlabeled", "val")
 # What PIL raises for a file it cannot decode (missing, truncated, not an image, too large).
@@ -86,7 +89,8 @@ def _decode(path, fit=None):
     browsers, detectron2 and mmcv show it; as stored if only that fits `fit`, its mask's (H, W) (EXIF ignored)."""
     with Image.open(path) as image:
         image.load()
-        upright = ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+        turn = EXIF_UPRIGHT.get(image.getexif().get(0x0112, 1))  # 0x0112: EXIF Orientation
+        upright = image if turn is None else image.transpose(turn)
         return image if fit == image.size[::-1] != upright.size[::-1] else upright  # only the stored one fits
 
 

@@ -531,8 +531,7 @@ def read_checkpoint(path, log=print):
         path = os.path.join(path, found[0])
     checkpoint = train.load_checkpoint(path, "--checkpoint")
     if not isinstance(checkpoint, dict) or not {"config", "student"} <= checkpoint.keys():
-        raise train.SetupError(f"--checkpoint {path}: not a train.py checkpoint (no config "
-                               f"and student weights)")
+        raise train.SetupError(f"--checkpoint {path}: not a train.py checkpoint (no config and student weights)")
     return path, checkpoint
 
 

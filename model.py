@@ -415,8 +415,7 @@ def fetch_hub_weights(name, backbone):
                          + ", ".join(f"hub:{key}" for key in HUB_WEIGHTS))
     weights_backbone, url = HUB_WEIGHTS[name]
     if backbone != weights_backbone:
-        raise ValueError(f"--pretrained hub:{name} holds {weights_backbone} weights but --backbone "
-                         f"is {backbone}")
+        raise ValueError(f"--pretrained hub:{name} holds {weights_backbone} weights but --backbone is {backbone}")
     path = hub_weights_path(name)
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -677,8 +677,7 @@ def read_settings(argv):
 
 def warmup_errors(cfg, total, source):
     if cfg["method"] != "supervised" and cfg["warmup_iters"] is not None and cfg["warmup_iters"] >= total:
-        return [f"--warmup-iters {cfg['warmup_iters']} leaves no semi-supervised iteration of "
-                f"{total} ({source})"]
+        return [f"--warmup-iters {cfg['warmup_iters']} leaves no semi-supervised iteration of {total} ({source})"]
     return []
 
 
@@ -1111,8 +1110,7 @@ def load_checkpoint(path, flag="--resume"):
     except FileNotFoundError:
         raise SetupError(f"{flag}: checkpoint {path} does not exist")
     except Exception as e:  # truncated zip, pickle errors, ...
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
-                              f"{type(e).__name__}: {e}")
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}")
 
 
 def find_resume_checkpoint(cfg, ctx):

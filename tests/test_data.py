@@ -423,6 +423,17 @@ def test_images_and_masks_are_read_upright_as_their_exif_orientation_says_unless
         data.check_data(folder, log=Log())
 
 
+def test_a_broken_exif_block_still_turns_the_image_upright(tmp_path):
+    # Orientation 6 beside a SamplesPerPixel tag (0x0115, a number) that holds text, as corrupt files have:
+    # ImageOps.exif_transpose raises rewriting such a block (struct.error); the orientation itself is fine.
+    exif = bytes.fromhex("4578696600004d4d002a000000080003011500020000000600000032011200030000000100060000876900"
+                         "0400000001000000380000000043616e6f6e000001900300020000000b0000004a00000000323032303a3031"
+                         "3a30310000")
+    upright = np.random.default_rng(1).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    path = write_image(str(tmp_path / "broken.png"), np.ascontiguousarray(EXIF_STORED[6](upright)), exif=exif)
+    assert np.array_equal(np.array(data.read_image(path)), upright)
+
+
 def test_read_label_palette_gray_and_bad_values(tmp_path):
     label = (np.arange(H * W).reshape(H, W) % 21).astype(np.uint8)
     label[0, :5] = 255
