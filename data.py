@@ -499,9 +499,9 @@ def _first_file(paths, default):
 
 
 def _resolve_voc(root, fields, need_label, masks=("SegmentationClassAug", "SegmentationClass")):
-    """Line -> Sample for VOC layouts: 'id', 'id.jpg', 'JPEGImages/id.jpg' or 'image label'. An
-    id's image is JPEGImages/<id>.jpg (or .png/.jpeg), its mask <id>.png in the first folder of
-    `masks` that has it (VOC: SegmentationClassAug, else SegmentationClass; folders: the latter)."""
+    """Line -> Sample for VOC layouts: 'id', 'id.jpg', 'JPEGImages/id.jpg' or 'image label'. An id's image
+    is JPEGImages/<id>.jpg (.png, .JPG, ...), its mask <id>.png in the first folder of `masks` that has it
+    (VOC: SegmentationClassAug, SegmentationClass; folders: SegmentationClassPNG (labelme), SegmentationClass)."""
     if len(fields) not in (1, 2):
         raise ValueError("expected 'id', 'image_path' or 'image_path label_path'")
     token = fields[0]
@@ -627,9 +627,9 @@ def _cityscapes_images(root, split):
 
 
 def _folder_classes(root, num_classes):
-    """Class names of a folder dataset: DIR/classes.txt (one name per line) sets the count;
-    without it --num-classes does, and the names are class0, class1, ..."""
-    path = os.path.join(root, "classes.txt")
+    """Class names of a folder dataset: DIR/classes.txt (or labelme2voc's class_names.txt; one name per line)
+    sets the count; without it --num-classes does, and the names are class0, class1, ..."""
+    path = _first_file([os.path.join(root, name) for name in ("classes.txt", "class_names.txt")], 0)
     if not os.path.isfile(path):
         if num_classes is None:
             raise DataError(f"--dataset folder needs the number of classes: list their names in {path} "
@@ -679,10 +679,10 @@ DATASETS = {
             labeled, CITYSCAPES_LABELED, _cityscapes_images(root, "train"), seed, "Cityscapes",
             f"{root}/leftImg8bit/train")),
     "folder": DatasetSpec(
-        layout="JPEGImages/<id>.jpg, SegmentationClass/<id>.png, labeled.txt, unlabeled.txt, "
-               "val.txt (optional classes.txt)",
+        layout="JPEGImages/<id>.jpg, SegmentationClass/<id>.png (or labelme2voc's SegmentationClassPNG/), "
+               "labeled.txt, unlabeled.txt, val.txt (optional classes.txt)",
         classes=(), palette=voc_palette, val=lambda root: read_list(os.path.join(root, "val.txt")),
-        resolve=functools.partial(_resolve_voc, masks=("SegmentationClass",))),
+        resolve=functools.partial(_resolve_voc, masks=("SegmentationClassPNG", "SegmentationClass"))),
 }
 
 

@@ -527,6 +527,24 @@ def test_folder_dataset(tmp_path):
         build_data("folder", root, num_classes=4, log=Log())
 
 
+def test_folder_reads_labelme2voc_output(tmp_path):
+    # labelme2voc.py (labelme's examples) writes class_names.txt, masks as palette PNGs in SegmentationClassPNG/
+    # and the same masks as .npy in SegmentationClass/.
+    root = str(tmp_path / "labelme")
+    make_folder_root(root, n_labeled=2, n_unlabeled=2, n_val=2)
+    os.rename(os.path.join(root, "SegmentationClass"), os.path.join(root, "SegmentationClassPNG"))
+    for image_id in ("l0", "l1", "v0", "v1"):
+        put(os.path.join(root, "SegmentationClass", image_id + ".npy"), b"not a mask")
+    write_lines(os.path.join(root, "class_names.txt"), ["_background_", "cat", "dog"], final_newline=False)
+    folder = build_data("folder", root, crop_size=16, log=Log())
+    assert folder.class_names == ["_background_", "cat", "dog"]
+    assert {os.path.basename(os.path.dirname(s.label)) for s in folder.labeled.samples} == {"SegmentationClassPNG"}
+    assert data.check_data(folder, log=Log())["ok"]
+    os.remove(os.path.join(root, "SegmentationClassPNG", "v1.png"))  # missing: named in the documented folder
+    with pytest.raises(DataError, match=r"val.txt do not exist: \S*SegmentationClass/v1\.png"):
+        build_data("folder", root, log=Log())
+
+
 def test_folder_ids_with_or_without_extension(tmp_path):
     root = str(tmp_path / "mine")
     make_folder_root(root)  # l0.jpg l1.png l2.jpg l3.png
