@@ -571,14 +571,14 @@ class ImageFiles(data_lib.ImageList):
 
 
 def class_names_of(config, data_root=None):
-    """Class names for --images legends (no dataset is built): the dataset table's, a folder root's
-    classes.txt when it names the right number of classes, else "class 0", "class 1", ..."""
+    """Class names for --images legends (no dataset is built): the dataset table's, a folder root's as
+    training named them (data._folder_classes) when they fit num_classes, else "class 0", "class 1", ..."""
     num_classes = config["num_classes"]
     spec = data_lib.DATASETS.get(config["dataset"])
     if spec is not None and len(spec.classes) == num_classes:
         return list(spec.classes)
     root = data_root or config.get("data_root")
-    if root and os.path.isfile(os.path.join(root, "classes.txt")):
+    if root and os.path.isdir(root):
         with contextlib.suppress(data_lib.DataError):  # one that does not fit: the generic names
             return data_lib._folder_classes(root, num_classes)
     return [f"class {k}" for k in range(num_classes)]

@@ -101,8 +101,8 @@ SETTINGS = {
     "method": Setting("run", "pcr", ("pcr", "meanteacher", "supervised"),
                       "pcr; meanteacher = pcr without prototypes; supervised = labeled images only"),
     "seed": Setting("run", 0, int, "random seed (data order, splits, initialisation)"),
-    "num_classes": Setting("model", None, int, "number of classes (auto: the folder's classes.txt, one "
-                           "name per line)", AT_LEAST_ONE),
+    "num_classes": Setting("model", None, int, "number of classes (auto: the folder's classes.txt or "
+                           "labelme's class_names.txt, one name per line)", AT_LEAST_ONE),
     "backbone": Setting("model", None, tuple(sorted(BACKBONES)), "ResNet depth (model.BACKBONES)"),
     "width": Setting("model", 1.0, float, "channel multiplier of the whole network (1.0 = the paper's; "
                      "the toy uses a thin network to train in minutes on a CPU)", POSITIVE),

@@ -883,7 +883,7 @@ def test_cli_checkpoint_may_be_a_run_directory(toy_run, tmp_path, capsys):
 
 def test_class_names_for_pictures_come_from_the_dataset_table_or_classes_txt(tmp_path):
     """--images has no dataset to ask: the names of toy / voc / cityscapes come from
-    data.DATASETS, a folder run's from classes.txt of its root, else numbered names."""
+    data.DATASETS, a folder run's as training named them (classes.txt, class_names.txt), else numbered names."""
     import data as data_lib
     assert ev.class_names_of({"dataset": "toy", "num_classes": len(data_lib.TOY_CLASSES)}) == \
         list(data_lib.TOY_CLASSES)
@@ -894,3 +894,7 @@ def test_class_names_for_pictures_come_from_the_dataset_table_or_classes_txt(tmp
     assert ev.class_names_of(dict(folder, num_classes=4)) == [f"class {k}" for k in range(4)]
     assert ev.class_names_of({"dataset": "folder", "num_classes": 2, "data_root": None}) == \
         ["class 0", "class 1"]
+    os.rename(tmp_path / "classes.txt", tmp_path / "class_names.txt")  # labelme2voc's name for it
+    assert ev.class_names_of(folder) == ["background", "coin", "ring"]
+    os.remove(tmp_path / "class_names.txt")  # no names: training's own, class0, class1, ...
+    assert ev.class_names_of(folder) == ["class0", "class1", "class2"]
